@@ -1,0 +1,168 @@
+"""Loading a base: the shipped MiniLM diffusion LM, any local masked-LM folder, or a tiny random model.
+
+A `Backbone` splits a `transformers` masked LM into its body (tokens -> final hidden
+states `h`) and its LM head (`h` -> logits). The split is where a trajectory adapter
+acts: it perturbs `h` before the head reads it (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The shipped default base; LORA_DIFFUSION_BASE points elsewhere (e.g. a pip install
+# without the repository next to it).
+SHIPPED_BASE = Path(os.environ.get("LORA_DIFFUSION_BASE", REPO_ROOT / "assets" / "base"))
+
+
+class _Sequential(nn.Module):
+    """Chain of callables (some HF heads keep their activation as a plain function)."""
+
+    def __init__(self, *parts):
+        super().__init__()
+        self.parts = list(parts)
+        for i, part in enumerate(parts):
+            if isinstance(part, nn.Module):
+                self.add_module(f"part{i}", part)
+
+    def forward(self, x):
+        for part in self.parts:
+            x = part(x)
+        return x
+
+
+def _split_body_and_head(mlm: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Find the encoder body and the LM head of the known masked-LM families."""
+    kind = mlm.config.model_type
+    if hasattr(mlm, "cls") and hasattr(mlm, "bert"):  # BERT, MiniLM
+        return mlm.bert, mlm.cls
+    if hasattr(mlm, "lm_head"):  # RoBERTa, XLM-R, CamemBERT, ...
+        return mlm.base_model, mlm.lm_head
+    if hasattr(mlm, "vocab_projector"):  # DistilBERT
+        return mlm.distilbert, _Sequential(mlm.vocab_transform, mlm.activation,
+                                           mlm.vocab_layer_norm, mlm.vocab_projector)
+    if hasattr(mlm, "head") and hasattr(mlm, "decoder"):  # ModernBERT
+        return mlm.model, _Sequential(mlm.head, mlm.decoder)
+    raise UserError(f"model type {kind!r} is not supported as a base: need a BERT-, RoBERTa-, "
+                    "DistilBERT- or ModernBERT-style masked LM")
+
+
+class Backbone(nn.Module):
+    """A bidirectional masked LM seen as `hidden_states()` followed by `logits()`."""
+
+    def __init__(self, mlm: nn.Module, tokenizer, source: str = "memory"):
+        super().__init__()
+        self.mlm = mlm
+        self.tokenizer = tokenizer
+        self.source = source
+        self.body, self.head = _split_body_and_head(mlm)
+        for name in ("mask_token_id", "pad_token_id", "sep_token_id", "cls_token_id"):
+            if getattr(tokenizer, name) is None:
+                raise UserError(f"the tokenizer of {source} has no {name[:-9]} token; "
+                                "a masked diffusion LM needs [MASK], [PAD], [SEP] and [CLS]")
+        self.mask_id = tokenizer.mask_token_id
+        self.pad_id = tokenizer.pad_token_id
+        self.sep_id = tokenizer.sep_token_id
+        self.cls_id = tokenizer.cls_token_id
+        # SUBS parameterisation: the denoiser never predicts [MASK]; nor the layout tokens.
+        never = torch.zeros(mlm.config.vocab_size, dtype=torch.bool)
+        never[[self.mask_id, self.pad_id, self.cls_id]] = True
+        self.register_buffer("never_predict", never, persistent=False)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.mlm.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.mlm.config.vocab_size
+
+    @property
+    def max_length(self) -> int:
+        return self.mlm.config.max_position_embeddings
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.mlm.get_input_embeddings()
+
+    def hidden_states(self, input_ids, attention_mask):
+        """Final hidden states `h` [B, L, d] (before the LM head)."""
+        return self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def logits(self, h):
+        """LM-head logits for hidden states of any leading shape; never-predicted ids get -inf."""
+        out = self.head(h).float()
+        return out.masked_fill(self.never_predict, float("-inf"))
+
+    def fingerprint(self) -> str:
+        """Short hash of the base's weights, so an adapter can refuse the wrong base."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.mlm.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            flat = tensor.detach().float().flatten()
+            digest.update(flat[:: max(1, flat.numel() // 256)].numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def load_backbone(path: str | os.PathLike | None = None, dtype=torch.float32) -> Backbone:
+    """Load a base from a local folder (default: the shipped one) or, online, a hub name.
+
+    `path` may be a folder with `config.json` + weights + tokenizer, or `hf:NAME` to let
+    `transformers` download NAME from the hub (needs a network).
+    """
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    path = str(path) if path is not None else str(SHIPPED_BASE)
+    if path.startswith("hf:"):
+        name, local_only = path[3:], False
+    else:
+        folder = Path(path)
+        if not folder.is_dir():
+            hint = " (run `lora-diffusion prepare-base` to build it)" if folder == SHIPPED_BASE else ""
+            raise UserError(f"base model folder not found: {path}{hint}")
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{path} is not a model folder: it has no config.json")
+        name, local_only = path, True
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+        mlm = AutoModelForMaskedLM.from_pretrained(name, local_files_only=local_only, dtype=dtype)
+    except (OSError, ValueError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not load a masked LM from {path}: {first_line}") from None
+    mlm.eval()
+    return Backbone(mlm, tokenizer, source=path)
+
+
+def tiny_backbone(seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 2,
+                  max_length: int = 128, tokenizer=None) -> Backbone:
+    """A from-scratch BERT of a few hundred thousand body parameters, for tests (seconds to build).
+
+    Uses the shipped base's tokenizer (a wordpiece vocabulary that is always in the repo).
+    """
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(SHIPPED_BASE), local_files_only=True)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=4 * hidden,
+                        max_position_embeddings=max_length, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    mlm = BertForMaskedLM(config)
+    mlm.eval()
+    return Backbone(mlm, tokenizer, source=f"tiny-random(seed={seed})")
+
+
+def read_card(path: str | os.PathLike | None = None) -> dict:
+    """The JSON card written beside a prepared base (empty if there is none)."""
+    card = Path(path or SHIPPED_BASE) / "card.json"
+    return json.loads(card.read_text()) if card.is_file() else {}

@@ -1,0 +1,261 @@
+"""`lora-diffusion`: prepare-base, train, eval, sample.
+
+Bad input ends with one line `error: ...` and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+from .errors import UserError
+
+
+def _task_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("task")
+    g.add_argument("--task", required=required,
+                   help="sst2, agnews, agnews_title, suite_sentiment, suite_topic, suite_struct, "
+                        "csv / tsv / jsonl (with --train-file), or hub:NAME[:CONFIG]")
+    g.add_argument("--data-dir", help="folder with sst2/ and ag_news/ (default: ../shared/data)")
+    g.add_argument("--train-file", help="for --task csv/tsv/jsonl")
+    g.add_argument("--eval-file", help="for --task csv/tsv/jsonl (default: hold out 10%% of --train-file)")
+    g.add_argument("--format", choices=["csv", "tsv", "jsonl"], help="file format if the extension does not say")
+    g.add_argument("--columns", help="column names of a headerless file, comma-separated")
+    g.add_argument("--text-column", default="text")
+    g.add_argument("--label-column", help="classification label column (default: label)")
+    g.add_argument("--response-column", help="makes a generation task: the response text column")
+    g.add_argument("--instruction", help="instruction text (default: derived from the labels)")
+    g.add_argument("--verbalizers", help="label words, e.g. '0=negative,1=positive'")
+    g.add_argument("--max-train-examples", type=int, help="seeded, label-stratified subset of the train split")
+    g.add_argument("--max-eval-examples", type=int, help="seeded subset of the held-out split")
+    g.add_argument("--max-length", type=int, help="sequence length limit (default: the model's)")
+    g.add_argument("--truncate", action="store_true", help="cut inputs that do not fit instead of stopping")
+
+
+def _load_task(args, seed: int):
+    from .data import load_task
+
+    for flag in ("max_train_examples", "max_eval_examples", "max_length"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    return load_task(args.task, data_dir=args.data_dir, train_file=args.train_file, eval_file=args.eval_file,
+                     fmt=args.format, text_column=args.text_column, label_column=args.label_column,
+                     response_column=args.response_column, columns=args.columns,
+                     instruction=args.instruction, verbalizers=args.verbalizers,
+                     max_train=getattr(args, "max_train_examples", None),
+                     max_eval=args.max_eval_examples, seed=seed)
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def cmd_prepare_base(args) -> None:
+    from .prepare_base import DEFAULT_DATA, prepare_base
+    from .backbone import SHIPPED_BASE
+
+    _threads(args.threads)
+    card = prepare_base(data_dir=args.data_dir or DEFAULT_DATA, out=args.out or SHIPPED_BASE,
+                        work_dir=args.work_dir, steps=args.steps, batch_size=args.batch_size,
+                        seq_len=args.seq_len, lr=args.lr, seed=args.seed, bf16=args.bf16)
+    print(json.dumps({"out": str(args.out or SHIPPED_BASE), "heldout": card["heldout"]}))
+
+
+def cmd_train(args) -> None:
+    from .backbone import load_backbone
+    from .methods import make_method
+    from .train import TrainConfig, fine_tune
+
+    _threads(args.threads)
+    if args.steps is not None and args.epochs is not None:
+        raise UserError("give --steps or --epochs, not both")
+    task = _load_task(args, args.seed)
+    backbone = load_backbone(args.base)
+    method = make_method(args.method)
+    if args.epochs is not None:
+        steps = math.ceil(args.epochs * len(task.train) / (args.batch_size * args.grad_accum))
+    else:
+        steps = args.steps or 300
+    if steps < 1 or args.batch_size < 1:
+        raise UserError("--steps/--epochs and --batch-size must be positive")
+    config = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                         weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, seed=args.seed,
+                         bf16=args.bf16, eval_every=args.eval_every if args.eval_every is not None else max(steps // 4, 1),
+                         checkpoint_every=args.checkpoint_every, device=args.device)
+    print(f"task {task.name}: {len(task.train)} train / {len(task.eval)} held-out examples; "
+          f"method {method.name}; {steps} steps of {args.batch_size * args.grad_accum}", file=sys.stderr)
+    result = fine_tune(backbone, task, method, config, out_dir=args.out, max_length=args.max_length,
+                       truncate=args.truncate, sampler_steps=args.sampler_steps)
+    result.pop("model")
+    if args.out:
+        print(f"adapter: {os.path.join(args.out, 'adapter')}  results: {os.path.join(args.out, 'results.json')}",
+              file=sys.stderr)
+    print(json.dumps(result))
+
+
+def cmd_eval(args) -> None:
+    from .backbone import load_backbone
+    from .diffusion import DiffusionLM
+    from .evaluate import evaluate_task
+    from .io import load_adapter, write_json
+
+    _threads(args.threads)
+    response_length = max_length = None
+    method_name = "base"
+    if args.adapter:
+        model, method, config = load_adapter(args.adapter, base=args.base)
+        method_name = method.name
+        response_length, max_length = config["response_length"], config["max_length"]
+        if args.task is None:
+            args.task = config["task"]["name"]
+    else:
+        if args.task is None:
+            raise UserError("give --task (or --adapter, whose task is used)")
+        model = DiffusionLM(load_backbone(args.base))
+    task = _load_task(args, args.seed)
+    result = evaluate_task(model, task, response_length=response_length,
+                           max_length=args.max_length or max_length, steps=args.steps,
+                           remasking=args.remasking, batch_size=args.batch_size, seed=args.seed,
+                           truncate=True)
+    result["method"] = method_name
+    result["adapter"] = args.adapter
+    if args.out:
+        write_json(args.out, result)
+    print(json.dumps(result))
+
+
+def cmd_sample(args) -> None:
+    import torch
+
+    from .backbone import load_backbone
+    from .data import Encoded, collate
+    from .diffusion import DiffusionLM, sample
+    from .io import load_adapter
+
+    _threads(args.threads)
+    if args.adapter:
+        model, _, config = load_adapter(args.adapter, base=args.base)
+        instruction = args.instruction if args.instruction is not None else (config["task"]["instruction"] or "")
+        length = args.length or config["response_length"]
+    else:
+        model = DiffusionLM(load_backbone(args.base))
+        instruction, length = args.instruction or "", args.length or 32
+    bb = model.backbone
+    tok = bb.tokenizer
+    if length < 1 or args.steps < 1:
+        raise UserError("--length and --steps must be positive")
+    if args.prompt is None and not instruction:  # unconditional: [CLS] + all-[MASK]
+        prompt, ins = [bb.cls_id], []
+    else:
+        ins = tok(instruction, add_special_tokens=False)["input_ids"]
+        body = tok(args.prompt or "", add_special_tokens=False)["input_ids"]
+        prompt = [bb.cls_id] + ins + [bb.sep_id] + body + [bb.sep_id]
+    if len(prompt) + length > bb.max_length:
+        raise UserError(f"prompt + {length} response tokens = {len(prompt) + length} tokens, longer than "
+                        f"the model's {bb.max_length} positions")
+    enc = Encoded([prompt] * args.n, [[bb.mask_id] * length] * args.n, [ins] * args.n, length)
+    batch = collate(enc, list(range(args.n)), bb.pad_id)
+    generator = torch.Generator().manual_seed(args.seed)
+    tokens, _ = sample(model, **batch, steps=args.steps, remasking=args.remasking,
+                       temperature=args.temperature, block_length=args.block_length, generator=generator)
+    for row in range(args.n):
+        ids = tokens[row][batch["response_mask"][row]].tolist()
+        text = tok.decode(ids, skip_special_tokens=False).replace(tok.sep_token, " | ")
+        print(" ".join(text.split()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-diffusion", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare-base", help="turn MiniLM-L6 into a masked diffusion LM (writes assets/base)")
+    p.add_argument("--data-dir", help="text data folder (default: ../shared/data)")
+    p.add_argument("--out", help="output folder (default: assets/base)")
+    p.add_argument("--work-dir", help="checkpoints and metrics (default: runs/prepare-base)")
+    p.add_argument("--steps", type=int, default=1600)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_prepare_base)
+
+    p = sub.add_parser("train", help="fine-tune a method on a task, evaluate on held-out data")
+    p.add_argument("--base", help="base model folder (default: the shipped base) or hf:NAME")
+    _task_args(p)
+    p.add_argument("--method", default="full", help="fine-tuning method (default: full)")
+    p.add_argument("--out", help="run folder: adapter/, results.json, metrics.jsonl, checkpoints/")
+    p.add_argument("--steps", type=int, help="optimiser steps (default 300)")
+    p.add_argument("--epochs", type=float, help="instead of --steps")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, help="default: the method's own")
+    p.add_argument("--warmup", type=float, default=0.06)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU, or a CPU that supports it)")
+    p.add_argument("--eval-every", type=int, help="steps between held-out checks (default: steps/4)")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--sampler-steps", type=int, default=64, help="denoising steps T at evaluation")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="held-out metrics of a base or an adapter; last line is JSON")
+    p.add_argument("--adapter", help="adapter folder (or a train --out folder)")
+    p.add_argument("--base", help="base model folder (default: the adapter's, or the shipped base)")
+    _task_args(p, required=False)
+    p.add_argument("--steps", type=int, default=64, help="denoising steps T")
+    p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="generate text with the sampler")
+    p.add_argument("--base", help="base model folder (default: the shipped base)")
+    p.add_argument("--adapter", help="adapter folder")
+    p.add_argument("--prompt", help="input text (default: none, an all-[MASK] start)")
+    p.add_argument("--instruction", help="instruction (default: the adapter's task instruction)")
+    p.add_argument("--length", type=int, help="response tokens (default: 32, or the adapter's)")
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--block-length", type=int, help="semi-autoregressive block length")
+    p.add_argument("--n", type=int, default=1, help="number of samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        args.func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (a run with --out resumes from its last checkpoint)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,412 @@
+"""Tasks: instruction + input -> response text, their loaders, and batching.
+
+A `Task` is a list of train and held-out examples `{"instruction", "input", "response"}`,
+with verbalizers (the allowed label words) when it is a classification task.
+
+Where the data comes from:
+* built-in tasks read the real datasets from a local data folder (`--data-dir`,
+  default `../shared/data`): `sst2`, `agnews`, `agnews_title`;
+* the project's own suite (`suite_sentiment`, `suite_topic`, `suite_struct`) ships
+  in `assets/suite/` for offline demos and tests;
+* any CSV / TSV / JSONL file with a text column and a label (or response) column;
+* the hub, for users online: `hub:NAME[:CONFIG]` goes through `datasets.load_dataset`.
+
+Local files are read with the standard `csv` and `json` modules (exact quoting control,
+no cache written); `datasets` is used for the hub.
+
+Sequence layout: [CLS] instruction [SEP] input [SEP] response [SEP] [SEP] ... where the
+response part has a fixed length per task and is filled with [SEP] after the answer,
+so the sampler knows how many positions to generate (LLaDA pads with EOS the same way).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .backbone import REPO_ROOT
+from .errors import UserError
+
+DEFAULT_DATA = Path(os.environ.get("LORA_DIFFUSION_DATA", REPO_ROOT.parent / "shared" / "data"))
+SUITE_DIR = REPO_ROOT / "assets" / "suite"
+
+SENTIMENT_INSTRUCTION = "is the sentiment of this review positive or negative ?"
+TOPIC_INSTRUCTION = "what is the topic of this news article ? answer world , sports , business or science ."
+TITLE_INSTRUCTION = "write a title for this news article ."
+AGNEWS_LABELS = {"1": "world", "2": "sports", "3": "business", "4": "science",
+                 "world": "world", "sports": "sports", "business": "business", "sci/tech": "science"}
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str                        # "classification" or "generation"
+    train: list[dict]
+    eval: list[dict]
+    labels: list[str] | None = None  # verbalizers, for classification
+    source: str = ""
+    info: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"task": self.name, "kind": self.kind, "labels": self.labels, "source": self.source,
+                "n_train": len(self.train), "n_eval": len(self.eval), **self.info}
+
+
+# ---------------------------------------------------------------------------------------
+# Reading files
+# ---------------------------------------------------------------------------------------
+
+def read_table(path, columns: list[str] | None = None, fmt: str | None = None) -> list[dict]:
+    """Rows of a CSV / TSV / JSONL file as dicts. `columns` names a headerless file's columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    fmt = (fmt or path.suffix.lstrip(".")).lower()
+    if fmt in ("jsonl", "json"):
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path} line {n} is not valid JSON ({err.msg})") from None
+        return rows
+    if fmt not in ("csv", "tsv"):
+        raise UserError(f"cannot read {path}: format {fmt!r} is not csv, tsv or jsonl (use --format)")
+    with open(path, newline="", encoding="utf-8") as f:
+        if fmt == "tsv":  # PTB-style text (SST-2) contains bare quotes: no quoting in TSV
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        else:
+            reader = csv.reader(f)
+        raw = [row for row in reader if row]
+    if not raw:
+        return []
+    header, body = (columns, raw) if columns else (raw[0], raw[1:])
+    header = [h.strip() for h in header]
+    return [dict(zip(header, row)) for row in body]
+
+
+def _column(rows: list[dict], column: str, path) -> list[str]:
+    if rows and column not in rows[0]:
+        raise UserError(f"column {column!r} not in {path}; it has: {', '.join(map(str, rows[0].keys()))}")
+    return [str(r[column]).strip() for r in rows]
+
+
+def parse_verbalizers(spec: str | None) -> dict[str, str] | None:
+    """'0=negative,1=positive' -> {'0': 'negative', '1': 'positive'}; 'neg,pos' -> identity map."""
+    if not spec:
+        return None
+    out = {}
+    for part in spec.split(","):
+        raw, _, word = part.partition("=")
+        out[raw.strip()] = (word or raw).strip().lower()
+    return out
+
+
+def classification_examples(texts, raw_labels, instruction, verbalizers: dict | None, where) -> tuple[list[dict], list[str]]:
+    """Turn (text, raw label) pairs into examples; unknown labels are an error, not skipped."""
+    if verbalizers is None:  # derive: the label values themselves, lowercased, become the words
+        verbalizers = {v: v.lower() for v in sorted(set(raw_labels))}
+    examples = []
+    for text, raw in zip(texts, raw_labels):
+        if raw not in verbalizers:
+            raise UserError(f"label {raw!r} in {where} is not among the verbalizers "
+                            f"{sorted(verbalizers)}; pass --verbalizers to map it")
+        examples.append({"instruction": instruction, "input": text, "response": verbalizers[raw]})
+    labels = sorted(set(verbalizers.values()), key=list(verbalizers.values()).index)
+    return examples, labels
+
+
+# ---------------------------------------------------------------------------------------
+# Built-in tasks
+# ---------------------------------------------------------------------------------------
+
+def _need(path: Path, task: str) -> Path:
+    if not path.is_file():
+        raise UserError(f"task {task} needs {path}; point --data-dir at a folder with it "
+                        f"(the layout of shared/data: sst2/, ag_news/)")
+    return path
+
+
+def _sst2(data_dir: Path) -> Task:
+    words = {"0": "negative", "1": "positive"}
+    splits = {}
+    for split, fname in (("train", "train.tsv"), ("eval", "dev.tsv")):
+        path = _need(data_dir / "sst2" / fname, "sst2")
+        rows = read_table(path)
+        splits[split], labels = classification_examples(
+            _column(rows, "sentence", path), _column(rows, "label", path), SENTIMENT_INSTRUCTION, words, path)
+    return Task("sst2", "classification", splits["train"], splits["eval"], labels,
+                source=f"SST-2 (GLUE) from {data_dir / 'sst2'}: train.tsv / dev.tsv")
+
+
+def _agnews_test_rows(data_dir: Path) -> list[dict]:
+    path = _need(data_dir / "ag_news" / "test.csv", "agnews")
+    return read_table(path, columns=["label", "title", "description"], fmt="csv")
+
+
+def _agnews(data_dir: Path) -> Task:
+    path = _need(data_dir / "ag_news" / "train_subset_10k.tsv", "agnews")
+    # Some descriptions contain tabs; the label is always the last field.
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if len(row) >= 2 and row[-1].strip().lower() in AGNEWS_LABELS:
+                rows.append({"description": " ".join(row[:-1]).strip(), "label": row[-1].strip().lower()})
+    train, labels = classification_examples([r["description"] for r in rows], [r["label"] for r in rows],
+                                            TOPIC_INSTRUCTION, AGNEWS_LABELS, path)
+    test = _agnews_test_rows(data_dir)
+    # The test set is scored on descriptions only, as the train subset has no titles.
+    evals, _ = classification_examples([r["description"] for r in test], [r["label"] for r in test],
+                                       TOPIC_INSTRUCTION, AGNEWS_LABELS, "ag_news/test.csv")
+    return Task("agnews", "classification", train, evals, ["world", "sports", "business", "science"],
+                source=f"AG News from {data_dir / 'ag_news'}: train_subset_10k.tsv / test.csv (descriptions)")
+
+
+def _agnews_title(data_dir: Path) -> Task:
+    path = _need(data_dir / "ag_news" / "train_head_2000.csv", "agnews_title")
+    train_rows = read_table(path, columns=["label", "title", "description"], fmt="csv")
+    make = lambda rows: [{"instruction": TITLE_INSTRUCTION, "input": r["description"].strip(),
+                          "response": r["title"].strip().lower()} for r in rows]
+    return Task("agnews_title", "generation", make(train_rows), make(_agnews_test_rows(data_dir)),
+                source=f"AG News titles from {data_dir / 'ag_news'}: train_head_2000.csv / test.csv")
+
+
+def _suite(name: str) -> Task:
+    folder = SUITE_DIR / name
+    train = read_table(_need(folder / "train.jsonl", name))
+    evals = read_table(_need(folder / "eval.jsonl", name))
+    responses = sorted({ex["response"] for ex in train})
+    is_classification = len(responses) <= 16
+    return Task(name, "classification" if is_classification else "generation", train, evals,
+                responses if is_classification else None, source=f"built-in suite (assets/suite/{name})")
+
+
+BUILTIN = {"sst2": _sst2, "agnews": _agnews, "agnews_title": _agnews_title}
+SUITE = ("suite_sentiment", "suite_topic", "suite_struct")
+FILE_TASKS = ("csv", "tsv", "jsonl")
+TASK_NAMES = tuple(BUILTIN) + SUITE + FILE_TASKS
+
+
+def _hub_task(spec: str, text_column: str, label_column: str | None, response_column: str | None,
+              instruction: str | None, verbalizers) -> Task:
+    """`hub:NAME[:CONFIG]`: a dataset from the Hugging Face hub (needs a network)."""
+    from datasets import load_dataset
+
+    name, _, config = spec[4:].partition(":")
+    try:
+        ds = load_dataset(name, config or None)
+    except Exception as err:  # offline, unknown name, ...
+        raise UserError(f"could not load {name!r} from the hub ({str(err).splitlines()[0]}); "
+                        "offline, use a local file with --task csv/tsv/jsonl") from None
+    split_names = list(ds.keys())
+    eval_split = next((s for s in ("validation", "test") if s in ds), None)
+    if "train" not in ds or eval_split is None:
+        raise UserError(f"{name} needs a train split and a validation or test split; it has {split_names}")
+    return _rows_task(f"hub:{name}", [dict(r) for r in ds["train"]], [dict(r) for r in ds[eval_split]],
+                      text_column, label_column, response_column, instruction, verbalizers,
+                      source=f"hub dataset {name} ({config or 'default'}): train / {eval_split}")
+
+
+def _rows_task(name, train_rows, eval_rows, text_column, label_column, response_column,
+               instruction, verbalizers, source) -> Task:
+    if response_column:  # generation
+        make = lambda rows, where: [{"instruction": instruction or "respond to this text .", "input": t,
+                                     "response": r.lower()} for t, r in zip(_column(rows, text_column, where),
+                                                                            _column(rows, response_column, where))]
+        return Task(name, "generation", make(train_rows, "train"), make(eval_rows, "eval"), source=source)
+    label_column = label_column or "label"
+    raw_train = _column(train_rows, label_column, "the train data")
+    raw_eval = _column(eval_rows, label_column, "the eval data")
+    verbalizers = verbalizers or {v: v.lower() for v in sorted(set(raw_train) | set(raw_eval))}
+    labels_text = " , ".join(sorted(set(verbalizers.values())))
+    instruction = instruction or f"classify this text . answer {labels_text} ."
+    train, labels = classification_examples(_column(train_rows, text_column, "the train data"), raw_train,
+                                            instruction, verbalizers, "the train data")
+    evals, _ = classification_examples(_column(eval_rows, text_column, "the eval data"), raw_eval,
+                                       instruction, verbalizers, "the eval data")
+    return Task(name, "classification", train, evals, labels, source=source)
+
+
+def load_task(name: str, data_dir=None, train_file=None, eval_file=None, fmt: str | None = None,
+              text_column: str = "text", label_column: str | None = None, response_column: str | None = None,
+              columns: str | None = None, instruction: str | None = None, verbalizers: str | None = None,
+              max_train: int | None = None, max_eval: int | None = None, eval_fraction: float = 0.1,
+              seed: int = 0) -> Task:
+    """Load a task by name (see TASK_NAMES), from files, or from the hub (`hub:NAME`).
+
+    `max_train` / `max_eval` keep a random, seeded, label-stratified subset.
+    A file task without `eval_file` holds out `eval_fraction` of the train file.
+    """
+    verbal = parse_verbalizers(verbalizers)
+    if name in BUILTIN:
+        task = BUILTIN[name](Path(data_dir or DEFAULT_DATA))
+    elif name in SUITE:
+        task = _suite(name)
+    elif name in FILE_TASKS:
+        if not train_file:
+            raise UserError(f"--task {name} needs --train-file (and optionally --eval-file)")
+        names = [c.strip() for c in columns.split(",")] if columns else None
+        train_rows = read_table(train_file, names, fmt or name)
+        if not train_rows:
+            raise UserError(f"{train_file} has no data rows")
+        if eval_file:
+            eval_rows = read_table(eval_file, names, fmt or name)
+        else:  # hold out a seeded slice of the train file
+            shuffled = train_rows[:]
+            random.Random(seed).shuffle(shuffled)
+            cut = max(1, int(len(shuffled) * eval_fraction))
+            eval_rows, train_rows = shuffled[:cut], shuffled[cut:]
+        if not eval_rows or not train_rows:
+            raise UserError(f"{eval_file or train_file} leaves no examples to train or evaluate on")
+        task = _rows_task(Path(train_file).stem, train_rows, eval_rows, text_column, label_column,
+                          response_column, instruction, verbal,
+                          source=f"{train_file}" + (f" / {eval_file}" if eval_file else f" ({eval_fraction:.0%} held out)"))
+    elif name.startswith("hub:"):
+        task = _hub_task(name, text_column, label_column, response_column, instruction, verbal)
+    else:
+        raise UserError(f"unknown task {name!r}; choose from: {', '.join(TASK_NAMES)} or hub:NAME")
+    if not task.train or not task.eval:
+        raise UserError(f"task {task.name} has no {'training' if not task.train else 'evaluation'} examples")
+    task.info["full_train"], task.info["full_eval"] = len(task.train), len(task.eval)
+    task.train = subsample(task.train, max_train, seed)
+    task.eval = subsample(task.eval, max_eval, seed)
+    return task
+
+
+def subsample(examples: list[dict], n: int | None, seed: int) -> list[dict]:
+    """A seeded random subset of n examples, stratified by response (keeps label balance)."""
+    if n is None or n >= len(examples):
+        return examples
+    rng = random.Random(seed)
+    by_response: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_response.setdefault(ex["response"], []).append(i)
+    if len(by_response) > 16:  # generation: plain random subset
+        keep = rng.sample(range(len(examples)), n)
+    else:
+        keep = []
+        for idx in by_response.values():
+            keep += rng.sample(idx, round(n * len(idx) / len(examples)))
+        rest = [i for i in range(len(examples)) if i not in set(keep)]
+        keep += rng.sample(rest, max(0, n - len(keep)))
+        keep = keep[:n]
+    return [examples[i] for i in sorted(keep)]
+
+
+# ---------------------------------------------------------------------------------------
+# Encoding and batching
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Encoded:
+    """A task's examples as token ids, ready to batch."""
+
+    prompts: list[list[int]]       # [CLS] instruction [SEP] input [SEP]
+    responses: list[list[int]]     # answer + [SEP] filler, all of length response_length
+    instructions: list[list[int]]  # instruction tokens alone (the conditioning c)
+    response_length: int
+    n_truncated: int = 0
+
+
+def response_length_for(tokenizer, examples: list[dict], cap: int = 32) -> int:
+    """Fixed response length of a task: the longest answer + 1 end marker, at most `cap`."""
+    longest = max(len(tokenizer(ex["response"], add_special_tokens=False)["input_ids"]) for ex in examples)
+    return min(longest + 1, cap)
+
+
+def encode(tokenizer, examples: list[dict], response_length: int, max_length: int,
+           truncate: bool = False, where: str = "data") -> Encoded:
+    """Tokenise examples into the sequence layout; inputs that do not fit are an error unless `truncate`."""
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    ins = tokenizer([ex["instruction"] for ex in examples], add_special_tokens=False)["input_ids"]
+    inp = tokenizer([ex["input"] for ex in examples], add_special_tokens=False)["input_ids"]
+    out = tokenizer([ex["response"] for ex in examples], add_special_tokens=False)["input_ids"]
+    prompts, responses, n_truncated = [], [], 0
+    for i, (a, b, r) in enumerate(zip(ins, inp, out)):
+        room = max_length - response_length - len(a) - 3
+        if room < 1:
+            raise UserError(f"example {i} of {where}: the instruction and response alone need "
+                            f"{len(a) + 3 + response_length} positions, the model has {max_length}")
+        if len(b) > room:
+            if not truncate:
+                raise UserError(f"example {i} of {where} is {len(a) + len(b) + 3 + response_length} tokens, "
+                                f"longer than the model's {max_length} positions; pass --truncate to cut "
+                                "long inputs")
+            b, n_truncated = b[:room], n_truncated + 1
+        prompts.append([cls] + a + [sep] + b + [sep])
+        responses.append((r + [sep] * response_length)[:response_length])
+    return Encoded(prompts, responses, ins, response_length, n_truncated)
+
+
+def collate(enc: Encoded, indices, pad_id: int, mask_response: int | None = None) -> dict:
+    """Right-padded batch of the chosen examples: input_ids, attention_mask, response_mask, instruction."""
+    seqs = [enc.prompts[i] + enc.responses[i] for i in indices]
+    width = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    response = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for row, (i, seq) in enumerate(zip(indices, seqs)):
+        input_ids[row, :len(seq)] = torch.tensor(seq)
+        attention[row, :len(seq)] = 1
+        response[row, len(enc.prompts[i]):len(seq)] = True
+    if mask_response is not None:
+        input_ids = input_ids.masked_fill(response, mask_response)
+    ins = [enc.instructions[i] for i in indices]
+    instruction = torch.full((len(ins), max(1, max(map(len, ins)))), pad_id, dtype=torch.long)
+    for row, ids in enumerate(ins):
+        instruction[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response,
+            "instruction": instruction}
+
+
+def batch_schedule(n_examples: int, batch_size: int, seed: int):
+    """`batch_for_step(step)` -> example indices: seeded reshuffle every epoch, resumable at any step."""
+    def indices(step: int) -> list[int]:
+        first = step * batch_size
+        out = []
+        for pos in range(first, first + batch_size):
+            epoch, offset = divmod(pos, n_examples)
+            perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+            out.append(int(perm[offset]))
+        return out
+    return indices
+
+
+# ---------------------------------------------------------------------------------------
+# Plain text (for the base and for forgetting): packed rows, every token a response token
+# ---------------------------------------------------------------------------------------
+
+def pack_text(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
+    """Tokenise lines, join them with [SEP], cut the stream into [CLS] + (seq_len - 1) token rows."""
+    ids: list[int] = []
+    for start in range(0, len(texts), 2000):
+        for row in tokenizer(texts[start:start + 2000], add_special_tokens=False)["input_ids"]:
+            ids.extend(row)
+            ids.append(tokenizer.sep_token_id)
+    body = seq_len - 1
+    n_rows = len(ids) // body
+    if n_rows == 0:
+        raise UserError(f"the text is shorter than one row of {seq_len} tokens")
+    rows = torch.tensor(ids[: n_rows * body], dtype=torch.long).view(n_rows, body)
+    cls = torch.full((n_rows, 1), tokenizer.cls_token_id, dtype=torch.long)
+    return torch.cat([cls, rows], 1)
+
+
+def text_batch(rows: torch.Tensor, prefix_len: torch.Tensor | None = None) -> dict:
+    """A plain-text batch: every token but [CLS] (and an optional clean prefix) is a response token."""
+    positions = torch.arange(rows.shape[1])[None, :].expand(rows.shape[0], -1)
+    response = positions >= 1
+    if prefix_len is not None:
+        response = response & (positions >= (1 + prefix_len[:, None]))
+    return {"input_ids": rows, "attention_mask": torch.ones_like(rows), "response_mask": response}
+
+
+def text_batches(rows: torch.Tensor, batch_size: int = 32) -> list[dict]:
+    return [text_batch(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]

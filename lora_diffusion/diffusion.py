@@ -1,0 +1,221 @@
+"""Masked (absorbing-state) diffusion: the forward process, the loss and the sampler.
+
+Read top to bottom, in the spirit of MDLM's `diffusion.py`:
+
+* forward process: each response token becomes [MASK] with probability t (the
+  log-linear schedule: alpha_t = 1 - t), the prompt is never noised;
+* loss: cross-entropy on masked response tokens, weighted by 1/t and normalised by
+  the response length (LLaDA's SFT objective; an upper bound on the NLL);
+* sampler: T steps from an all-[MASK] response, revealing a few positions per step
+  (low-confidence or random remasking, optional semi-autoregressive blocks); prompt
+  tokens never change and a revealed token is never changed again.
+
+`DiffusionLM` is the denoiser: the backbone's body, then an optional per-step hook
+`(hidden_states, t, instruction) -> perturbation` added to the final hidden states,
+then the LM head. A step-aware PEFT method plugs in there; the loss and the
+sampler pass it the same `t`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import Backbone
+
+EPS = 1e-3  # smallest mask rate, so the 1/t weight stays finite
+
+
+class DiffusionLM(nn.Module):
+    """Denoiser x_t -> logits of x_0, with the per-step hook where trajectory methods act."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.step_hook = None  # callable(h [B,L,d], t [B], instruction [B,Li] | None) -> [B,L,d]
+
+    def _body_needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.body.parameters())
+
+    def denoise(self, input_ids, attention_mask, t, instruction=None, positions=None):
+        """Run one denoising step; returns (logits at `positions`, h, perturbation or None).
+
+        `positions` is a bool mask [B, L]; logits come back flattened to [N, V] for the
+        True entries (the LM head is the costly part, so it only runs where needed).
+        """
+        # A frozen body needs no graph: a method acting after it trains without a
+        # backward pass through the base (the `final` injection point).
+        grad_ctx = contextlib.nullcontext() if self._body_needs_grad() else torch.no_grad()
+        with grad_ctx:
+            h = self.backbone.hidden_states(input_ids, attention_mask)
+        delta = None
+        if self.step_hook is not None:
+            delta = self.step_hook(h, t, instruction)
+            h = h + delta
+        selected = h if positions is None else h[positions]
+        return self.backbone.logits(selected), h, delta
+
+    def forward(self, input_ids, attention_mask, t, instruction=None, positions=None):
+        return self.denoise(input_ids, attention_mask, t, instruction, positions)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Forward process
+# ---------------------------------------------------------------------------------------
+
+def mask_rate(t: torch.Tensor) -> torch.Tensor:
+    """Log-linear schedule: probability that a token is masked at time t in [0, 1]."""
+    return (1 - EPS) * t + EPS
+
+
+def sample_times(batch_size: int, generator=None, device="cpu") -> torch.Tensor:
+    """Stratified t ~ U(0,1): one offset, evenly spaced (MDLM's low-discrepancy sampler)."""
+    offset = torch.rand(1, generator=generator).item()
+    return ((offset + torch.arange(batch_size) / batch_size) % 1.0).to(device)
+
+
+def add_noise(input_ids, response_mask, rate, mask_id, generator=None):
+    """q(x_t | x_0): replace each response token by [MASK] with probability `rate` [B]."""
+    draws = torch.rand(input_ids.shape, generator=generator).to(input_ids.device)
+    noised = (draws < rate[:, None]) & response_mask
+    return input_ids.masked_fill(noised, mask_id), noised
+
+
+# ---------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------
+
+def diffusion_loss(model: DiffusionLM, input_ids, attention_mask, response_mask, instruction=None,
+                   t=None, generator=None, reduction="mean", **_unused):
+    """Masked-diffusion NELBO of the response given the prompt, per response token.
+
+    loss_i = (1 / n_i) * sum_{masked j} CE(x_j) / rate(t_i), n_i = response length of example i.
+    Averaging over t ~ U(0,1) gives an upper bound on -log p(response | prompt) / n_i.
+    """
+    batch_size = input_ids.shape[0]
+    if t is None:
+        t = sample_times(batch_size, generator, input_ids.device)
+    rate = mask_rate(t)
+    noised_ids, noised = add_noise(input_ids, response_mask, rate, model.backbone.mask_id, generator)
+    logits = model(noised_ids, attention_mask, rate, instruction, positions=noised)
+    token_ce = F.cross_entropy(logits, input_ids[noised], reduction="none")
+    example_of_token = noised.nonzero()[:, 0]
+    per_example = torch.zeros(batch_size, device=logits.device).index_add(0, example_of_token, token_ce)
+    n_response = response_mask.sum(1).clamp(min=1)
+    per_example = per_example / rate / n_response
+    return per_example.mean() if reduction == "mean" else per_example
+
+
+@torch.no_grad()
+def nelbo(model: DiffusionLM, batches, samples_per_sequence: int = 8, seed: int = 0) -> dict:
+    """Held-out NELBO in nats per response token and the perplexity bound exp(NELBO).
+
+    Each sequence is scored at `samples_per_sequence` stratified times; the result is
+    token-weighted over all sequences.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    total, tokens = 0.0, 0
+    for batch in batches:
+        n_response = batch["response_mask"].sum(1)
+        for k in range(samples_per_sequence):
+            # Stratify over the k draws too: draw k covers [k/K, (k+1)/K).
+            u = torch.rand(len(n_response), generator=generator)
+            t = (k + u) / samples_per_sequence
+            per_example = diffusion_loss(model, **batch, t=t.to(n_response.device),
+                                         generator=generator, reduction="none")
+            total += float((per_example * n_response).sum()) / samples_per_sequence
+        tokens += int(n_response.sum())
+    value = total / max(tokens, 1)
+    return {"nelbo": value, "ppl_bound": math.exp(min(value, 50.0)), "tokens": tokens}
+
+
+# ---------------------------------------------------------------------------------------
+# Sampler
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Trajectory:
+    """What happened at each sampler step (for the analyses)."""
+
+    t: list = field(default_factory=list)             # float per step
+    tokens: list = field(default_factory=list)        # [B, L] after the step
+    hidden: list = field(default_factory=list)        # [N_response, d]: h at response positions
+    perturbation: list = field(default_factory=list)  # [N_response, d] or None per step
+    revealed: list = field(default_factory=list)      # [B, L] bool: positions revealed this step
+
+
+def _reveal_counts(n_candidates: torch.Tensor, steps: int) -> torch.Tensor:
+    """How many positions to reveal at each of `steps` steps: [steps, B], summing to n."""
+    remaining = [torch.div(n_candidates * (steps - s), steps, rounding_mode="floor") for s in range(steps + 1)]
+    # remaining[s] = how many are still masked before step s; the difference is revealed.
+    return torch.stack([remaining[s] - remaining[s + 1] for s in range(steps)])
+
+
+@torch.no_grad()
+def sample(model: DiffusionLM, input_ids, attention_mask, response_mask, instruction=None,
+           steps: int = 64, remasking: str = "low_confidence", block_length: int | None = None,
+           temperature: float = 0.0, generator=None, record: bool = False, **_unused):
+    """Generate the response positions of `input_ids`; returns (tokens [B, L], Trajectory | None).
+
+    Whatever sits at response positions on input is ignored (they start as [MASK]).
+    The number of model calls is min(steps, response length) per block: a step that
+    reveals nothing would leave the state unchanged.
+    """
+    if remasking not in ("low_confidence", "random"):
+        raise ValueError(f"remasking must be 'low_confidence' or 'random', not {remasking!r}")
+    mask_id = model.backbone.mask_id
+    x = input_ids.masked_fill(response_mask, mask_id)
+    # Ordinal of each response position inside its example's response (0, 1, 2, ...).
+    ordinal = response_mask.long().cumsum(1) - 1
+    n_response = response_mask.sum(1)
+    longest = int(n_response.max()) if len(n_response) else 0
+    block_length = block_length or max(longest, 1)
+    n_blocks = max(1, math.ceil(longest / block_length))
+    steps_per_block = max(1, min(steps // n_blocks if steps >= n_blocks else 1, block_length))
+    total_steps = n_blocks * steps_per_block
+    trajectory = Trajectory() if record else None
+
+    step = 0
+    for block in range(n_blocks):
+        in_block = response_mask & (ordinal >= block * block_length) & (ordinal < (block + 1) * block_length)
+        counts = _reveal_counts(in_block.sum(1), steps_per_block)
+        for s in range(steps_per_block):
+            t_now = (total_steps - step) / total_steps
+            t = torch.full((x.shape[0],), t_now, device=x.device)
+            masked = x == mask_id
+            masked &= response_mask
+            logits, h, delta = model.denoise(x, attention_mask, t, instruction, positions=masked)
+            probs = logits.float().softmax(-1)
+            if temperature > 0:
+                tempered = (logits.float() / temperature).softmax(-1)
+                pred = torch.multinomial(tempered, 1, generator=generator).squeeze(1)
+            else:
+                pred = logits.argmax(-1)
+            if remasking == "low_confidence":
+                confidence = probs.gather(1, pred[:, None]).squeeze(1)
+            else:
+                confidence = torch.rand(pred.shape, generator=generator).to(x.device)
+
+            full_conf = torch.full(x.shape, -math.inf, device=x.device)
+            full_conf[masked] = confidence
+            full_conf[~(masked & in_block)] = -math.inf
+            full_pred = torch.full_like(x, mask_id)
+            full_pred[masked] = pred
+            # Reveal the k most confident candidates of each example.
+            rank = full_conf.argsort(1, descending=True).argsort(1)
+            reveal = (rank < counts[s][:, None]) & masked & in_block
+            x = torch.where(reveal, full_pred, x)
+
+            if record:
+                trajectory.t.append(t_now)
+                trajectory.tokens.append(x.clone())
+                trajectory.revealed.append(reveal.clone())
+                trajectory.hidden.append(h[response_mask].float().clone())
+                trajectory.perturbation.append(None if delta is None else delta[response_mask].float().clone())
+            step += 1
+    return x, trajectory

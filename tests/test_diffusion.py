@@ -1,0 +1,181 @@
+"""The forward process, the loss and the sampler (diffusion.py)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lora_diffusion.diffusion import (EPS, DiffusionLM, _reveal_counts, add_noise, diffusion_loss, mask_rate,
+                                      nelbo, sample, sample_times)
+
+MASK = 103
+
+
+def make_batch(tiny, n=4, prompt_len=6, response_len=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 5000, (n, prompt_len + response_len), generator=g)
+    ids[:, 0] = tiny.cls_id
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    response[:, prompt_len:] = True
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": response,
+            "instruction": ids[:, 1:3]}
+
+
+# --- schedule -------------------------------------------------------------------------
+
+def test_log_linear_schedule_endpoints_and_monotone():
+    t = torch.linspace(0, 1, 101)
+    rate = mask_rate(t)
+    assert rate[0].item() == pytest.approx(EPS)
+    assert rate[-1].item() == pytest.approx(1.0)
+    assert torch.all(rate[1:] > rate[:-1])
+
+
+def test_sample_times_stratified():
+    t = sample_times(8, torch.Generator().manual_seed(3))
+    assert torch.all((t >= 0) & (t < 1))
+    # exactly one draw in each of the 8 bins
+    assert sorted((t * 8).floor().long().tolist()) == list(range(8))
+
+
+def test_add_noise_masks_only_response_at_the_given_rate():
+    ids = torch.randint(1000, 5000, (64, 200))
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    response[:, 50:] = True
+    rate = torch.full((64,), 0.3)
+    noised, masked = add_noise(ids, response, rate, MASK, torch.Generator().manual_seed(0))
+    assert torch.equal(noised[:, :50], ids[:, :50])  # prompt never noised
+    assert torch.all(noised[masked] == MASK) and torch.equal(noised[~masked], ids[~masked])
+    assert masked[:, 50:].float().mean().item() == pytest.approx(0.3, abs=0.01)
+    all_masked, m1 = add_noise(ids, response, torch.ones(64), MASK, torch.Generator())
+    assert torch.equal(m1, response)
+
+
+# --- loss -----------------------------------------------------------------------------
+
+class UniformLogits(nn.Module):
+    """Records what the loss asks of the denoiser and answers with uniform logits."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.calls = []
+
+    def forward(self, input_ids, attention_mask, t, instruction=None, positions=None):
+        self.calls.append((input_ids.clone(), t.clone(), positions.clone()))
+        return torch.zeros(int(positions.sum()), 30522, requires_grad=True)
+
+
+def test_loss_uses_masked_response_positions_only_with_1_over_t_weight(tiny):
+    batch = make_batch(tiny)
+    model = UniformLogits(tiny)
+    t = torch.tensor([0.1, 0.4, 0.7, 1.0])
+    per_example = diffusion_loss(model, **batch, t=t, generator=torch.Generator().manual_seed(1), reduction="none")
+    noised_ids, t_seen, positions = model.calls[0]
+    assert torch.allclose(t_seen, mask_rate(t))  # the denoiser (and its hook) sees the mask rate
+    assert torch.equal(positions, noised_ids == tiny.mask_id)  # predictions only where masked
+    assert not positions[~batch["response_mask"]].any()
+    assert torch.equal(noised_ids[~batch["response_mask"]], batch["input_ids"][~batch["response_mask"]])
+    # uniform logits: CE = log V per masked token; loss_i = n_masked_i * log V / rate_i / n_i
+    expected = positions.sum(1) * math.log(30522) / mask_rate(t) / 5
+    assert torch.allclose(per_example, expected, rtol=1e-5)
+    assert positions[3, 6:].all()  # t = 1 masks the whole response
+
+
+def test_loss_is_differentiable_and_trains_the_tiny_model(tiny):
+    model = DiffusionLM(tiny)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    batch = make_batch(tiny)
+    loss = diffusion_loss(model, **batch, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert math.isfinite(loss.item())
+    grads = [p.grad for p in tiny.mlm.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    for p in model.parameters():
+        p.grad = None
+
+
+def test_frozen_body_runs_without_a_graph(tiny):
+    model = DiffusionLM(tiny)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    seen = {}
+
+    def hook(h, t, instruction):
+        seen["requires_grad"] = h.requires_grad
+        return torch.zeros_like(h)
+
+    model.step_hook = hook
+    batch = make_batch(tiny)
+    model(batch["input_ids"], batch["attention_mask"], torch.ones(4), positions=batch["response_mask"])
+    assert seen["requires_grad"] is False
+
+
+def test_nelbo_is_finite_and_ppl_is_its_exp(tiny_model, tiny):
+    result = nelbo(tiny_model, [make_batch(tiny, seed=s) for s in range(2)], samples_per_sequence=2)
+    assert math.isfinite(result["nelbo"]) and result["nelbo"] > 0
+    assert result["ppl_bound"] == pytest.approx(math.exp(result["nelbo"]))
+    assert result["tokens"] == 2 * 4 * 5
+
+
+# --- sampler --------------------------------------------------------------------------
+
+def test_reveal_counts_sum_to_n():
+    n = torch.tensor([0, 1, 5, 17])
+    counts = _reveal_counts(n, 4)
+    assert torch.equal(counts.sum(0), n)
+    assert torch.all(counts >= 0)
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+@pytest.mark.parametrize("block_length", [None, 2])
+def test_sampler_invariants(tiny_model, tiny, remasking, block_length):
+    batch = make_batch(tiny, n=3, response_len=6)
+    tokens, traj = sample(tiny_model, **batch, steps=64, remasking=remasking, block_length=block_length,
+                          temperature=1.0, generator=torch.Generator().manual_seed(0), record=True)
+    prompt = ~batch["response_mask"]
+    previous = batch["input_ids"].masked_fill(batch["response_mask"], tiny.mask_id)
+    for step_tokens in traj.tokens:
+        assert torch.equal(step_tokens[prompt], batch["input_ids"][prompt])  # prompt never changes
+        was_revealed = previous != tiny.mask_id
+        assert torch.equal(step_tokens[was_revealed], previous[was_revealed])  # revealed tokens stay
+        previous = step_tokens
+    assert not (tokens == tiny.mask_id).any()  # all masks gone after the last step
+    assert len(traj.t) == 6  # min(T, response length) model calls
+    assert traj.t[0] == 1.0 and all(a > b for a, b in zip(traj.t, traj.t[1:]))
+    assert traj.hidden[0].shape == (3 * 6, tiny.hidden_size)
+    if block_length:  # semi-autoregressive: block 2 untouched until block 1 is done
+        first_block = batch["response_mask"].clone()
+        first_block[:, 6 + 2:] = False
+        for step_tokens in traj.tokens:
+            later = step_tokens[:, 6 + 2:]
+            if (later != tiny.mask_id).any():
+                assert not (step_tokens[first_block] == tiny.mask_id).any()
+
+
+def test_sampler_is_deterministic_under_a_seed(tiny_model, tiny):
+    batch = make_batch(tiny, n=4, response_len=8)
+    run = lambda seed: sample(tiny_model, **batch, steps=8, remasking="random", temperature=1.0,
+                              generator=torch.Generator().manual_seed(seed))[0]
+    assert torch.equal(run(5), run(5))
+    assert not torch.equal(run(5), run(6))
+
+
+def test_step_hook_gets_t_and_changes_the_output(tiny):
+    model = DiffusionLM(tiny)
+    batch = make_batch(tiny, n=2, response_len=4)
+    seen = []
+
+    def hook(h, t, instruction):
+        seen.append(t[0].item())
+        assert instruction is batch["instruction"]
+        return 50.0 * torch.randn(h.shape, generator=torch.Generator().manual_seed(len(seen)))
+
+    plain, _ = sample(model, **batch, steps=4)
+    model.step_hook = hook
+    hooked, traj = sample(model, **batch, steps=4, record=True)
+    assert seen == traj.t == [1.0, 0.75, 0.5, 0.25]
+    assert traj.perturbation[0] is not None and traj.perturbation[0].abs().sum() > 0
+    assert not torch.equal(plain, hooked)
