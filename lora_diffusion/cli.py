@@ -69,35 +69,55 @@ def cmd_prepare_base(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from pathlib import Path
+
     from .backbone import load_backbone
+    from .evaluate import aggregate_seeds
+    from .io import write_json
     from .methods import make_method
     from .train import TrainConfig, fine_tune
 
     _threads(args.threads)
     if args.steps is not None and args.epochs is not None:
         raise UserError("give --steps or --epochs, not both")
-    task = _load_task(args, args.seed)
-    backbone = load_backbone(args.base)
-    method = make_method(args.method)
-    if args.epochs is not None:
-        steps = math.ceil(args.epochs * len(task.train) / (args.batch_size * args.grad_accum))
-    else:
-        steps = args.steps or 300
-    if steps < 1 or args.batch_size < 1:
-        raise UserError("--steps/--epochs and --batch-size must be positive")
-    config = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                         weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, seed=args.seed,
-                         bf16=args.bf16, eval_every=args.eval_every if args.eval_every is not None else max(steps // 4, 1),
-                         checkpoint_every=args.checkpoint_every, device=args.device)
-    print(f"task {task.name}: {len(task.train)} train / {len(task.eval)} held-out examples; "
-          f"method {method.name}; {steps} steps of {args.batch_size * args.grad_accum}", file=sys.stderr)
-    result = fine_tune(backbone, task, method, config, out_dir=args.out, max_length=args.max_length,
-                       truncate=args.truncate, sampler_steps=args.sampler_steps)
-    result.pop("model")
-    if args.out:
-        print(f"adapter: {os.path.join(args.out, 'adapter')}  results: {os.path.join(args.out, 'results.json')}",
+    if args.batch_size < 1 or args.grad_accum < 1:
+        raise UserError("--batch-size and --grad-accum must be positive")
+    if len(set(args.seed)) != len(args.seed):
+        raise UserError(f"--seed lists a seed twice: {args.seed}")
+    several = len(args.seed) > 1
+    results = []
+    for seed in args.seed:
+        task = _load_task(args, seed)
+        backbone = load_backbone(args.base)  # a fresh base per seed: full fine-tuning changes it
+        method = make_method(args.method)
+        if args.epochs is not None:
+            steps = math.ceil(args.epochs * len(task.train) / (args.batch_size * args.grad_accum))
+        else:
+            steps = args.steps if args.steps is not None else 300
+        if steps < 1:
+            raise UserError("--steps/--epochs must be positive")
+        eval_every = args.eval_every if args.eval_every is not None else max(steps // 4, 1)
+        config = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                             weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, seed=seed,
+                             bf16=args.bf16, eval_every=eval_every, checkpoint_every=args.checkpoint_every,
+                             device=args.device)
+        print(f"task {task.name}: {len(task.train)} train / {len(task.eval)} held-out examples; "
+              f"method {method.name}; seed {seed}; {steps} steps of {args.batch_size * args.grad_accum}",
               file=sys.stderr)
-    print(json.dumps(result))
+        out = Path(args.out) / f"seed-{seed}" if (args.out and several) else args.out
+        result = fine_tune(backbone, task, method, config, out_dir=out, max_length=args.max_length,
+                           truncate=args.truncate, sampler_steps=args.sampler_steps)
+        result.pop("model")
+        if out:
+            print(f"adapter: {os.path.join(out, 'adapter')}  results: {os.path.join(out, 'results.json')}",
+                  file=sys.stderr)
+        results.append(result)
+    final = aggregate_seeds(results) if several else results[0]
+    summary_path = args.results or (os.path.join(args.out, "summary.json") if (args.out and several) else None)
+    if summary_path:
+        write_json(summary_path, final)
+        print(f"summary: {summary_path}", file=sys.stderr)
+    print(json.dumps(final))
 
 
 def cmd_eval(args) -> None:
@@ -123,7 +143,7 @@ def cmd_eval(args) -> None:
     result = evaluate_task(model, task, response_length=response_length,
                            max_length=args.max_length or max_length, steps=args.steps,
                            remasking=args.remasking, batch_size=args.batch_size, seed=args.seed,
-                           truncate=True)
+                           truncate=args.truncate)
     result["method"] = method_name
     result["adapter"] = args.adapter
     if args.out:
@@ -201,7 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=0.06)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="one or more seeds; with several, each run goes to OUT/seed-N and the "
+                        "summary (mean ± std) to OUT/summary.json")
+    p.add_argument("--results", help="also write the result (or the summary over seeds) to this JSON file")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU, or a CPU that supports it)")
     p.add_argument("--eval-every", type=int, help="steps between held-out checks (default: steps/4)")
     p.add_argument("--checkpoint-every", type=int, default=100)

@@ -35,6 +35,7 @@ from .errors import UserError
 
 DEFAULT_DATA = Path(os.environ.get("LORA_DIFFUSION_DATA", REPO_ROOT.parent / "shared" / "data"))
 SUITE_DIR = REPO_ROOT / "assets" / "suite"
+SPLIT_SEED = 0  # held-out carving and eval subsets: the same for every training seed
 
 SENTIMENT_INSTRUCTION = "is the sentiment of this review positive or negative ?"
 TOPIC_INSTRUCTION = "what is the topic of this news article ? answer world , sports , business or science ."
@@ -241,8 +242,11 @@ def load_task(name: str, data_dir=None, train_file=None, eval_file=None, fmt: st
               seed: int = 0) -> Task:
     """Load a task by name (see TASK_NAMES), from files, or from the hub (`hub:NAME`).
 
-    `max_train` / `max_eval` keep a random, seeded, label-stratified subset.
-    A file task without `eval_file` holds out `eval_fraction` of the train file.
+    `max_train` keeps a random, label-stratified subset drawn with `seed` (each training
+    seed may see other examples). The held-out side never depends on `seed`: a file task
+    without `eval_file` holds out `eval_fraction` of the train file and `max_eval` keeps a
+    subset, both drawn with SPLIT_SEED, so every seed and method is scored on the same
+    examples and an adapter is never evaluated on what it was trained on.
     """
     verbal = parse_verbalizers(verbalizers)
     if name in BUILTIN:
@@ -260,7 +264,7 @@ def load_task(name: str, data_dir=None, train_file=None, eval_file=None, fmt: st
             eval_rows = read_table(eval_file, names, fmt or name)
         else:  # hold out a seeded slice of the train file
             shuffled = train_rows[:]
-            random.Random(seed).shuffle(shuffled)
+            random.Random(SPLIT_SEED).shuffle(shuffled)
             cut = max(1, int(len(shuffled) * eval_fraction))
             eval_rows, train_rows = shuffled[:cut], shuffled[cut:]
         if not eval_rows or not train_rows:
@@ -276,7 +280,7 @@ def load_task(name: str, data_dir=None, train_file=None, eval_file=None, fmt: st
         raise UserError(f"task {task.name} has no {'training' if not task.train else 'evaluation'} examples")
     task.info["full_train"], task.info["full_eval"] = len(task.train), len(task.eval)
     task.train = subsample(task.train, max_train, seed)
-    task.eval = subsample(task.eval, max_eval, seed)
+    task.eval = subsample(task.eval, max_eval, SPLIT_SEED)
     return task
 
 

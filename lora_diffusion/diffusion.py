@@ -5,7 +5,9 @@ Read top to bottom, in the spirit of MDLM's `diffusion.py`:
 * forward process: each response token becomes [MASK] with probability t (the
   log-linear schedule: alpha_t = 1 - t), the prompt is never noised;
 * loss: cross-entropy on masked response tokens, weighted by 1/t and normalised by
-  the response length (LLaDA's SFT objective; an upper bound on the NLL);
+  the response length (LLaDA's SFT objective; an upper bound on the NLL). By default
+  it is estimated with the exact-count form of the same bound (below), whose weights
+  stay in [1, L] instead of reaching 1/eps;
 * sampler: T steps from an all-[MASK] response, revealing a few positions per step
   (low-confidence or random remasking, optional semi-autoregressive blocks); prompt
   tokens never change and a revealed token is never changed again.
@@ -86,33 +88,62 @@ def add_noise(input_ids, response_mask, rate, mask_id, generator=None):
     return input_ids.masked_fill(noised, mask_id), noised
 
 
+def mask_exactly(input_ids, response_mask, n_masked, mask_id, generator=None):
+    """Mask exactly `n_masked` [B] response tokens of each example, chosen uniformly."""
+    draws = torch.rand(input_ids.shape, generator=generator).to(input_ids.device)
+    draws = draws.masked_fill(~response_mask, 2.0)  # prompt positions sort last
+    rank = draws.argsort(1).argsort(1)
+    noised = (rank < n_masked[:, None]) & response_mask
+    return input_ids.masked_fill(noised, mask_id), noised
+
+
 # ---------------------------------------------------------------------------------------
 # Loss
 # ---------------------------------------------------------------------------------------
 
 def diffusion_loss(model: DiffusionLM, input_ids, attention_mask, response_mask, instruction=None,
-                   t=None, generator=None, reduction="mean", **_unused):
+                   t=None, generator=None, reduction="mean", estimator: str = "exact_count", **_unused):
     """Masked-diffusion NELBO of the response given the prompt, per response token.
 
-    loss_i = (1 / n_i) * sum_{masked j} CE(x_j) / rate(t_i), n_i = response length of example i.
-    Averaging over t ~ U(0,1) gives an upper bound on -log p(response | prompt) / n_i.
+    The bound (LLaDA eq. 3, MDLM): E_t [ (1 / n) * sum_{masked j} CE(x_j) / t ], masks drawn
+    independently with probability t, n = response length. Two unbiased estimators:
+
+    * "bernoulli": exactly that, one t per example. The 1/t weight reaches 1/EPS, and with
+      short responses (a one-word label) a rare masked token at small t dominates a batch.
+    * "exact_count" (default): l = ceil(t * n) tokens masked, chosen uniformly, weight n / l,
+      i.e. the mean CE over the masked tokens. Given l, Bernoulli masking is uniform over
+      l-subsets, and integral_0^1 Binom(l; n, t) / t dt = 1 / l, so both have the same
+      expectation (LLaDA eq. 6); here l ~ U{1..n} because t ~ U(0, 1].
+
+    The denoiser (and a step-aware method's hook) sees `t` in both cases.
     """
+    if estimator not in ("exact_count", "bernoulli"):
+        raise ValueError(f"estimator must be 'exact_count' or 'bernoulli', not {estimator!r}")
     batch_size = input_ids.shape[0]
     if t is None:
         t = sample_times(batch_size, generator, input_ids.device)
-    rate = mask_rate(t)
-    noised_ids, noised = add_noise(input_ids, response_mask, rate, model.backbone.mask_id, generator)
-    logits = model(noised_ids, attention_mask, rate, instruction, positions=noised)
+    n_response = response_mask.sum(1).clamp(min=1)
+    mask_id = model.backbone.mask_id
+    if estimator == "bernoulli":
+        t = mask_rate(t)
+        noised_ids, noised = add_noise(input_ids, response_mask, t, mask_id, generator)
+        weight = 1 / t / n_response
+    else:
+        t = t.clamp(EPS, 1.0)
+        n_masked = torch.minimum(torch.ceil(t * n_response - 1e-6).long().clamp(min=1), n_response)
+        noised_ids, noised = mask_exactly(input_ids, response_mask, n_masked, mask_id, generator)
+        weight = 1 / n_masked
+    logits = model(noised_ids, attention_mask, t, instruction, positions=noised)
     token_ce = F.cross_entropy(logits, input_ids[noised], reduction="none")
     example_of_token = noised.nonzero()[:, 0]
     per_example = torch.zeros(batch_size, device=logits.device).index_add(0, example_of_token, token_ce)
-    n_response = response_mask.sum(1).clamp(min=1)
-    per_example = per_example / rate / n_response
+    per_example = per_example * weight
     return per_example.mean() if reduction == "mean" else per_example
 
 
 @torch.no_grad()
-def nelbo(model: DiffusionLM, batches, samples_per_sequence: int = 8, seed: int = 0) -> dict:
+def nelbo(model: DiffusionLM, batches, samples_per_sequence: int = 8, seed: int = 0,
+          estimator: str = "exact_count") -> dict:
     """Held-out NELBO in nats per response token and the perplexity bound exp(NELBO).
 
     Each sequence is scored at `samples_per_sequence` stratified times; the result is
@@ -127,7 +158,7 @@ def nelbo(model: DiffusionLM, batches, samples_per_sequence: int = 8, seed: int 
             u = torch.rand(len(n_response), generator=generator)
             t = (k + u) / samples_per_sequence
             per_example = diffusion_loss(model, **batch, t=t.to(n_response.device),
-                                         generator=generator, reduction="none")
+                                         generator=generator, reduction="none", estimator=estimator)
             total += float((per_example * n_response).sum()) / samples_per_sequence
         tokens += int(n_response.sum())
     value = total / max(tokens, 1)

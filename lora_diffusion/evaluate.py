@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import torch
@@ -143,3 +144,31 @@ def evaluate_task(model: DiffusionLM, task: Task, split: str = "eval", response_
                                  for ex, d in zip(examples, decoded)]
     model.train(was_training)
     return result
+
+
+# Metrics that a summary over seeds reports as mean ± std (whichever a result has).
+SEED_METRICS = ("accuracy", "verbalizer_accuracy", "invalid_rate", "exact_match", "rouge_l", "token_f1")
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (n - 1; 0 for a single value) of a list."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n, "values": values}
+
+
+def aggregate_seeds(results: list[dict]) -> dict:
+    """One summary of the same run repeated over seeds: metrics as mean ± std (sample std)."""
+    first = results[0]
+    summary = {key: first.get(key) for key in ("task", "method", "n_eval", "n_train", "steps", "base", "source")}
+    summary["seeds"] = [r["seed"] for r in results]
+    for key in SEED_METRICS:
+        if key in first:
+            summary[key] = mean_std([r[key] for r in results])
+    summary["train_steps"] = first["train"]["steps"]
+    summary["batch_size"] = first["config"]["batch_size"]
+    summary["trainable_parameters"] = first.get("trainable_parameters")
+    summary["train_seconds"] = mean_std([r["train"]["train_seconds"] for r in results])
+    summary["runs"] = [{k: v for k, v in r.items() if k != "predictions"} for r in results]
+    return summary

@@ -135,8 +135,12 @@ def save_adapter(folder, method, backbone, base_fingerprint: str, task, response
 
 
 def load_adapter(folder, base=None):
-    """(model, method, config) for a saved adapter; refuses a base with another fingerprint."""
-    from .backbone import SHIPPED_BASE, load_backbone
+    """(model, method, config) for a saved adapter; refuses a base with another fingerprint.
+
+    `base` is a model folder, 'hf:NAME', an already loaded Backbone, or None for the base
+    recorded in the adapter's config.
+    """
+    from .backbone import SHIPPED_BASE, Backbone, load_backbone
     from .diffusion import DiffusionLM
     from .methods import make_method
 
@@ -148,7 +152,10 @@ def load_adapter(folder, base=None):
         raise UserError(f"{folder} is not a lora-diffusion adapter (adapter_config.json has no format "
                         f"{ADAPTER_FORMAT!r})")
     source = config["base"]["source"]
-    backbone = load_backbone(base or (SHIPPED_BASE if source == "shipped" else source))
+    if isinstance(base, Backbone):
+        backbone = base
+    else:
+        backbone = load_backbone(base or (SHIPPED_BASE if source == "shipped" else source))
     found = backbone.fingerprint()
     if found != config["base"]["fingerprint"]:
         raise UserError(f"adapter {folder} was trained on a base with fingerprint "

@@ -158,8 +158,11 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch_for_step(step, micro).items()}
             with autocast:
                 loss = loss_fn(model, **batch, generator=step_generator(config.seed, step, micro))
+                penalty = method.regularization()
+                if penalty is not None:
+                    loss = loss + penalty
             (loss / config.grad_accum).backward()
-            step_loss += float(loss) / config.grad_accum
+            step_loss += loss.item() / config.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -230,7 +233,7 @@ def fine_tune(backbone, task, method, config: TrainConfig, out_dir=None, max_len
         return collate(enc, indices_for_step(step * config.grad_accum + micro), backbone.pad_id)
 
     eval_kwargs = dict(response_length=response_length, max_length=max_length, steps=sampler_steps,
-                       batch_size=eval_batch_size, seed=config.seed, truncate=True)
+                       batch_size=eval_batch_size, seed=config.seed, truncate=truncate)
 
     def monitor(m) -> dict:
         r = evaluate_task(m, task, max_examples=monitor_examples, **eval_kwargs)

@@ -35,11 +35,12 @@ def run_cli(capsys, *argv):
 ])
 def test_train_errors(capsys, tmp_path, reviews, tiny_base_dir, extra, message):
     empty = write_lines(tmp_path / "empty.csv", ["text,label"])
-    long = write_lines(tmp_path / "long.csv", ["text,label", ("word " * 200) + ",1", "short,0"])
+    long = write_lines(tmp_path / "long.csv", ["text,label"] + [("word " * 200) + ",1", "short,0"] * 10)
     (tmp_path / "not_a_model").mkdir()
     names = {"empty": empty, "reviews": reviews, "not_a_model": tmp_path / "not_a_model",
              "nowhere": tmp_path / "nowhere", "long": long, "tiny": tiny_base_dir}
-    argv = ["train"] + [a.format(**names) for a in extra]
+    argv = ["train", "--steps", "1", "--batch-size", "2", "--sampler-steps", "1", "--out", tmp_path / "run"]
+    argv += [a.format(**names) for a in extra]
     code, out, err = run_cli(capsys, *argv)
     assert code == 2
     lines = err.strip().splitlines()

@@ -43,6 +43,14 @@ def test_csv_becomes_a_classification_task_with_derived_and_given_verbalizers(se
     assert mapped.train[0]["instruction"] == "sentiment ?"
 
 
+def test_held_out_split_does_not_depend_on_the_training_seed(sentiment_csv):
+    tasks = [load_task("csv", train_file=sentiment_csv, seed=s, max_train=20, max_eval=3) for s in (0, 7)]
+    assert tasks[0].eval == tasks[1].eval  # every seed is scored on the same examples
+    assert tasks[0].train != tasks[1].train  # while the train subset is the seed's own
+    for task in tasks:
+        assert not {e["input"] for e in task.eval} & {e["input"] for e in task.train}
+
+
 def test_generation_task_from_response_column(tmp_path):
     path = write_lines(tmp_path / "g.jsonl", [json.dumps({"doc": f"doc {i}", "summary": f"Sum {i}"}) for i in range(10)])
     task = load_task("jsonl", train_file=path, text_column="doc", response_column="summary")

@@ -67,11 +67,12 @@ class UniformLogits(nn.Module):
         return torch.zeros(int(positions.sum()), 30522, requires_grad=True)
 
 
-def test_loss_uses_masked_response_positions_only_with_1_over_t_weight(tiny):
+def test_bernoulli_loss_uses_masked_response_positions_only_with_1_over_t_weight(tiny):
     batch = make_batch(tiny)
     model = UniformLogits(tiny)
     t = torch.tensor([0.1, 0.4, 0.7, 1.0])
-    per_example = diffusion_loss(model, **batch, t=t, generator=torch.Generator().manual_seed(1), reduction="none")
+    per_example = diffusion_loss(model, **batch, t=t, generator=torch.Generator().manual_seed(1),
+                                 reduction="none", estimator="bernoulli")
     noised_ids, t_seen, positions = model.calls[0]
     assert torch.allclose(t_seen, mask_rate(t))  # the denoiser (and its hook) sees the mask rate
     assert torch.equal(positions, noised_ids == tiny.mask_id)  # predictions only where masked
@@ -81,6 +82,37 @@ def test_loss_uses_masked_response_positions_only_with_1_over_t_weight(tiny):
     expected = positions.sum(1) * math.log(30522) / mask_rate(t) / 5
     assert torch.allclose(per_example, expected, rtol=1e-5)
     assert positions[3, 6:].all()  # t = 1 masks the whole response
+
+
+def test_exact_count_loss_masks_ceil_t_n_tokens_and_averages_their_ce(tiny):
+    batch = make_batch(tiny)  # 5 response tokens
+    model = UniformLogits(tiny)
+    t = torch.tensor([0.1, 0.4, 0.7, 1.0])
+    per_example = diffusion_loss(model, **batch, t=t, generator=torch.Generator().manual_seed(1), reduction="none")
+    noised_ids, t_seen, positions = model.calls[0]
+    assert torch.allclose(t_seen, t)
+    assert positions.sum(1).tolist() == [1, 2, 4, 5]  # ceil(t * 5)
+    assert not positions[~batch["response_mask"]].any()
+    assert torch.equal(noised_ids[~batch["response_mask"]], batch["input_ids"][~batch["response_mask"]])
+    # the mean CE over the masked tokens: log V for uniform logits, whatever t is
+    assert torch.allclose(per_example, torch.full((4,), math.log(30522)), rtol=1e-5)
+
+
+def test_both_estimators_have_the_same_expectation_and_exact_count_less_variance(tiny):
+    """Monte Carlo: the two estimators of the bound agree within their standard errors."""
+    model = DiffusionLM(tiny)
+    one = make_batch(tiny, n=1, response_len=4, seed=3)
+    n = 1024
+    batch = {k: v.expand(n, -1).contiguous() for k, v in one.items()}
+    stats = {}
+    for estimator in ("bernoulli", "exact_count"):
+        with torch.no_grad():
+            values = diffusion_loss(model, **batch, generator=torch.Generator().manual_seed(0),
+                                    reduction="none", estimator=estimator)
+        stats[estimator] = (values.mean().item(), values.std().item() / math.sqrt(n), values.std().item())
+    (m1, se1, sd1), (m2, se2, sd2) = stats["bernoulli"], stats["exact_count"]
+    assert abs(m1 - m2) < 4 * math.sqrt(se1 ** 2 + se2 ** 2)
+    assert sd2 < sd1 / 2  # the point of the exact-count form
 
 
 def test_loss_is_differentiable_and_trains_the_tiny_model(tiny):

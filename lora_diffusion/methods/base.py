@@ -44,6 +44,20 @@ class Method:
                                     f"the model expects {tuple(p.shape)}")
                 p.copy_(state[name].to(p.dtype))
 
+    def regularization(self):
+        """Extra loss term added to the diffusion loss at every step (None: nothing)."""
+        return None
+
+    # Merging folds the method into the base weights for inference; only methods that
+    # change weights linearly (weight LoRA, DoRA) can do it.
+    can_merge = False
+
+    def merge(self) -> None:
+        raise NotImplementedError(f"method {self.name!r} cannot be merged into the base")
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(f"method {self.name!r} cannot be merged into the base")
+
     def config(self) -> dict:
         """Hyperparameters, stored in the adapter's JSON config."""
         return dict(self.options)
