@@ -55,6 +55,19 @@ def _split_body_and_head(mlm: nn.Module) -> tuple[nn.Module, nn.Module]:
                     "DistilBERT- or ModernBERT-style masked LM")
 
 
+# Where the projections of a transformer block live, per model family, as regexes over
+# module names (used by weight LoRA / DoRA through peft and by the bottleneck adapters).
+_BERT_LIKE = {"q": r"attention\.self\.query", "k": r"attention\.self\.key", "v": r"attention\.self\.value",
+              "o": r"attention\.output\.dense", "ffn_in": r"intermediate\.dense", "ffn_out": r"layer\.\d+\.output\.dense"}
+PROJECTIONS = {
+    "bert": _BERT_LIKE, "roberta": _BERT_LIKE, "xlm-roberta": _BERT_LIKE, "camembert": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "distilbert": {"q": r"attention\.q_lin", "k": r"attention\.k_lin", "v": r"attention\.v_lin",
+                   "o": r"attention\.out_lin", "ffn_in": r"ffn\.lin1", "ffn_out": r"ffn\.lin2"},
+    "modernbert": {"qkv": r"attn\.Wqkv", "o": r"attn\.Wo", "ffn_in": r"mlp\.Wi", "ffn_out": r"mlp\.Wo"},
+}
+
+
 class Backbone(nn.Module):
     """A bidirectional masked LM seen as `hidden_states()` followed by `logits()`."""
 
@@ -92,6 +105,31 @@ class Backbone(nn.Module):
     @property
     def word_embeddings(self) -> nn.Embedding:
         return self.mlm.get_input_embeddings()
+
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks of the body, in order (their outputs are the block hidden states)."""
+        n = self.mlm.config.num_hidden_layers
+        for module in self.body.modules():
+            if isinstance(module, nn.ModuleList) and len(module) == n:
+                return module
+        raise UserError(f"cannot find the {n} transformer blocks of {self.source}")
+
+    def projection_pattern(self, *kinds: str) -> str:
+        """Regex (peft's `target_modules` form) matching the named block projections.
+
+        kinds: q, k, v, o (attention), ffn_in, ffn_out (MLP). A fused q/k/v projection
+        (ModernBERT) stands in for any of q, k, v.
+        """
+        table = PROJECTIONS.get(self.mlm.config.model_type)
+        if table is None:
+            raise UserError(f"no projection names known for model type {self.mlm.config.model_type!r}; "
+                            f"known: {', '.join(sorted(PROJECTIONS))}")
+        names = []
+        for kind in kinds:
+            name = table.get(kind) or (table.get("qkv") if kind in "qkv" else None)
+            if name and name not in names:
+                names.append(name)
+        return r".*\.(" + "|".join(names) + r")$"
 
     def hidden_states(self, input_ids, attention_mask):
         """Final hidden states `h` [B, L, d] (before the LM head)."""

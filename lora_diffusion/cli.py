@@ -1,4 +1,4 @@
-"""`lora-diffusion`: prepare-base, train, eval, sample.
+"""`lora-diffusion`: prepare-base, train, eval, sample, report.
 
 Bad input ends with one line `error: ...` and exit code 2, never a traceback.
 """
@@ -50,6 +50,26 @@ def _load_task(args, seed: int):
                      max_eval=args.max_eval_examples, seed=seed)
 
 
+def parse_options(pairs: list[str] | None) -> dict:
+    """['r=8', 'ranks=16,16,16', 'condition=false'] -> {'r': 8, 'ranks': [16, 16, 16], 'condition': False}."""
+    def value(text: str):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--option wants KEY=VALUE, got {pair!r}")
+        raw = raw.strip()
+        if raw.lower() in ("true", "false"):
+            raw = raw.lower()
+        options[key.strip()] = [value(v) for v in raw.split(",")] if "," in raw and not raw.startswith("[") else value(raw)
+    return options
+
+
 def _threads(n: int | None) -> None:
     import torch
 
@@ -89,7 +109,7 @@ def cmd_train(args) -> None:
     for seed in args.seed:
         task = _load_task(args, seed)
         backbone = load_backbone(args.base)  # a fresh base per seed: full fine-tuning changes it
-        method = make_method(args.method)
+        method = make_method(args.method, **parse_options(args.option))
         if args.epochs is not None:
             steps = math.ceil(args.epochs * len(task.train) / (args.batch_size * args.grad_accum))
         else:
@@ -191,6 +211,71 @@ def cmd_sample(args) -> None:
         print(" ".join(text.split()))
 
 
+def _train_config(args, seed: int = 0):
+    from .train import TrainConfig
+
+    if args.steps < 1 or args.batch_size < 1:
+        raise UserError("--steps and --batch-size must be positive")
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=1, seed=seed, bf16=args.bf16,
+                       eval_every=args.eval_every or 0, checkpoint_every=args.checkpoint_every,
+                       device=args.device)
+
+
+def cmd_compare(args) -> None:
+    from .compare import markdown, run_compare, specs_from
+
+    _threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    specs = specs_from(args.preset, methods, parse_options(args.option))
+    if len(set(args.seed)) != len(args.seed):
+        raise UserError(f"--seed lists a seed twice: {args.seed}")
+    task = _load_task(args, 0)  # one training subset for every row and seed: an equal budget
+    lr_sweep = [float(x) for x in args.lr_sweep.split(",")] if args.lr_sweep else None
+    log = lambda message: print(message, file=sys.stderr, flush=True)
+    results = run_compare(task, specs, args.seed, _train_config(args), args.out, base=args.base,
+                          lr_sweep=lr_sweep, validation_fraction=args.validation_fraction,
+                          sampler_steps=args.sampler_steps, profile=not args.no_profile,
+                          progress=not args.quiet, log=log)
+    print(markdown(results))
+    print(f"results: {os.path.join(args.out, 'results.json')}", file=sys.stderr)
+
+
+def cmd_profile(args) -> None:
+    from .analysis.profile import profile_training
+    from .io import write_json
+
+    names = [m.strip() for m in args.methods.split(",")]
+    if args.option and len(names) > 1:
+        raise UserError("--option needs a single method in --methods")
+    rows = []
+    for name in names:
+        rows.append(profile_training(name, parse_options(args.option),
+                                     base=args.base or "shipped", batch_size=args.batch_size,
+                                     prompt_length=args.prompt_length, response_length=args.response_length,
+                                     steps=args.steps, warmup=args.warmup, bf16=args.bf16, device=args.device,
+                                     threads=args.threads))
+        r = rows[-1]
+        print(f"{name}: {r['sec_per_step']:.4f} s/step, peak {r['peak_memory_bytes'] / 2**20:.0f} MB, "
+              f"{r['trainable_parameters']:,} trainable", file=sys.stderr)
+    reference = rows[0]
+    ratios = {r["method"]: {"step_time_ratio": reference["sec_per_step"] / r["sec_per_step"],
+                            "peak_memory_ratio": reference["peak_memory_bytes"] / r["peak_memory_bytes"]}
+              for r in rows[1:]}
+    out = {"reference": reference["method"], "ratios_of_reference_to": ratios, "rows": rows}
+    if args.out:
+        write_json(args.out, out)
+    print(json.dumps({"reference": reference["method"], "ratios_of_reference_to": ratios,
+                      "rows": [{k: r[k] for k in ("method", "sec_per_step", "peak_memory_bytes",
+                                                  "trainable_parameters", "device")} for r in rows]}))
+
+
+def cmd_report(args) -> None:
+    from .evaluate import markdown_table
+    from .io import read_json
+
+    print(markdown_table([read_json(path) for path in args.results]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-diffusion", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -211,7 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a method on a task, evaluate on held-out data")
     p.add_argument("--base", help="base model folder (default: the shipped base) or hf:NAME")
     _task_args(p)
-    p.add_argument("--method", default="full", help="fine-tuning method (default: full)")
+    p.add_argument("--method", default="full",
+                   help="full, lora_diffusion, lora, dora, adapter, bitfit or prefix (default: full)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="a method option, repeatable: e.g. --option r=8, --option ranks=16,16,16, "
+                        "--option injection=blocks")
     p.add_argument("--out", help="run folder: adapter/, results.json, metrics.jsonl, checkpoints/")
     p.add_argument("--steps", type=int, help="optimiser steps (default 300)")
     p.add_argument("--epochs", type=float, help="instead of --steps")
@@ -259,6 +348,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("compare", help="methods x seeds on one task with an equal budget: results.json + table")
+    p.add_argument("--base", help="base model folder (default: the shipped base)")
+    _task_args(p)
+    p.add_argument("--preset", help="methods (= table5/7/9), ranks (= table10), modules (= table11), "
+                                    "regularizers, schedule, injection")
+    p.add_argument("--methods", help="comma-separated method names instead of a preset")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="options for --methods rows")
+    p.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr-sweep", help="multipliers of each method's default lr, tried on a validation split "
+                                      "carved from the train set, e.g. 0.3,1,3")
+    p.add_argument("--validation-fraction", type=float, default=0.1)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--eval-every", type=int, help="held-out monitor during training (default: off)")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--sampler-steps", type=int, default=64)
+    p.add_argument("--no-profile", action="store_true", help="skip the peak-memory measurement per row")
+    p.add_argument("--out", required=True, help="folder: results.json, results.md, one run folder per row/seed")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("profile", help="train step time and peak memory of methods on one synthetic batch")
+    p.add_argument("--methods", default="lora_diffusion,lora,full",
+                   help="comma-separated; ratios are given relative to the first")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="options (with a single method)")
+    p.add_argument("--base", help="base model folder (default: the shipped base)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--prompt-length", type=int, default=48)
+    p.add_argument("--response-length", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", help="write the JSON here")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("report", help="markdown table of results files (train --results, eval --out)")
+    p.add_argument("results", nargs="+", help="JSON results files")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

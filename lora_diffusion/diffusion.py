@@ -39,10 +39,18 @@ class DiffusionLM(nn.Module):
     def __init__(self, backbone: Backbone):
         super().__init__()
         self.backbone = backbone
+        # Parameters of the base alone, counted before any method adds its own.
+        self.base_parameters = sum(p.numel() for p in backbone.mlm.parameters())
         self.step_hook = None  # callable(h [B,L,d], t [B], instruction [B,Li] | None) -> [B,L,d]
+        # Methods whose trainable tensors act inside the body but live outside it (prefixes,
+        # per-block trajectory modules) set this so the body builds a graph.
+        self.grad_through_body = False
+        # (t, instruction) of the step being computed, for methods acting inside the body.
+        self.step_context = None
 
     def _body_needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.body.parameters())
+        return torch.is_grad_enabled() and (
+            self.grad_through_body or any(p.requires_grad for p in self.backbone.body.parameters()))
 
     def denoise(self, input_ids, attention_mask, t, instruction=None, positions=None):
         """Run one denoising step; returns (logits at `positions`, h, perturbation or None).
@@ -53,6 +61,7 @@ class DiffusionLM(nn.Module):
         # A frozen body needs no graph: a method acting after it trains without a
         # backward pass through the base (the `final` injection point).
         grad_ctx = contextlib.nullcontext() if self._body_needs_grad() else torch.no_grad()
+        self.step_context = (t, instruction)
         with grad_ctx:
             h = self.backbone.hidden_states(input_ids, attention_mask)
         delta = None

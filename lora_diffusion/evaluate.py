@@ -172,3 +172,25 @@ def aggregate_seeds(results: list[dict]) -> dict:
     summary["train_seconds"] = mean_std([r["train"]["train_seconds"] for r in results])
     summary["runs"] = [{k: v for k, v in r.items() if k != "predictions"} for r in results]
     return summary
+
+
+def _cell(value) -> str:
+    """A metric as text: mean ± std over seeds, or a single value, in percent."""
+    if isinstance(value, dict):
+        return f"{100 * value['mean']:.1f} ± {100 * value['std']:.1f}"
+    return "" if value is None else f"{100 * value:.1f}"
+
+
+def markdown_table(results: list[dict]) -> str:
+    """Results or seed summaries (from `train --results`) as one markdown table."""
+    rows = ["| task | method | seeds | train examples | steps × batch | held-out examples "
+            "| generative acc. % | verbalizer acc. % | ROUGE-L % |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        seeds = r.get("seeds", [r.get("seed")])
+        steps = r.get("train_steps") or r.get("train", {}).get("steps")
+        batch = r.get("batch_size") or r.get("config", {}).get("batch_size")
+        rows.append(f"| {r['task']} | {r['method']} | {','.join(map(str, seeds))} | {r.get('n_train')} "
+                    f"| {steps} × {batch} | {r.get('n_eval')} | {_cell(r.get('accuracy'))} "
+                    f"| {_cell(r.get('verbalizer_accuracy'))} | {_cell(r.get('rouge_l'))} |")
+    return "\n".join(rows)

@@ -125,20 +125,22 @@ def save_adapter(folder, method, backbone, base_fingerprint: str, task, response
         "task": {"name": task.name, "kind": task.kind, "labels": task.labels,
                  "instruction": task.train[0]["instruction"] if task.train else None, "source": task.source},
         "response_length": response_length, "max_length": max_length,
-        "trainable_parameters": sum(t.numel() for t in state.values()),
-        "bytes": tensor_bytes(state),
+        "accounting": method.accounting(),
         "train": {k: v for k, v in (train_summary or {}).items() if k != "eval"},
     }
     save_tensors(folder / "adapter.safetensors", state, metadata={"format": ADAPTER_FORMAT})
-    write_json(folder / "adapter_config.json", config)
+    if hasattr(method, "save_peft"):  # weight LoRA / DoRA: also peft's own layout
+        method.save_peft(folder / "peft")
+    write_json(folder / "adapter_config.json", config)  # written last: a complete adapter has it
     return config
 
 
-def load_adapter(folder, base=None):
+def load_adapter(folder, base=None, merge: bool = True):
     """(model, method, config) for a saved adapter; refuses a base with another fingerprint.
 
     `base` is a model folder, 'hf:NAME', an already loaded Backbone, or None for the base
-    recorded in the adapter's config.
+    recorded in the adapter's config. A mergeable method is merged into the base for
+    inference unless `merge` is False.
     """
     from .backbone import SHIPPED_BASE, Backbone, load_backbone
     from .diffusion import DiffusionLM
@@ -166,4 +168,6 @@ def load_adapter(folder, base=None):
     method.attach(model)
     method.load_state_dict(load_tensors(folder / "adapter.safetensors"))
     model.eval()
+    if merge and method.can_merge:
+        method.merge()
     return model, method, config

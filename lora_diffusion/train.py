@@ -142,6 +142,7 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
     model.train()
     recent_losses: list[float] = []
+    recent_penalties: list[float] = []
     step_times: list[float] = []
     stopped = False
     bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train", unit="step")
@@ -153,29 +154,33 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
         began = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(step, config.steps, config.warmup)
-        step_loss = 0.0
+        step_loss = step_penalty = 0.0
         for micro in range(config.grad_accum):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch_for_step(step, micro).items()}
             with autocast:
                 loss = loss_fn(model, **batch, generator=step_generator(config.seed, step, micro))
-                penalty = method.regularization()
-                if penalty is not None:
-                    loss = loss + penalty
-            (loss / config.grad_accum).backward()
-            step_loss += loss.item() / config.grad_accum
+                penalty = method.regularization()  # the method's regularisers, if it has any
+            total = loss if penalty is None else loss + penalty
+            (total / config.grad_accum).backward()
+            step_loss += loss.item() / config.grad_accum  # the diffusion loss alone is what we report
+            step_penalty += (0.0 if penalty is None else penalty.item()) / config.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - began)
         recent_losses = (recent_losses + [step_loss])[-config.log_every:]
+        recent_penalties = (recent_penalties + [step_penalty])[-config.log_every:]
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}")
 
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
-            log({"step": done, "loss": sum(recent_losses) / len(recent_losses),
-                 "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                 "sec_per_step": sum(step_times[-config.log_every:]) / len(step_times[-config.log_every:])})
+            record = {"step": done, "loss": sum(recent_losses) / len(recent_losses),
+                      "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                      "sec_per_step": sum(step_times[-config.log_every:]) / len(step_times[-config.log_every:])}
+            if any(recent_penalties):
+                record["penalty"] = sum(recent_penalties) / len(recent_penalties)
+            log(record)
         if evaluate is not None and config.eval_every and done % config.eval_every == 0 and done < config.steps:
             model.eval()
             log({"step": done, **{f"eval_{k}": v for k, v in evaluate(model).items()}})
@@ -244,9 +249,13 @@ def fine_tune(backbone, task, method, config: TrainConfig, out_dir=None, max_len
     summary = train(model, method, batch_for_step, config, out_dir=out_dir, evaluate=monitor,
                     on_log=on_log, should_stop=should_stop, progress=progress)
     summary["train_seconds"] = round(time.time() - began, 1)
+    if method.can_merge:  # evaluate as it is served: merged into the base, as `eval --adapter` does
+        method.merge()
     metrics = evaluate_task(model, task, **eval_kwargs)
-    result = {**metrics, "method": method.name, "seed": config.seed, "n_train": len(task.train),
-              "trainable_parameters": method.n_trainable(), "train": summary,
+    if method.can_merge:
+        method.unmerge()
+    result = {**metrics, "method": method.name, "options": method.config(), "seed": config.seed,
+              "n_train": len(task.train), **method.accounting(), "train": summary,
               "config": asdict(config), "base": backbone.source, "source": task.source}
     if enc.n_truncated:
         result["n_train_truncated"] = enc.n_truncated

@@ -35,3 +35,19 @@ def tiny_base_dir(tmp_path_factory, tiny):
 def write_lines(path: Path, lines) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def tiny_batch(tiny, n=4, prompt_len=6, response_len=5, seed=0, padded=False):
+    """A random batch in the task layout: prompt, then response; `padded` pads the last row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 5000, (n, prompt_len + response_len), generator=g)
+    ids[:, 0] = tiny.cls_id
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    response[:, prompt_len:] = True
+    attention = torch.ones_like(ids)
+    if padded:  # the last row is two tokens shorter: its last two positions are padding
+        ids[-1, -2:] = tiny.pad_id
+        attention[-1, -2:] = 0
+        response[-1, -2:] = False
+    return {"input_ids": ids, "attention_mask": attention, "response_mask": response,
+            "instruction": ids[:, 1:3]}

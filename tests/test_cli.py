@@ -8,6 +8,7 @@ import pytest
 
 from conftest import write_lines
 from lora_diffusion.cli import main
+from lora_diffusion.methods import METHODS
 
 
 @pytest.fixture
@@ -31,6 +32,9 @@ def run_cli(capsys, *argv):
     (["--task", "csv", "--train-file", "{reviews}", "--base", "{nowhere}"], "base model folder not found"),
     (["--task", "csv", "--train-file", "{long}", "--base", "{tiny}"], "longer than the model's 128 positions"),
     (["--task", "csv", "--train-file", "{reviews}", "--method", "magic"], "unknown method"),
+    (["--task", "csv", "--train-file", "{reviews}", "--method", "lora", "--option", "rank=4"], "has no option 'rank'"),
+    (["--task", "csv", "--train-file", "{reviews}", "--method", "lora_diffusion", "--option", "injection=middle"],
+     "injection must be 'final' or 'blocks'"),
     (["--task", "imdb"], "unknown task"),
 ])
 def test_train_errors(capsys, tmp_path, reviews, tiny_base_dir, extra, message):
@@ -55,10 +59,12 @@ def test_error_exit_from_a_real_process_has_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: file not found: {tmp_path / 'adapter_config.json'}"]
 
 
-def test_train_then_eval_prints_json_and_matches(capsys, tmp_path, reviews, tiny_base_dir):
+@pytest.mark.parametrize("method", list(METHODS))
+def test_train_then_eval_prints_json_and_matches(capsys, tmp_path, reviews, tiny_base_dir, method):
     out_dir = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", "--base", tiny_base_dir, "--task", "csv", "--train-file", reviews,
-                             "--steps", 4, "--batch-size", 4, "--out", out_dir, "--sampler-steps", 2)
+                             "--steps", 4, "--batch-size", 4, "--out", out_dir, "--sampler-steps", 2,
+                             "--method", method, "--lr", 1e-2)
     assert code == 0, err
     trained = json.loads(out.strip().splitlines()[-1])
     assert (out_dir / "adapter" / "adapter.safetensors").is_file()
@@ -68,7 +74,7 @@ def test_train_then_eval_prints_json_and_matches(capsys, tmp_path, reviews, tiny
     result = json.loads(out.strip().splitlines()[-1])
     for key in ("task", "method", "n_eval", "accuracy", "verbalizer_accuracy"):
         assert key in result
-    assert result["method"] == "full" and result["n_eval"] == 3
+    assert result["method"] == method and result["n_eval"] == 3
     assert result["accuracy"] == trained["accuracy"]  # the saved adapter reproduces the end of training
 
 

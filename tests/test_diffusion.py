@@ -6,20 +6,15 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_batch
+
 from lora_diffusion.diffusion import (EPS, DiffusionLM, _reveal_counts, add_noise, diffusion_loss, mask_rate,
                                       nelbo, sample, sample_times)
 
 MASK = 103
 
 
-def make_batch(tiny, n=4, prompt_len=6, response_len=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 5000, (n, prompt_len + response_len), generator=g)
-    ids[:, 0] = tiny.cls_id
-    response = torch.zeros_like(ids, dtype=torch.bool)
-    response[:, prompt_len:] = True
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": response,
-            "instruction": ids[:, 1:3]}
+make_batch = tiny_batch
 
 
 # --- schedule -------------------------------------------------------------------------

@@ -8,20 +8,37 @@ see this interface, so a new method is one new module registered in `METHODS`.
 
 from __future__ import annotations
 
-from .base import Method
-from .full import FullFineTune
+import inspect
 
-METHODS: dict[str, type[Method]] = {
-    FullFineTune.name: FullFineTune,
-}
+from ..errors import UserError
+from .adapters import HoulsbyAdapters
+from .base import Method
+from .bitfit import BitFit
+from .full import FullFineTune
+from .prefix import PrefixTuning
+from .trajectory import LoRADiffusion
+from .weight_lora import DoRA, WeightLoRA
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (
+    FullFineTune, LoRADiffusion, WeightLoRA, DoRA, HoulsbyAdapters, BitFit, PrefixTuning)}
+
+
+def method_options(name: str) -> dict:
+    """Option name -> default value of a method."""
+    params = inspect.signature(METHODS[name].__init__).parameters
+    return {k: p.default for k, p in params.items() if k != "self"}
 
 
 def make_method(name: str, **options) -> Method:
-    from ..errors import UserError
-
     if name not in METHODS:
-        raise UserError(f"unknown method {name!r}; choose from: {', '.join(sorted(METHODS))}")
+        raise UserError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}")
+    known = method_options(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise UserError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; "
+                        f"its options: {', '.join(known) or 'none'}")
     return METHODS[name](**options)
 
 
-__all__ = ["Method", "METHODS", "make_method", "FullFineTune"]
+__all__ = ["Method", "METHODS", "make_method", "method_options", "FullFineTune", "LoRADiffusion", "WeightLoRA", "DoRA",
+           "HoulsbyAdapters", "BitFit", "PrefixTuning"]

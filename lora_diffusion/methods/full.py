@@ -9,6 +9,9 @@ class FullFineTune(Method):
     name = "full"
     default_lr = 5e-5
 
+    def __init__(self):
+        super().__init__()
+
     def attach(self, model) -> None:
         self.model = model
         for p in model.backbone.mlm.parameters():

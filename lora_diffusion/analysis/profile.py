@@ -1,0 +1,170 @@
+"""Measured cost of training and generation: step time, peak memory, parameters, bytes.
+
+Every measurement runs in a fresh child process (spawned), so one method's allocations
+never count against another's and the process starts from the same state each time.
+
+Peak memory:
+* CUDA: `torch.cuda.max_memory_allocated()` over loading, attaching and the measured
+  steps (weights, gradients, optimizer state and activations).
+* CPU (Linux): the kernel's high-water mark of resident memory (VmHWM). The child resets
+  it (`/proc/self/clear_refs` = 5) after its imports, then loads the base, attaches the
+  method and trains; the result is VmHWM minus the resident memory at the reset: what
+  loading, attaching and training added at their peak. It counts what the allocator
+  holds, so it is an upper bound of the live peak. Elsewhere `ru_maxrss` stands in (an
+  import-time peak can then hide a smaller training peak).
+
+Step time: median over `steps` measured steps after `warmup` steps that are not timed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue as queue_module
+import resource
+import statistics
+import sys
+import time
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> int:
+    """Reset the resident-memory high-water mark where the kernel allows it; returns the RSS now (bytes)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return 1024 * _status_kib("VmRSS")
+    except (OSError, TypeError):
+        return peak_rss()
+
+
+def peak_rss() -> int:
+    """The process's resident-memory high-water mark in bytes."""
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return 1024 * hwm
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def synthetic_batch(tokenizer, batch_size: int, prompt_length: int, response_length: int, seed: int = 0) -> dict:
+    """A batch in the task layout with random word tokens: the same for every method."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    low = 1000  # past the special tokens and [unusedN] of a BERT vocabulary
+    length = prompt_length + response_length
+    ids = torch.randint(low, len(tokenizer), (batch_size, length), generator=g)
+    ids[:, 0] = tokenizer.cls_token_id
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    response[:, prompt_length:] = True
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": response,
+            "instruction": ids[:, 1:9].clone()}
+
+
+def _train_profile(spec: dict) -> dict:
+    """Runs in the child: build everything, time `steps` optimizer steps, read the peak."""
+    import torch
+
+    from ..backbone import load_backbone, tiny_backbone
+    from ..diffusion import DiffusionLM, diffusion_loss
+    from ..methods import make_method
+    from ..train import pick_device, step_generator
+
+    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    device = pick_device(spec.get("device", "auto"))
+    rss_before = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    tiny = spec["base"] == "tiny"
+    backbone = tiny_backbone(seed=0, **spec.get("tiny", {})) if tiny else load_backbone(spec["base"])
+    batch = synthetic_batch(backbone.tokenizer, spec["batch_size"], spec["prompt_length"], spec["response_length"])
+    batch = {k: v.to(device) for k, v in batch.items()}
+    model = DiffusionLM(backbone).to(device)
+    method = make_method(spec["method"], **spec.get("options", {}))
+    method.attach(model)
+    model.to(device)
+    params = list(method.trainable_parameters().values())
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("bf16", False))
+    model.train()
+    times = []
+    for step in range(spec["warmup"] + spec["steps"]):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        with autocast:
+            loss = diffusion_loss(model, **batch, generator=step_generator(0, step))
+            penalty = method.regularization()
+        (loss if penalty is None else loss + penalty).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= spec["warmup"]:
+            times.append(time.perf_counter() - began)
+    optimizer_state = sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                          for t in s.values() if torch.is_tensor(t))
+    out = {"sec_per_step": statistics.median(times), "step_times": times, "device": str(device),
+           "dtype": "bf16-autocast" if spec.get("bf16") else str(next(backbone.parameters()).dtype).replace("torch.", ""),
+           "threads": torch.get_num_threads(), "optimizer_state_bytes": optimizer_state,
+           **method.accounting()}
+    if device.type == "cuda":
+        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["peak_memory_method"] = "torch.cuda.max_memory_allocated over load + attach + training"
+        out["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        out["peak_memory_bytes"] = peak_rss() - rss_before
+        out["peak_memory_method"] = "resident-memory high-water mark over load + attach + training (VmHWM)"
+    return out
+
+
+def _child(spec, queue):
+    try:
+        queue.put(("ok", _train_profile(spec)))
+    except BaseException as err:  # report, never hang the parent
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def profile_training(method: str, options: dict | None = None, base: str = "shipped", batch_size: int = 16,
+                     prompt_length: int = 48, response_length: int = 16, steps: int = 10, warmup: int = 3,
+                     bf16: bool = False, device: str = "auto", threads: int | None = None,
+                     tiny: dict | None = None) -> dict:
+    """Step time and peak memory of training `method` on a synthetic batch, in a fresh process.
+
+    `base` is "shipped", a model folder, or "tiny" (a random model, for tests).
+    """
+    from ..backbone import SHIPPED_BASE
+    from ..errors import UserError
+
+    spec = {"method": method, "options": options or {}, "base": str(SHIPPED_BASE) if base == "shipped" else base,
+            "batch_size": batch_size, "prompt_length": prompt_length, "response_length": response_length,
+            "steps": steps, "warmup": warmup, "bf16": bf16, "device": device, "threads": threads,
+            "tiny": tiny or {}}
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_child, args=(spec, queue))
+    child.start()
+    while True:
+        try:
+            status, payload = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not child.is_alive():  # killed (e.g. out of memory) before it could report
+                status, payload = "error", f"the profiling process died (exit code {child.exitcode})"
+                break
+    child.join()
+    if status != "ok":
+        raise UserError(f"profiling {method} failed: {payload}")
+    return {"method": method, "options": options or {}, "batch_size": batch_size,
+            "sequence_length": prompt_length + response_length, "response_length": response_length,
+            "steps": steps, "warmup": warmup, **payload}

@@ -1,0 +1,220 @@
+"""`lora-diffusion compare`: methods x seeds on one task, with an equal budget, honestly scored.
+
+Every row trains on the same training examples for the same number of steps and batch
+size, from a fresh copy of the base, and is scored on the task's held-out split. An
+optional learning-rate sweep picks each row's learning rate on a validation split
+carved from the training set (never the reported split), with the first seed.
+
+Results are written after every finished run (`results.json`, `results.md`), and a run
+whose `results.json` already exists is read back instead of trained again, so a killed
+comparison resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .data import SPLIT_SEED, Task
+from .errors import UserError
+from .evaluate import mean_std
+
+
+@dataclass
+class Spec:
+    """One row of a comparison: a method with its options (and, optionally, a fixed lr)."""
+
+    label: str
+    method: str
+    options: dict = field(default_factory=dict)
+    lr: float | None = None
+
+
+def _ld(label, **options):
+    return Spec(label, "lora_diffusion", options)
+
+
+# The paper's tables, made honest (DESIGN.md section 4; review questions 3, 5, 7).
+PRESETS: dict[str, list[Spec]] = {
+    "methods": [Spec("full", "full"), Spec("lora_diffusion", "lora_diffusion"), Spec("lora", "lora"),
+                Spec("dora", "dora"), Spec("adapter", "adapter"), Spec("bitfit", "bitfit"),
+                Spec("prefix", "prefix")],
+    "ranks": [_ld(f"uniform r={r}", schedule="uniform", rank=r) for r in (8, 16, 32, 64)]
+    + [_ld("adaptive 64/32/8")],
+    "modules": [_ld(f"k={k}", k=k) for k in (1, 2, 4, 8)],
+    "regularizers": [_ld("rank + orth"), _ld("rank only", lambda_orth=0.0), _ld("orth only", lambda_rank=0.0),
+                     _ld("none", lambda_rank=0.0, lambda_orth=0.0)],
+    "schedule": [_ld("adaptive 64/32/8"), _ld("inverted 8/32/64", schedule="inverted"),
+                 _ld("uniform r=35", schedule="uniform", rank=35)],
+    "injection": [_ld("final"), _ld("blocks", injection="blocks")],
+}
+ALIASES = {"table5": "methods", "table7": "methods", "table9": "methods", "table10": "ranks", "table11": "modules"}
+
+
+def specs_from(preset: str | None = None, methods: list[str] | None = None, options: dict | None = None) -> list[Spec]:
+    """The rows of a preset, or one row per method name (each with the same extra options)."""
+    if preset:
+        name = ALIASES.get(preset, preset)
+        if name not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}; choose from: {', '.join(list(PRESETS) + list(ALIASES))}")
+        return PRESETS[name]
+    if not methods:
+        raise UserError("give --preset or --methods")
+    return [Spec(m, m, dict(options or {})) for m in methods]
+
+
+def validation_split(task: Task, fraction: float) -> Task:
+    """A copy of `task` whose eval split is a seeded slice of its train split (for tuning)."""
+    rows = task.train[:]
+    random.Random(SPLIT_SEED).shuffle(rows)
+    cut = max(1, int(len(rows) * fraction))
+    if cut >= len(rows):
+        raise UserError("the training set is too small to carve a validation split from")
+    return Task(task.name, task.kind, rows[cut:], rows[:cut], task.labels, source=f"{task.source} (validation split)",
+                info=dict(task.info))
+
+
+def _score(result: dict) -> float:
+    return result["accuracy"] if "accuracy" in result else result["rouge_l"]
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir, base=None,
+                lr_sweep: list[float] | None = None, validation_fraction: float = 0.1,
+                sampler_steps: int = 64, profile: bool = True, progress: bool = True, log=print) -> dict:
+    """Train and evaluate every spec for every seed; returns (and writes) the results.
+
+    `config` is a TrainConfig whose lr is ignored (each method's own, or the sweep's);
+    `lr_sweep` multiplies each method's default lr, e.g. [0.3, 1, 3].
+    """
+    from .backbone import load_backbone
+    from .io import read_json, write_json
+    from .methods import make_method
+    from .train import fine_tune
+
+    out_dir = Path(out_dir)
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"two rows share a label: {labels}")
+    for spec in specs:  # fail on a bad option before hours of training
+        make_method(spec.method, **spec.options)
+    results = {"task": task.describe(), "seeds": seeds, "budget": {"steps": config.steps,
+               "batch_size": config.batch_size, "grad_accum": config.grad_accum,
+               "examples_seen": config.steps * config.batch_size * config.grad_accum,
+               "n_train": len(task.train), "n_eval": len(task.eval), "sampler_steps": sampler_steps},
+               "lr_sweep": lr_sweep, "rows": []}
+
+    def run(spec: Spec, seed: int, lr: float, sub_task: Task, folder: Path) -> dict:
+        if (folder / "results.json").is_file():
+            return read_json(folder / "results.json")
+        cfg = type(config)(**{**asdict(config), "seed": seed, "lr": lr})
+        began = time.time()
+        result = fine_tune(load_backbone(base), sub_task, make_method(spec.method, **spec.options), cfg,
+                           out_dir=folder, sampler_steps=sampler_steps, progress=progress)
+        result.pop("model")
+        log(f"{spec.label} seed {seed} lr {lr:g}: accuracy {result.get('accuracy', result.get('rouge_l')):.4f} "
+            f"({time.time() - began:.0f}s)")
+        return result
+
+    for spec in specs:
+        default_lr = spec.lr or make_method(spec.method, **spec.options).default_lr
+        row = {"label": spec.label, "method": spec.method, "options": spec.options}
+        lr = default_lr
+        if lr_sweep and spec.lr is None:
+            val_task = validation_split(task, validation_fraction)
+            sweep = []
+            for factor in lr_sweep:
+                candidate = default_lr * factor
+                r = run(spec, seeds[0], candidate, val_task, out_dir / "sweep" / _safe(spec.label) / f"lr-{candidate:g}")
+                sweep.append({"lr": candidate, "validation_score": _score(r),
+                              "validation_verbalizer_accuracy": r.get("verbalizer_accuracy")})
+            best = max(sweep, key=lambda s: (s["validation_score"], s["validation_verbalizer_accuracy"] or 0))
+            lr = best["lr"]
+            row["sweep"] = sweep
+        row["lr"] = lr
+        runs = [run(spec, seed, lr, task, out_dir / _safe(spec.label) / f"seed-{seed}") for seed in seeds]
+        row.update(_summarise(runs))
+        if profile:
+            row["profile"] = _profile_row(spec, task, runs[0], config, base)
+        results["rows"].append(row)
+        _relative_to_full(results["rows"])
+        write_json(out_dir / "results.json", results)
+        (out_dir / "results.md").write_text(markdown(results) + "\n")
+    return results
+
+
+def _summarise(runs: list[dict]) -> dict:
+    first = runs[0]
+    out = {"seeds": [r["seed"] for r in runs]}
+    for key in ("accuracy", "verbalizer_accuracy", "invalid_rate", "rouge_l", "token_f1", "exact_match"):
+        if key in first:
+            out[key] = mean_std([r[key] for r in runs])
+    out["final_train_loss"] = mean_std([r["train"]["final_train_loss"] for r in runs])
+    out["sec_per_step"] = sorted(r["train"]["sec_per_step"] for r in runs)[len(runs) // 2]
+    out["device"] = first["train"]["device"]
+    for key in ("trainable_parameters", "base_parameters", "percent_of_base", "adapter_bytes"):
+        out[key] = first[key]
+    for key in ("formula", "formula_total", "terms", "inference_parameters"):
+        if key in first:
+            out[key] = first[key]
+    return out
+
+
+def _profile_row(spec: Spec, task: Task, first_run: dict, config, base) -> dict:
+    """Peak training memory (and a clean step time) on a batch shaped like the task's."""
+    from .analysis.profile import profile_training
+    from .backbone import SHIPPED_BASE, load_backbone
+    from .data import encode
+
+    backbone = load_backbone(base)
+    enc = encode(backbone.tokenizer, task.train[:256], first_run["response_length"], backbone.max_length,
+                 truncate=True)
+    prompt = round(sum(map(len, enc.prompts)) / len(enc.prompts))
+    return profile_training(spec.method, spec.options, base=str(base or SHIPPED_BASE),
+                            batch_size=config.batch_size, prompt_length=prompt,
+                            response_length=first_run["response_length"], steps=5, warmup=2,
+                            bf16=config.bf16, device=config.device)
+
+
+def _relative_to_full(rows: list[dict]) -> None:
+    full = next((r for r in rows if r["method"] == "full"), None)
+    if full is None:
+        return
+    key = "accuracy" if "accuracy" in full else "rouge_l"
+    for row in rows:
+        row["percent_of_full"] = 100.0 * row[key]["mean"] / full[key]["mean"] if full[key]["mean"] else None
+
+
+def _pm(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    if not stat:
+        return ""
+    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    """The comparison as a markdown table (what the README shows)."""
+    b = results["budget"]
+    task = results["task"]
+    classification = task["kind"] == "classification"
+    head = ("| method | gen. acc. % | verbalizer acc. % |" if classification else "| method | ROUGE-L % | token F1 % |")
+    head += (" % of full FT | trainable params | % of base | adapter bytes | lr | s/step (train) "
+             "| peak train mem. (MB) | final train loss |")
+    lines = [f"Task `{task['task']}`: {b['n_train']} training examples, {b['steps']} steps × batch "
+             f"{b['batch_size'] * b['grad_accum']} ({b['examples_seen']} examples seen), held-out "
+             f"{b['n_eval']} examples, seeds {', '.join(map(str, results['seeds']))} (mean ± sample std).",
+             "", head, "|" + "---|" * (head.count("|") - 1)]
+    for row in results["rows"]:
+        metrics = (f"{_pm(row.get('accuracy'))} | {_pm(row.get('verbalizer_accuracy'))}" if classification
+                   else f"{_pm(row.get('rouge_l'))} | {_pm(row.get('token_f1'))}")
+        full = f"{row['percent_of_full']:.1f}" if row.get("percent_of_full") is not None else ""
+        memory = row.get("profile", {}).get("peak_memory_bytes")
+        lines.append(f"| {row['label']} | {metrics} | {full} | {row['trainable_parameters']:,} "
+                     f"| {row['percent_of_base']:.2f} | {row['adapter_bytes']:,} | {row['lr']:g} "
+                     f"| {row['sec_per_step']:.3f} | {'' if memory is None else f'{memory / 2**20:.0f}'} "
+                     f"| {_pm(row['final_train_loss'], scale=1.0, digits=3)} |")
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""Prefix tuning (Li & Liang, 2021): learned key/value prefixes in every attention layer.
+
+Each layer's self-attention attends to `length` extra key/value vectors before the
+sequence's own. They come from the reparameterisation of the paper, an MLP over a
+small learned embedding: P = MLP(E), E in R^{length x d}, MLP: d -> hidden -> 2 L d
+(tanh). After training only P is needed for inference; the adapter file keeps E and
+the MLP so a run can be resumed, and `accounting()` reports both sizes.
+
+The prefixes enter through `transformers`' attention interface: the method registers
+an attention function that concatenates them in front of the keys and values (and
+widens the padding mask) and then runs the stock SDPA kernel. Every model family that
+computes attention through that interface (BERT, RoBERTa, ModernBERT, ...) works.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .base import Method, freeze
+
+ATTENTION = "lora_diffusion_prefix"
+
+
+def _attention_with_prefix(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    source = getattr(module, "_prefix_source", None)
+    if source is not None:
+        prefix_key, prefix_value = source()  # [H, P, dh] each
+        batch, n_prefix = key.shape[0], prefix_key.shape[1]
+        key = torch.cat([prefix_key.to(key.dtype).expand(batch, -1, -1, -1), key], 2)
+        value = torch.cat([prefix_value.to(value.dtype).expand(batch, -1, -1, -1), value], 2)
+        if attention_mask is not None:  # every query attends to every prefix position
+            attend = torch.ones((), dtype=torch.bool) if attention_mask.dtype == torch.bool else torch.zeros(())
+            pad = attend.to(attention_mask).expand(*attention_mask.shape[:-1], n_prefix)
+            attention_mask = torch.cat([pad, attention_mask], -1)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, _attention_with_prefix)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+class PrefixEncoder(nn.Module):
+    """E -> MLP(E), reshaped to per-layer keys and values [L, 2, H, P, dh]."""
+
+    def __init__(self, length: int, d: int, hidden: int, n_layers: int, n_heads: int):
+        super().__init__()
+        self.shape = (length, n_layers, 2, n_heads, d // n_heads)
+        self.embedding = nn.Parameter(torch.randn(length, d) * 0.02)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, n_layers * 2 * d))
+
+    def forward(self) -> torch.Tensor:
+        return self.mlp(self.embedding).view(self.shape).permute(1, 2, 3, 0, 4)
+
+
+class PrefixTuning(Method):
+    name = "prefix"
+    default_lr = 1e-3
+
+    def __init__(self, length: int = 16, hidden: int = 128):
+        if length < 1 or hidden < 1:
+            raise UserError("prefix length and hidden size must be at least 1")
+        super().__init__(length=int(length), hidden=int(hidden))
+        self.current = None
+
+    def attach(self, model) -> None:
+        self.model = model
+        backbone = model.backbone
+        config = backbone.mlm.config
+        if config.hidden_size % config.num_attention_heads:
+            raise UserError("prefix tuning needs hidden_size divisible by the number of heads")
+        freeze(backbone.mlm)
+        self.encoder = PrefixEncoder(self.options["length"], config.hidden_size, self.options["hidden"],
+                                     config.num_hidden_layers, config.num_attention_heads)
+        model.add_module("prefix_encoder", self.encoder.to(next(backbone.parameters()).device))
+        model.grad_through_body = True  # the prefixes act inside the (frozen) body
+
+        _register_attention()
+        try:
+            backbone.mlm.set_attn_implementation(ATTENTION)
+        except Exception as err:  # a model family outside the attention interface
+            raise UserError(f"prefix tuning needs a model that uses transformers' attention interface; "
+                            f"{config.model_type}: {err}") from None
+        if backbone.mlm.config._attn_implementation != ATTENTION:
+            raise UserError(f"prefix tuning is not supported for model type {config.model_type!r}")
+        # Every submodule of block i knows where its prefixes come from; only the
+        # attention module ever asks.
+        for layer, block in enumerate(backbone.blocks()):
+            for module in block.modules():
+                module._prefix_source = (lambda i=layer: self._prefix(i))
+        # Compute all prefixes once per forward pass of the body.
+        backbone.body.register_forward_pre_hook(lambda *_: self._compute())
+
+    def _compute(self) -> None:
+        self.current = self.encoder()
+
+    def _prefix(self, layer: int):
+        return self.current[layer, 0], self.current[layer, 1]
+
+    def trainable_parameters(self):
+        return {f"prefix_encoder.{n}": p for n, p in self.encoder.named_parameters()}
+
+    def formula(self) -> dict:
+        hidden = self.options["hidden"]
+        length, n_layers, _, n_heads, head = self.encoder.shape
+        d = n_heads * head
+        return {"formula": "length*d + (d*hidden + hidden) + (hidden*2*L*d + 2*L*d)",
+                "formula_total": length * d + d * hidden + hidden + hidden * 2 * n_layers * d + 2 * n_layers * d,
+                "inference_parameters": length * 2 * n_layers * d}

@@ -1,0 +1,212 @@
+"""LoRA-Diffusion: low-rank perturbations of the denoising trajectory (DESIGN.md section 2).
+
+At every denoising step the frozen base gives final hidden states h_t; the logits are
+read from h_t + delta_t with
+
+    delta_t = sigma(phase(t)) * sum_{i=1..k} g_i(h_t, t, c)
+    g_i(h, t, c) = A_i(c) ReLU(B_i [h ; e(t)]),   A_i(c) = W_A,i diag(1 + gamma_i(c)),
+    gamma_i(c) = W_gamma,i Enc(c)
+
+* B_i: (d + d_t) -> r (the down projection), e(t) a sinusoidal embedding + MLP;
+* W_A,i: r -> d, zero at init, so the adapted model starts equal to the base;
+* Enc(c): mean of the frozen base's word embeddings of the instruction; conditioning
+  only rescales the r directions, so rank(A_i(c)) <= r for every c;
+* phases: early t > 2/3, middle 1/3 < t <= 2/3, late t <= 1/3, each with its own k
+  modules shared by the steps inside it; default ranks 64/32/8, scales 1/0.5/0.25;
+* regularisers: lambda_rank * sum(||W_A||_* + ||W_B||_*), lambda_orth * sum_{i != j}
+  ||W_A,i^T W_A,j||_F^2 inside a phase;
+* injection `final` (default): one perturbation after the last block; the base runs
+  without a graph, so training has no backward pass through it. `blocks`: one set of
+  phase modules after every block (the last one is `final`'s), backward through the base.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from .base import Method, freeze
+
+PHASES = ("early", "middle", "late")
+RANK_SCHEDULES = {"adaptive": (64, 32, 8), "inverted": (8, 32, 64)}
+
+
+def phase_of(t: torch.Tensor) -> torch.Tensor:
+    """Phase index per example: 0 early (t > 2/3), 1 middle (1/3 < t <= 2/3), 2 late (t <= 1/3)."""
+    return (t <= 2 / 3).long() + (t <= 1 / 3).long()
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of t in [0, 1] followed by a two-layer MLP."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device) / half)
+        angles = 1000.0 * t.float()[:, None] * freqs[None]
+        features = torch.cat([angles.sin(), angles.cos()], -1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class TrajectoryModule(nn.Module):
+    """One g_i: A_i(c) ReLU(B_i [h ; e(t)])."""
+
+    def __init__(self, d: int, d_t: int, d_c: int, r: int):
+        super().__init__()
+        self.d = d
+        self.down = nn.Linear(d + d_t, r)        # B_i: Kaiming-uniform (nn.Linear's default)
+        self.up = nn.Linear(r, d, bias=False)    # W_A,i
+        self.gate = nn.Linear(d_c, r)            # W_gamma,i
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.gate.weight)         # gamma = 0 at init: A(c) = W_A
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, h, e, c):
+        # B [h ; e] = B_h h + B_e e: the time part is one vector per example.
+        w = self.down.weight
+        z = F.linear(h, w[:, :self.d]) + F.linear(e, w[:, self.d:], self.down.bias)[:, None, :]
+        z = F.relu(z)
+        if c is not None:
+            z = z * (1 + self.gate(c))[:, None, :]
+        return self.up(z)
+
+
+class PhaseModules(nn.Module):
+    """The k modules of each of the three phases at one injection site."""
+
+    def __init__(self, d, d_t, d_c, ranks, k):
+        super().__init__()
+        self.phases = nn.ModuleList(
+            nn.ModuleList(TrajectoryModule(d, d_t, d_c, r) for _ in range(k)) for r in ranks)
+
+    def forward(self, h, e, c, phase, scales):
+        delta = None
+        for p, modules in enumerate(self.phases):
+            rows = (phase == p).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            if len(rows) == len(phase):  # the whole batch is in this phase (always, when sampling)
+                return scales[p] * sum(g(h, e, c) for g in modules)
+            part = scales[p] * sum(g(h[rows], e[rows], None if c is None else c[rows]) for g in modules)
+            delta = (torch.zeros_like(h, dtype=part.dtype) if delta is None else delta).index_copy(0, rows, part)
+        return delta
+
+
+class LoRADiffusion(Method):
+    name = "lora_diffusion"
+    default_lr = 1e-3
+
+    def __init__(self, schedule: str = "adaptive", ranks=None, rank: int = 32, scales=(1.0, 0.5, 0.25),
+                 k: int = 2, time_dim: int = 64, lambda_rank: float = 0.01, lambda_orth: float = 0.001,
+                 injection: str = "final", condition: bool = True):
+        if ranks is None:
+            if schedule == "uniform":
+                ranks = (rank,) * 3
+            elif schedule in RANK_SCHEDULES:
+                ranks = RANK_SCHEDULES[schedule]
+            else:
+                raise UserError(f"lora_diffusion schedule must be adaptive, inverted or uniform, not {schedule!r}")
+        ranks, scales = [int(r) for r in ranks], [float(s) for s in scales]
+        if len(ranks) != 3 or len(scales) != 3 or min(ranks) < 1:
+            raise UserError("lora_diffusion needs three positive ranks and three scales (early, middle, late)")
+        if injection not in ("final", "blocks"):
+            raise UserError(f"lora_diffusion injection must be 'final' or 'blocks', not {injection!r}")
+        if k < 1 or time_dim < 2 or time_dim % 2:
+            raise UserError("lora_diffusion needs k >= 1 and an even time_dim")
+        super().__init__(schedule=schedule, ranks=ranks,
+                         scales=scales, k=int(k), time_dim=int(time_dim), lambda_rank=float(lambda_rank),
+                         lambda_orth=float(lambda_orth), injection=injection, condition=bool(condition))
+
+    def attach(self, model) -> None:
+        self.model = model
+        backbone = model.backbone
+        freeze(backbone.mlm)
+        o = self.options
+        d, d_c = backbone.hidden_size, backbone.word_embeddings.embedding_dim
+        n_sites = 1 if o["injection"] == "final" else len(backbone.blocks())
+        adapter = nn.Module()
+        adapter.time = TimeEmbedding(o["time_dim"])
+        adapter.sites = nn.ModuleList(PhaseModules(d, o["time_dim"], d_c, o["ranks"], o["k"]) for _ in range(n_sites))
+        adapter.register_buffer("scales", torch.tensor(o["scales"]), persistent=False)
+        self.adapter = adapter.to(next(backbone.parameters()).device)
+        model.add_module("trajectory", self.adapter)
+        if o["injection"] == "final":
+            model.step_hook = lambda h, t, instruction: self.perturbation(0, h, t, instruction)
+        else:
+            model.grad_through_body = True
+            for i, block in enumerate(backbone.blocks()):
+                block.register_forward_hook(self._block_hook(i))
+
+    def instruction_encoding(self, instruction):
+        """Enc(c): mean of the frozen base's word embeddings of the instruction tokens."""
+        if instruction is None or not self.options["condition"]:
+            return None
+        backbone = self.model.backbone
+        with torch.no_grad():
+            keep = (instruction != backbone.pad_id).unsqueeze(-1).float()
+            emb = backbone.word_embeddings(instruction).float()
+            return (emb * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+    def perturbation(self, site: int, h, t, instruction):
+        """delta_t at one injection site, for hidden states h [B, L, d] at times t [B]."""
+        t = t.to(h.device).float()
+        e = self.adapter.time(t)
+        c = self.instruction_encoding(instruction)
+        return self.adapter.sites[site](h, e, c, phase_of(t), self.adapter.scales)
+
+    def _block_hook(self, site: int):
+        def hook(module, args, output):
+            t, instruction = self.model.step_context
+            h = output[0] if isinstance(output, tuple) else output
+            h = h + self.perturbation(site, h, t, instruction).to(h.dtype)
+            return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+        return hook
+
+    def trainable_parameters(self):
+        return {f"trajectory.{n}": p for n, p in self.adapter.named_parameters()}
+
+    def modules_by_phase(self):
+        """[(site, phase, [TrajectoryModule, ...])] for every site and phase."""
+        return [(s, PHASES[p], list(mods)) for s, site in enumerate(self.adapter.sites)
+                for p, mods in enumerate(site.phases)]
+
+    def regularization(self):
+        o = self.options
+        if not (o["lambda_rank"] or o["lambda_orth"]):
+            return None
+        device_type = next(self.adapter.parameters()).device.type
+        with torch.autocast(device_type, enabled=False):  # SVDs in fp32
+            total = 0.0
+            for _, _, modules in self.modules_by_phase():
+                if o["lambda_rank"]:
+                    # svdvals (behind the nuclear norm) has stable gradients, also at W_A = 0.
+                    total = total + o["lambda_rank"] * sum(
+                        torch.linalg.matrix_norm(g.up.weight.float(), ord="nuc")
+                        + torch.linalg.matrix_norm(g.down.weight.float(), ord="nuc") for g in modules)
+                if o["lambda_orth"] and len(modules) > 1:
+                    for i, gi in enumerate(modules):
+                        for j, gj in enumerate(modules):
+                            if i != j:
+                                total = total + o["lambda_orth"] * (gi.up.weight.float().T @ gj.up.weight.float()).pow(2).sum()
+        return total
+
+    def formula(self) -> dict:
+        """Per phase k ((d + d_t) r + r d + d_c r + 2 r) per site, plus the time MLP 2 (d_t^2 + d_t)."""
+        o = self.options
+        backbone = self.model.backbone
+        d, d_c, d_t, k = backbone.hidden_size, backbone.word_embeddings.embedding_dim, o["time_dim"], o["k"]
+        sites = len(self.adapter.sites)
+        per_phase = {phase: k * ((d + d_t) * r + r * d + d_c * r + 2 * r) for phase, r in zip(PHASES, o["ranks"])}
+        time_mlp = 2 * (d_t * d_t + d_t)
+        return {"formula": "sites * sum_phases k*((d + d_t)*r + r*d + d_c*r + 2r) + 2*(d_t^2 + d_t)",
+                "terms": {"d": d, "d_t": d_t, "d_c": d_c, "k": k, "ranks": o["ranks"], "sites": sites,
+                          "per_phase": per_phase, "time_mlp": time_mlp},
+                "formula_total": sites * sum(per_phase.values()) + time_mlp}

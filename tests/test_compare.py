@@ -1,0 +1,42 @@
+"""`compare` and `profile` end to end on a tiny random base (each under a minute)."""
+
+import json
+
+from test_cli import run_cli
+
+
+def test_compare_smoke_with_lr_sweep_resume_and_table(capsys, tmp_path, tiny_base_dir):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--base", str(tiny_base_dir), "--task", "suite_topic", "--methods", "lora_diffusion,lora",
+            "--seed", "0", "1", "--steps", "3", "--batch-size", "4", "--max-train-examples", "40",
+            "--max-eval-examples", "12", "--sampler-steps", "2", "--lr-sweep", "1,3", "--out", str(out), "--quiet"]
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert [r["label"] for r in results["rows"]] == ["lora_diffusion", "lora"]
+    for row in results["rows"]:
+        assert row["seeds"] == [0, 1] and row["accuracy"]["n"] == 2
+        assert len(row["sweep"]) == 2 and row["lr"] in [s["lr"] for s in row["sweep"]]
+        assert row["trainable_parameters"] > 0 and row["adapter_bytes"] == 4 * row["trainable_parameters"]
+        assert row["profile"]["peak_memory_bytes"] > 0 and row["profile"]["sec_per_step"] > 0
+    assert results["budget"]["examples_seen"] == 12 and results["budget"]["n_train"] == 40
+    table = (out / "results.md").read_text()
+    assert "| lora_diffusion |" in table and "| lora |" in table and table.strip() in stdout
+    # a second call reads every finished run back instead of training again
+    mtime = (out / "lora" / "seed-1" / "results.json").stat().st_mtime
+    code, _, _ = run_cli(capsys, *argv, "--no-profile")
+    assert code == 0 and (out / "lora" / "seed-1" / "results.json").stat().st_mtime == mtime
+
+
+def test_profile_reports_ratios_on_the_same_batch(capsys, tmp_path, tiny_base_dir):
+    code, stdout, err = run_cli(capsys, "profile", "--base", str(tiny_base_dir), "--methods", "lora_diffusion,full",
+                                "--batch-size", "4", "--prompt-length", "12", "--response-length", "4",
+                                "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "p.json"))
+    assert code == 0, err
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["reference"] == "lora_diffusion"
+    ratio = result["ratios_of_reference_to"]["full"]
+    rows = {r["method"]: r for r in result["rows"]}
+    assert ratio["step_time_ratio"] == rows["lora_diffusion"]["sec_per_step"] / rows["full"]["sec_per_step"]
+    assert rows["full"]["trainable_parameters"] > rows["lora_diffusion"]["trainable_parameters"]
+    assert json.loads((tmp_path / "p.json").read_text())["rows"][0]["optimizer_state_bytes"] > 0
