@@ -1,4 +1,4 @@
-"""`lora-diffusion`: prepare-base, train, eval, sample, report.
+"""`lora-diffusion`: fine-tune, compare and inspect PEFT methods on a masked diffusion LM.
 
 Bad input ends with one line `error: ...` and exit code 2, never a traceback.
 """
@@ -132,12 +132,23 @@ def cmd_train(args) -> None:
             print(f"adapter: {os.path.join(out, 'adapter')}  results: {os.path.join(out, 'results.json')}",
                   file=sys.stderr)
         results.append(result)
+    for r in results:
+        print(_headline(r), file=sys.stderr)
     final = aggregate_seeds(results) if several else results[0]
     summary_path = args.results or (os.path.join(args.out, "summary.json") if (args.out and several) else None)
     if summary_path:
         write_json(summary_path, final)
         print(f"summary: {summary_path}", file=sys.stderr)
     print(json.dumps(final))
+
+
+def _headline(r: dict) -> str:
+    """One readable line of held-out metrics (the JSON follows on stdout)."""
+    where = f"{r['task']} held-out ({r['n_eval']} examples)"
+    if "accuracy" in r:
+        return (f"seed {r.get('seed', 0)}: {where}: generative accuracy {r['accuracy']:.3f}, verbalizer "
+                f"accuracy {r['verbalizer_accuracy']:.3f} (majority class {r['chance']:.3f})")
+    return f"seed {r.get('seed', 0)}: {where}: ROUGE-L {r['rouge_l']:.3f}, token F1 {r['token_f1']:.3f}"
 
 
 def cmd_eval(args) -> None:
@@ -222,7 +233,7 @@ def _train_config(args, seed: int = 0):
 
 
 def cmd_compare(args) -> None:
-    from .compare import markdown, run_compare, specs_from
+    from .compare import learning_rates_from, markdown, run_compare, specs_from
 
     _threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
@@ -231,11 +242,13 @@ def cmd_compare(args) -> None:
         raise UserError(f"--seed lists a seed twice: {args.seed}")
     task = _load_task(args, 0)  # one training subset for every row and seed: an equal budget
     lr_sweep = [float(x) for x in args.lr_sweep.split(",")] if args.lr_sweep else None
+    learning_rates = learning_rates_from(args.lr_from) if args.lr_from else None
     log = lambda message: print(message, file=sys.stderr, flush=True)
     results = run_compare(task, specs, args.seed, _train_config(args), args.out, base=args.base,
                           lr_sweep=lr_sweep, validation_fraction=args.validation_fraction,
-                          sampler_steps=args.sampler_steps, profile=not args.no_profile,
-                          progress=not args.quiet, log=log)
+                          sampler_steps=args.sampler_steps, profile=not (args.no_profile or args.sweep_only),
+                          progress=not args.quiet, log=log, sweep_only=args.sweep_only,
+                          learning_rates=learning_rates)
     print(markdown(results))
     print(f"results: {os.path.join(args.out, 'results.json')}", file=sys.stderr)
 
@@ -362,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-sweep", help="multipliers of each method's default lr, tried on a validation split "
                                       "carved from the train set, e.g. 0.3,1,3")
     p.add_argument("--validation-fraction", type=float, default=0.1)
+    p.add_argument("--sweep-only", action="store_true", help="stop after the lr sweep (its table, one seed)")
+    p.add_argument("--lr-from", help="results.json of an earlier compare (e.g. --sweep-only): its rows' lr")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--eval-every", type=int, help="held-out monitor during training (default: off)")
     p.add_argument("--checkpoint-every", type=int, default=0)

@@ -84,14 +84,33 @@ def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
+def learning_rates_from(path) -> dict[str, float]:
+    """label -> lr chosen by an earlier comparison (e.g. a `--sweep-only` run)."""
+    from .io import read_json
+
+    rows = read_json(path).get("rows", [])
+    if not rows:
+        raise UserError(f"{path} has no rows to take learning rates from")
+    return {row["label"]: row["lr"] for row in rows}
+
+
 def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir, base=None,
                 lr_sweep: list[float] | None = None, validation_fraction: float = 0.1,
-                sampler_steps: int = 64, profile: bool = True, progress: bool = True, log=print) -> dict:
+                sampler_steps: int = 64, profile: bool = True, progress: bool = True, log=print,
+                sweep_only: bool = False, learning_rates: dict | None = None) -> dict:
     """Train and evaluate every spec for every seed; returns (and writes) the results.
 
     `config` is a TrainConfig whose lr is ignored (each method's own, or the sweep's);
-    `lr_sweep` multiplies each method's default lr, e.g. [0.3, 1, 3].
+    `lr_sweep` multiplies each method's default lr, e.g. [0.3, 1, 3]; `sweep_only` stops
+    after the sweep (the rows then carry only the chosen lr and the validation scores);
+    `learning_rates` (label -> lr) fixes rows' learning rates, e.g. from a sweep.
     """
+    if sweep_only and not lr_sweep:
+        raise UserError("--sweep-only needs --lr-sweep")
+    learning_rates = learning_rates or {}
+    missing = [s.label for s in specs if learning_rates and s.label not in learning_rates]
+    if missing:
+        raise UserError(f"no learning rate given for {', '.join(missing)}")
     from .backbone import load_backbone
     from .io import read_json, write_json
     from .methods import make_method
@@ -107,7 +126,8 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir
                "batch_size": config.batch_size, "grad_accum": config.grad_accum,
                "examples_seen": config.steps * config.batch_size * config.grad_accum,
                "n_train": len(task.train), "n_eval": len(task.eval), "sampler_steps": sampler_steps},
-               "lr_sweep": lr_sweep, "rows": []}
+               "lr_sweep": lr_sweep, "validation_fraction": validation_fraction if lr_sweep else None,
+               "sweep_only": sweep_only, "rows": []}
 
     def run(spec: Spec, seed: int, lr: float, sub_task: Task, folder: Path) -> dict:
         if (folder / "results.json").is_file():
@@ -122,10 +142,10 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir
         return result
 
     for spec in specs:
-        default_lr = spec.lr or make_method(spec.method, **spec.options).default_lr
+        default_lr = spec.lr or learning_rates.get(spec.label) or make_method(spec.method, **spec.options).default_lr
         row = {"label": spec.label, "method": spec.method, "options": spec.options}
         lr = default_lr
-        if lr_sweep and spec.lr is None:
+        if lr_sweep and spec.lr is None and spec.label not in learning_rates:
             val_task = validation_split(task, validation_fraction)
             sweep = []
             for factor in lr_sweep:
@@ -137,6 +157,10 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir
             lr = best["lr"]
             row["sweep"] = sweep
         row["lr"] = lr
+        if sweep_only:
+            results["rows"].append(row)
+            write_json(out_dir / "results.json", results)
+            continue
         runs = [run(spec, seed, lr, task, out_dir / _safe(spec.label) / f"seed-{seed}") for seed in seeds]
         row.update(_summarise(runs))
         if profile:
@@ -196,8 +220,21 @@ def _pm(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 
+def sweep_markdown(results: dict) -> str:
+    """The learning-rate sweep: validation score per lr, the chosen one in bold."""
+    lines = ["| method | " + " | ".join(f"lr × {f:g}" for f in results["lr_sweep"]) + " | chosen lr |",
+             "|---|" + "---|" * (len(results["lr_sweep"]) + 1)]
+    for row in results["rows"]:
+        cells = [(f"**{100 * s['validation_score']:.1f}** ({s['lr']:g})" if s["lr"] == row["lr"]
+                  else f"{100 * s['validation_score']:.1f} ({s['lr']:g})") for s in row.get("sweep", [])]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {row['lr']:g} |")
+    return "\n".join(lines)
+
+
 def markdown(results: dict) -> str:
     """The comparison as a markdown table (what the README shows)."""
+    if results.get("sweep_only"):
+        return sweep_markdown(results)
     b = results["budget"]
     task = results["task"]
     classification = task["kind"] == "classification"

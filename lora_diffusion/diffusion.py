@@ -45,7 +45,8 @@ class DiffusionLM(nn.Module):
         # Methods whose trainable tensors act inside the body but live outside it (prefixes,
         # per-block trajectory modules) set this so the body builds a graph.
         self.grad_through_body = False
-        # (t, instruction) of the step being computed, for methods acting inside the body.
+        # (t, instruction, positions) of the step being computed, for methods acting
+        # inside the body; positions = where logits are read (None: everywhere).
         self.step_context = None
 
     def _body_needs_grad(self) -> bool:
@@ -61,7 +62,7 @@ class DiffusionLM(nn.Module):
         # A frozen body needs no graph: a method acting after it trains without a
         # backward pass through the base (the `final` injection point).
         grad_ctx = contextlib.nullcontext() if self._body_needs_grad() else torch.no_grad()
-        self.step_context = (t, instruction)
+        self.step_context = (t, instruction, positions)
         with grad_ctx:
             h = self.backbone.hidden_states(input_ids, attention_mask)
         delta = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -145,7 +146,9 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     recent_penalties: list[float] = []
     step_times: list[float] = []
     stopped = False
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train", unit="step")
+    # In a log file (not a terminal) a bar line every 10 s is enough.
+    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train", unit="step",
+               mininterval=0.1 if sys.stderr.isatty() else 10.0)
     step = start
     for step in range(start, config.steps):
         if should_stop is not None and should_stop():
@@ -167,6 +170,7 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        method.after_step(optimizer.param_groups[0]["lr"])
         step_times.append(time.perf_counter() - began)
         recent_losses = (recent_losses + [step_loss])[-config.log_every:]
         recent_penalties = (recent_penalties + [step_penalty])[-config.log_every:]

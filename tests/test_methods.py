@@ -207,26 +207,55 @@ def test_instruction_conditioning_keeps_rank_at_most_r(tiny):
 
 def test_regularisers_are_finite_at_init_and_measure_what_they_say():
     model, method = attached("lora_diffusion", lambda_rank=0.0, lambda_orth=1.0, k=2, ranks=[2, 2, 2])
-    assert float(method.regularization()) == 0.0  # W_A = 0: orthogonal trivially
+    assert float(method.regularization().detach()) == 0.0  # W_A = 0: orthogonal trivially
     g1, g2 = method.adapter.sites[0].phases[0]
     with torch.no_grad():
         g1.up.weight.zero_()
         g2.up.weight.zero_()
         g1.up.weight[0, 0] = 1.0
         g2.up.weight[1, 0] = 1.0  # orthogonal columns: still no penalty
-    assert float(method.regularization()) == 0.0
+    assert float(method.regularization().detach()) == 0.0
     with torch.no_grad():
         g2.up.weight[0, 1] = 2.0  # now W_A1^T W_A2 has one entry 2: ||.||_F^2 = 4, twice (i, j) and (j, i)
-    assert float(method.regularization()) == pytest.approx(8.0)
+    assert float(method.regularization().detach()) == pytest.approx(8.0)
 
-    model, method = attached("lora_diffusion", lambda_rank=1.0, lambda_orth=0.0)
+    model, method = attached("lora_diffusion", lambda_rank=1.0, lambda_orth=0.0, rank_penalty="loss")
     penalty = method.regularization()
     penalty.backward()  # the nuclear norm at W_A = 0 has a finite (sub)gradient
     for p in method.trainable_parameters().values():
         assert p.grad is None or torch.isfinite(p.grad).all()
     expected = sum(torch.linalg.matrix_norm(g.down.weight, ord="nuc").item()
                    for _, _, mods in method.modules_by_phase() for g in mods)
-    assert float(penalty) == pytest.approx(expected, rel=1e-4)
+    assert float(penalty.detach()) == pytest.approx(expected, rel=1e-4)
+    assert method.nuclear_norms() == pytest.approx(expected, rel=1e-4)  # W_A = 0 adds nothing
+
+
+def test_proximal_rank_step_soft_thresholds_the_singular_values():
+    model, method = attached("lora_diffusion", lambda_rank=0.5, lambda_orth=0.0)  # rank_penalty="proximal"
+    assert method.regularization() is None  # the rank term is not in the loss
+    perturb(method)
+    g = method.adapter.sites[0].phases[1][0]
+    before = torch.linalg.svdvals(g.down.weight.detach()).clone()
+    method.after_step(lr=0.01)  # threshold 0.005
+    after = torch.linalg.svdvals(g.down.weight.detach())
+    assert torch.allclose(after, (before - 0.005).clamp(min=0), atol=1e-5)
+
+
+def test_calibration_standardises_h_at_the_read_positions_and_is_saved(tmp_path, tiny):
+    model, method = attached("lora_diffusion")
+    batch = tiny_batch(tiny, padded=True)
+    logits(model, batch)  # the first call calibrates on h at the response positions
+    site = method.adapter.sites[0]
+    with torch.no_grad():
+        h = model.backbone.hidden_states(batch["input_ids"], batch["attention_mask"])[batch["response_mask"]]
+    assert bool(site.calibrated)
+    assert torch.allclose(site.h_mean, h.mean(0), atol=1e-5) and torch.allclose(site.h_std, h.std(0), atol=1e-5)
+    save(tmp_path, model, method)
+    loaded, loaded_method, _ = load_adapter(tmp_path, base=tiny_backbone(seed=0))
+    assert torch.equal(loaded_method.adapter.sites[0].h_mean, site.h_mean)
+    assert bool(loaded_method.adapter.sites[0].calibrated)
+    raw = attached("lora_diffusion", calibrate=False)[1]
+    assert raw.buffers() == {} and not any("h_mean" in k for k in raw.state_dict())
 
 
 def test_final_injection_trains_without_a_graph_through_the_base(tiny):

@@ -108,6 +108,7 @@ def _train_profile(spec: dict) -> dict:
         (loss if penalty is None else loss + penalty).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        method.after_step(1e-5)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= spec["warmup"]:

@@ -40,12 +40,16 @@ class Method:
         """Name -> parameter for everything the optimiser updates (tied weights once)."""
         raise NotImplementedError
 
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Non-trained tensors the adapter also needs (e.g. calibration statistics)."""
+        return {}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Exactly what the method's adapter file holds."""
-        return {name: p.detach() for name, p in self.trainable_parameters().items()}
+        """Exactly what the method's adapter file holds: trainable parameters and buffers."""
+        return {name: p.detach() for name, p in {**self.trainable_parameters(), **self.buffers()}.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = self.trainable_parameters()
+        params = {**self.trainable_parameters(), **self.buffers()}
         missing = sorted(set(params) - set(state))
         unexpected = sorted(set(state) - set(params))
         if missing or unexpected:
@@ -62,6 +66,9 @@ class Method:
     def regularization(self):
         """Extra loss term added to the diffusion loss at every step (None: nothing)."""
         return None
+
+    def after_step(self, lr: float) -> None:
+        """Called after every optimizer step with the step's learning rate (proximal updates)."""
 
     def merge(self) -> None:
         raise UserError(f"method {self.name!r} cannot be merged into the base")

@@ -62,7 +62,7 @@ class PrefixEncoder(nn.Module):
 
 class PrefixTuning(Method):
     name = "prefix"
-    default_lr = 1e-3
+    default_lr = 5e-3
 
     def __init__(self, length: int = 16, hidden: int = 128):
         if length < 1 or hidden < 1:

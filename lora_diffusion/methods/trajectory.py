@@ -80,14 +80,33 @@ class TrajectoryModule(nn.Module):
 
 
 class PhaseModules(nn.Module):
-    """The k modules of each of the three phases at one injection site."""
+    """The k modules of each of the three phases at one injection site.
+
+    `h_mean` / `h_std` standardise h per dimension before the modules see it. The base's
+    hidden states at the positions it predicts vary across inputs by a few hundredths
+    around means ten times larger, so B [h ; e(t)] starts out nearly constant; the
+    statistics are taken once, from the first batch the site sees (`calibrate`), and
+    saved with the adapter. Standardising only rescales B's input: the family of
+    functions is the one of DESIGN.md.
+    """
 
     def __init__(self, d, d_t, d_c, ranks, k):
         super().__init__()
         self.phases = nn.ModuleList(
             nn.ModuleList(TrajectoryModule(d, d_t, d_c, r) for _ in range(k)) for r in ranks)
+        self.register_buffer("h_mean", torch.zeros(d))
+        self.register_buffer("h_std", torch.ones(d))
+        self.register_buffer("calibrated", torch.tensor(False))
+
+    @torch.no_grad()
+    def calibrate(self, h: torch.Tensor) -> None:
+        rows = h.reshape(-1, h.shape[-1]).float()
+        self.h_mean.copy_(rows.mean(0))
+        self.h_std.copy_(rows.std(0).clamp(min=1e-3) if len(rows) > 1 else torch.ones_like(self.h_std))
+        self.calibrated.fill_(True)
 
     def forward(self, h, e, c, phase, scales):
+        h = (h - self.h_mean.to(h.dtype)) / self.h_std.to(h.dtype)
         delta = None
         for p, modules in enumerate(self.phases):
             rows = (phase == p).nonzero().flatten()
@@ -102,11 +121,12 @@ class PhaseModules(nn.Module):
 
 class LoRADiffusion(Method):
     name = "lora_diffusion"
-    default_lr = 1e-3
+    default_lr = 3e-3
 
     def __init__(self, schedule: str = "adaptive", ranks=None, rank: int = 32, scales=(1.0, 0.5, 0.25),
                  k: int = 2, time_dim: int = 64, lambda_rank: float = 0.01, lambda_orth: float = 0.001,
-                 injection: str = "final", condition: bool = True):
+                 injection: str = "final", condition: bool = True, calibrate: bool = True,
+                 rank_penalty: str = "proximal"):
         if ranks is None:
             if schedule == "uniform":
                 ranks = (rank,) * 3
@@ -121,9 +141,12 @@ class LoRADiffusion(Method):
             raise UserError(f"lora_diffusion injection must be 'final' or 'blocks', not {injection!r}")
         if k < 1 or time_dim < 2 or time_dim % 2:
             raise UserError("lora_diffusion needs k >= 1 and an even time_dim")
+        if rank_penalty not in ("proximal", "loss"):
+            raise UserError(f"lora_diffusion rank_penalty must be 'proximal' or 'loss', not {rank_penalty!r}")
         super().__init__(schedule=schedule, ranks=ranks,
                          scales=scales, k=int(k), time_dim=int(time_dim), lambda_rank=float(lambda_rank),
-                         lambda_orth=float(lambda_orth), injection=injection, condition=bool(condition))
+                         lambda_orth=float(lambda_orth), injection=injection, condition=bool(condition),
+                         calibrate=bool(calibrate), rank_penalty=rank_penalty)
 
     def attach(self, model) -> None:
         self.model = model
@@ -139,7 +162,7 @@ class LoRADiffusion(Method):
         self.adapter = adapter.to(next(backbone.parameters()).device)
         model.add_module("trajectory", self.adapter)
         if o["injection"] == "final":
-            model.step_hook = lambda h, t, instruction: self.perturbation(0, h, t, instruction)
+            model.step_hook = self._final_hook
         else:
             model.grad_through_body = True
             for i, block in enumerate(backbone.blocks()):
@@ -155,23 +178,39 @@ class LoRADiffusion(Method):
             emb = backbone.word_embeddings(instruction).float()
             return (emb * keep).sum(1) / keep.sum(1).clamp(min=1)
 
-    def perturbation(self, site: int, h, t, instruction):
-        """delta_t at one injection site, for hidden states h [B, L, d] at times t [B]."""
+    def perturbation(self, site: int, h, t, instruction, positions=None):
+        """delta_t at one injection site, for hidden states h [B, L, d] at times t [B].
+
+        `positions` [B, L] marks where logits are read; the first call calibrates the
+        site's standardisation on h there.
+        """
+        modules = self.adapter.sites[site]
+        if self.options["calibrate"] and not bool(modules.calibrated):
+            modules.calibrate(h[positions] if positions is not None and positions.any() else h)
         t = t.to(h.device).float()
         e = self.adapter.time(t)
         c = self.instruction_encoding(instruction)
-        return self.adapter.sites[site](h, e, c, phase_of(t), self.adapter.scales)
+        return modules(h, e, c, phase_of(t), self.adapter.scales)
+
+    def _final_hook(self, h, t, instruction):
+        return self.perturbation(0, h, t, instruction, self.model.step_context[2])
 
     def _block_hook(self, site: int):
         def hook(module, args, output):
-            t, instruction = self.model.step_context
+            t, instruction, positions = self.model.step_context
             h = output[0] if isinstance(output, tuple) else output
-            h = h + self.perturbation(site, h, t, instruction).to(h.dtype)
+            h = h + self.perturbation(site, h, t, instruction, positions).to(h.dtype)
             return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
         return hook
 
     def trainable_parameters(self):
         return {f"trajectory.{n}": p for n, p in self.adapter.named_parameters()}
+
+    def buffers(self):
+        if not self.options["calibrate"]:
+            return {}
+        return {f"trajectory.{n}": b for n, b in self.adapter.named_buffers() if n.split(".")[-1] in
+                ("h_mean", "h_std", "calibrated")}
 
     def modules_by_phase(self):
         """[(site, phase, [TrajectoryModule, ...])] for every site and phase."""
@@ -179,16 +218,18 @@ class LoRADiffusion(Method):
                 for p, mods in enumerate(site.phases)]
 
     def regularization(self):
+        """The orthogonality term (and the nuclear norms, with rank_penalty="loss") for the loss."""
         o = self.options
-        if not (o["lambda_rank"] or o["lambda_orth"]):
+        in_loss = o["lambda_rank"] if o["rank_penalty"] == "loss" else 0.0
+        if not (in_loss or o["lambda_orth"]):
             return None
         device_type = next(self.adapter.parameters()).device.type
         with torch.autocast(device_type, enabled=False):  # SVDs in fp32
             total = 0.0
             for _, _, modules in self.modules_by_phase():
-                if o["lambda_rank"]:
+                if in_loss:
                     # svdvals (behind the nuclear norm) has stable gradients, also at W_A = 0.
-                    total = total + o["lambda_rank"] * sum(
+                    total = total + in_loss * sum(
                         torch.linalg.matrix_norm(g.up.weight.float(), ord="nuc")
                         + torch.linalg.matrix_norm(g.down.weight.float(), ord="nuc") for g in modules)
                 if o["lambda_orth"] and len(modules) > 1:
@@ -197,6 +238,32 @@ class LoRADiffusion(Method):
                             if i != j:
                                 total = total + o["lambda_orth"] * (gi.up.weight.float().T @ gj.up.weight.float()).pow(2).sum()
         return total
+
+    @torch.no_grad()
+    def after_step(self, lr: float) -> None:
+        """rank_penalty="proximal": the proximal step of lr * lambda_rank * ||W||_* for W_A and W_B.
+
+        Singular-value soft thresholding, the exact minimiser of the penalty's linearised
+        objective (as AdamW decouples weight decay). Put through Adam instead, the
+        penalty's gradient U V^T is normalised to steps of size lr whatever lambda is,
+        and it drives B to zero within tens of steps while W_A still has no task gradient.
+        """
+        o = self.options
+        if o["rank_penalty"] != "proximal" or not o["lambda_rank"]:
+            return
+        threshold = lr * o["lambda_rank"]
+        for _, _, modules in self.modules_by_phase():
+            for g in modules:
+                for w in (g.up.weight, g.down.weight):
+                    u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+                    w.copy_((u * (s - threshold).clamp(min=0)) @ vh)
+
+    def nuclear_norms(self) -> float:
+        """sum over modules of ||W_A||_* + ||W_B||_* (the rank penalty before lambda)."""
+        with torch.no_grad():
+            return float(sum(torch.linalg.matrix_norm(g.up.weight.float(), ord="nuc")
+                             + torch.linalg.matrix_norm(g.down.weight.float(), ord="nuc")
+                             for _, _, mods in self.modules_by_phase() for g in mods))
 
     def formula(self) -> dict:
         """Per phase k ((d + d_t) r + r d + d_c r + 2 r) per site, plus the time MLP 2 (d_t^2 + d_t)."""

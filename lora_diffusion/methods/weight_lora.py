@@ -9,6 +9,7 @@ layout so `peft.PeftModel.from_pretrained` loads it.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from ..errors import UserError
@@ -19,7 +20,7 @@ TARGETS = {"attention": ("q", "k", "v", "o"), "attention+mlp": ("q", "k", "v", "
 
 class WeightLoRA(Method):
     name = "lora"
-    default_lr = 5e-4
+    default_lr = 2e-3
     can_merge = True
     use_dora = False
 
@@ -43,7 +44,9 @@ class WeightLoRA(Method):
                             target_modules=backbone.projection_pattern(*TARGETS[self.options["targets"]]))
         # Wraps the masked LM in place: the LoRA layers replace the targeted Linear layers
         # inside backbone.body, and every base weight is frozen.
-        self.peft_model = get_peft_model(backbone.mlm, config)
+        with warnings.catch_warnings():  # a deprecation inside peft, not ours to act on
+            warnings.simplefilter("ignore", FutureWarning)
+            self.peft_model = get_peft_model(backbone.mlm, config)
 
     def trainable_parameters(self):
         return {n: p for n, p in self.model.backbone.mlm.named_parameters() if p.requires_grad}

@@ -1,0 +1,117 @@
+"""What a fine-tuned model changes along the denoising trajectory.
+
+`perturbation_trajectories` runs the sampler with a fine-tuned model on an eval batch
+and, at every step, records the perturbation of the final hidden states at the response
+positions:
+
+* LoRA-Diffusion with `final` injection: its own delta_t (what the step hook added);
+* every other method (and LoRA-Diffusion with `blocks` injection): h_t of the fine-tuned
+  model minus h_t of the base, both computed on the same partly-revealed input x_t.
+
+The base's own hidden states on those inputs come along, for the trajectory t-SNE.
+`effective_rank` turns a stack of perturbations into exp(entropy of the normalised
+singular values) (Roy & Vetterli, 2007), the measure the paper uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..data import Encoded, collate
+from ..diffusion import DiffusionLM, sample
+
+
+def effective_rank(matrix: torch.Tensor) -> float:
+    """exp(H(p)), p = singular values / their sum; 0 for an all-zero matrix."""
+    s = torch.linalg.svdvals(matrix.double())
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+@dataclass
+class PerturbationTrajectory:
+    """Per sampler step: the perturbations and base hidden states at the response positions."""
+
+    t: list[float]                        # time of each step
+    perturbation: list[torch.Tensor]      # per step [N_tokens, d]
+    base_hidden: list[torch.Tensor]       # per step [N_tokens, d]
+    example: torch.Tensor                 # [N_tokens]: which example each row belongs to
+    source: str                           # "delta" (the method's own) or "difference" (fine-tuned - base)
+
+
+@torch.no_grad()
+def perturbation_trajectories(model: DiffusionLM, base: DiffusionLM, enc: Encoded, steps: int = 16,
+                              batch_size: int = 32, seed: int = 0) -> PerturbationTrajectory:
+    """Sample with `model` on every example of `enc` and collect per-step perturbations."""
+    device = next(model.parameters()).device
+    uses_delta = model.step_hook is not None and not model.grad_through_body and \
+        not any(p.requires_grad for p in model.backbone.body.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    per_step_delta, per_step_base, examples, times = None, None, [], None
+    for start in range(0, len(enc.prompts), batch_size):
+        idx = list(range(start, min(start + batch_size, len(enc.prompts))))
+        batch = {k: v.to(device) for k, v in collate(enc, idx, model.backbone.pad_id).items()}
+        _, traj = sample(model, **batch, steps=steps, generator=generator, record=True)
+        response = batch["response_mask"]
+        # the input of step s is the state before it: all-[MASK] response, then traj.tokens[s - 1]
+        inputs = [batch["input_ids"].masked_fill(response, model.backbone.mask_id)] + traj.tokens[:-1]
+        deltas, bases = [], []
+        for s, x in enumerate(inputs):
+            t = torch.full((len(idx),), traj.t[s], device=device)
+            h_base = base.backbone.hidden_states(x, batch["attention_mask"])[response].float()
+            if uses_delta:
+                delta = traj.perturbation[s]
+            else:
+                h_model = model.denoise(x, batch["attention_mask"], t, batch["instruction"])[1]
+                delta = h_model[response].float() - h_base
+            deltas.append(delta.cpu())
+            bases.append(h_base.cpu())
+        if per_step_delta is None:
+            per_step_delta, per_step_base, times = deltas, bases, traj.t
+        else:
+            per_step_delta = [torch.cat([a, b]) for a, b in zip(per_step_delta, deltas)]
+            per_step_base = [torch.cat([a, b]) for a, b in zip(per_step_base, bases)]
+        rows = response.sum(1).cpu()
+        examples.append(torch.repeat_interleave(torch.tensor(idx), rows))
+    return PerturbationTrajectory(times, per_step_delta, per_step_base, torch.cat(examples),
+                                  "delta" if uses_delta else "difference")
+
+
+def effective_rank_per_step(trajectory: PerturbationTrajectory) -> dict:
+    """{"t": [...], "effective_rank": [...], "norm": [...]} over the sampler's steps."""
+    return {"t": trajectory.t,
+            "effective_rank": [effective_rank(d) for d in trajectory.perturbation],
+            "mean_norm": [float(d.norm(dim=-1).mean()) for d in trajectory.perturbation],
+            "rows": int(trajectory.perturbation[0].shape[0]) if trajectory.perturbation else 0,
+            "source": trajectory.source}
+
+
+def per_example(trajectory: PerturbationTrajectory, which: str = "perturbation") -> tuple[torch.Tensor, list]:
+    """One vector per (example, step): the mean over the example's response tokens.
+
+    Returns (X [n_examples * n_steps, d], [(example, step, t), ...]).
+    """
+    stacks = trajectory.perturbation if which == "perturbation" else trajectory.base_hidden
+    n_examples = int(trajectory.example.max()) + 1
+    vectors, labels = [], []
+    counts = torch.bincount(trajectory.example, minlength=n_examples).clamp(min=1).unsqueeze(1).float()
+    for s, stack in enumerate(stacks):
+        sums = torch.zeros(n_examples, stack.shape[1]).index_add_(0, trajectory.example, stack)
+        vectors.append(sums / counts)
+        labels += [(e, s, trajectory.t[s]) for e in range(n_examples)]
+    return torch.cat(vectors), labels
+
+
+def phase_name(t: float) -> str:
+    return "early" if t > 2 / 3 else ("middle" if t > 1 / 3 else "late")
+
+
+__all__ = ["effective_rank", "perturbation_trajectories", "effective_rank_per_step", "per_example",
+           "PerturbationTrajectory", "phase_name", "math"]
