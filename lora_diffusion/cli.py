@@ -282,6 +282,86 @@ def cmd_profile(args) -> None:
                                                   "trainable_parameters", "device")} for r in rows]}))
 
 
+def cmd_analyze(args) -> None:
+    """Every analysis writes OUT/<name>.json and one HTML page per figure."""
+    from pathlib import Path
+
+    from .io import write_figure, write_json, write_text
+
+    _threads(args.threads)
+    out = Path(args.out)
+    log = lambda message: print(message, file=sys.stderr, flush=True)
+    kind = args.analysis
+    if kind == "effective-rank":
+        from .analysis.rank import effective_rank_figure, effective_rank_report
+
+        report = effective_rank_report(args.adapters, base=args.base, task_name=args.task, data_dir=args.data_dir,
+                                       n_examples=args.examples, steps=args.sampler_steps, seed=args.seed)
+        figures = {"effective_rank": effective_rank_figure(report)}
+        summary = {r["label"]: [round(x, 2) for x in r["effective_rank"]] for r in report["methods"]}
+    elif kind == "tsne":
+        from .analysis.tsne import trajectory_figure, trajectory_map
+
+        report = trajectory_map(args.adapters, base=args.base, task_name=args.task, data_dir=args.data_dir,
+                                n_examples=args.examples, steps=args.sampler_steps, method=args.projection,
+                                seed=args.seed)
+        figures = {f"tsne_{which}_by_{colour}": trajectory_figure(report, which, colour)
+                   for which in ("perturbations", "base") for colour in ("task", "step")}
+        summary = {w: round(report[w]["trustworthiness"], 3) for w in ("perturbations", "base")}
+    elif kind == "forgetting":
+        from .analysis.forgetting import forgetting_figure, forgetting_report
+
+        report = forgetting_report(args.adapters, base=args.base, data_dir=args.data_dir, rows=args.examples,
+                                   seed=args.seed)
+        figures = {"forgetting": forgetting_figure(report)}
+        summary = {m["label"]: {s: round(v["nelbo"], 3) for s, v in m["scores"].items()} for m in report["models"]}
+    elif kind == "composition":
+        from .analysis.composition import (composition_markdown, composition_report, interference_figure,
+                                           router_weights_figure)
+
+        report = composition_report(args.adapters, lora_adapters=args.lora_adapters, base=args.base,
+                                    data_dir=args.data_dir, max_eval=args.examples, sampler_steps=args.sampler_steps,
+                                    router_steps=args.router_steps, seed=args.seed, out_dir=out,
+                                    progress=not args.quiet)
+        figures = {"router_weights": router_weights_figure(report), "interference": interference_figure(report)}
+        write_text(out / "composition.md", composition_markdown(report) + "\n")
+        summary = composition_markdown(report)
+    elif kind == "scaling":
+        from .analysis.scaling import rank_scaling_report, scaling_figures
+
+        ints = lambda text: [int(x) for x in text.split(",")]
+        report = rank_scaling_report(ranks=ints(args.ranks), base=args.base or "shipped", batch_size=args.batch_size,
+                                     gen_ranks=ints(args.gen_ranks), gen_batch_sizes=ints(args.gen_batch_sizes),
+                                     gen_lengths=ints(args.gen_lengths), gen_steps=args.sampler_steps,
+                                     bf16=args.bf16, device=args.device, threads=args.threads,
+                                     isolated=not args.in_process, log=log)
+        figures = scaling_figures(report)
+        summary = {f"{r['method']}{'' if r['rank'] is None else ' r=' + str(r['rank'])}":
+                   {"s/step": round(r["sec_per_step"], 4), "peak MB": round(r["peak_memory_bytes"] / 2**20)}
+                   for r in report["train"]}
+    elif kind == "data-efficiency":
+        from .analysis.data_efficiency import data_efficiency_figure, data_efficiency_report
+
+        if not args.task:
+            raise UserError("data-efficiency needs --task")
+        task = _load_task(args, 0)
+        report = data_efficiency_report(task, [int(x) for x in args.sizes.split(",")],
+                                        methods=[m.strip() for m in args.methods.split(",")], seeds=args.seeds,
+                                        config=_train_config(args), out_dir=out / "runs", base=args.base,
+                                        sampler_steps=args.sampler_steps, progress=not args.quiet, log=log)
+        figures = {"data_efficiency": data_efficiency_figure(report)}
+        summary = [(p["n_train"], p["method"], round(p.get("accuracy", p.get("rouge_l"))["mean"], 4))
+                   for p in report["points"]]
+    else:  # argparse restricts the choices
+        raise UserError(f"unknown analysis {kind!r}")
+    name = kind.replace("-", "_")
+    write_json(out / f"{name}.json", report)
+    for fig_name, figure in figures.items():
+        write_figure(out / f"{fig_name}.html", figure)
+    print(f"wrote {out / (name + '.json')} and {', '.join(f + '.html' for f in figures)}", file=sys.stderr)
+    print(summary if isinstance(summary, str) else json.dumps(summary))
+
+
 def cmd_report(args) -> None:
     from .evaluate import markdown_table
     from .io import read_json
@@ -403,6 +483,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--out", help="write the JSON here")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("analyze", help="analyses of trained adapters; each writes JSON + HTML figures")
+    p.add_argument("analysis", choices=["effective-rank", "tsne", "forgetting", "composition", "scaling",
+                                        "data-efficiency"])
+    p.add_argument("--adapters", nargs="*", default=[], help="adapter (or run) folders")
+    p.add_argument("--lora-adapters", nargs="*", help="composition: weight-LoRA adapters of the same tasks")
+    p.add_argument("--base", help="base model folder (default: the adapters' / the shipped base)")
+    _task_args(p, required=False)
+    p.add_argument("--examples", type=int, default=64, help="held-out examples (rows of text for forgetting)")
+    p.add_argument("--sampler-steps", type=int, default=16, help="denoising steps")
+    p.add_argument("--projection", choices=["tsne", "pca"], default="tsne")
+    p.add_argument("--router-steps", type=int, default=300)
+    p.add_argument("--ranks", default="1,2,4,8,16,32,64,128")
+    p.add_argument("--gen-ranks", default="8,128")
+    p.add_argument("--gen-batch-sizes", default="1,8,32")
+    p.add_argument("--gen-lengths", default="16,64,128")
+    p.add_argument("--sizes", default="100,500,2000,8000", help="data-efficiency: training-set sizes")
+    p.add_argument("--methods", default="lora_diffusion,lora,full", help="data-efficiency: methods")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=300, help="data-efficiency: training steps")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--in-process", action="store_true",
+                   help="scaling: measure in this process instead of a fresh one per point (faster; "
+                        "memory the allocator already holds then hides part of the peak)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("report", help="markdown table of results files (train --results, eval --out)")
     p.add_argument("results", nargs="+", help="JSON results files")

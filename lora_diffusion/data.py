@@ -40,6 +40,40 @@ SPLIT_SEED = 0  # held-out carving and eval subsets: the same for every training
 SENTIMENT_INSTRUCTION = "is the sentiment of this review positive or negative ?"
 TOPIC_INSTRUCTION = "what is the topic of this news article ? answer world , sports , business or science ."
 TITLE_INSTRUCTION = "write a title for this news article ."
+# Other wordings of the built-in instructions, for the router (analysis/composition.py):
+# it trains on the "train" ones and is scored on the "heldout" ones, never seen in training.
+PARAPHRASES = {
+    "sst2": {
+        "train": ["does this review sound positive or negative ?",
+                  "tell me whether this movie review is positive or negative .",
+                  "classify the sentiment of the following review as positive or negative .",
+                  "was the reviewer happy or unhappy ? answer positive or negative .",
+                  "sentiment of this text , positive or negative ?"],
+        "heldout": ["how does the writer feel about the film : positive or negative ?",
+                    "decide if the opinion below is positive or negative .",
+                    "is this a favourable or an unfavourable review ? say positive or negative ."],
+    },
+    "agnews": {
+        "train": ["which section of the newspaper does this story belong to : world , sports , business or science ?",
+                  "classify this news story as world , sports , business or science .",
+                  "what kind of news is this ? world , sports , business or science .",
+                  "give the category of this article : world , sports , business or science .",
+                  "topic of this news text ? answer world , sports , business or science ."],
+        "heldout": ["is this article about world news , sports , business or science ?",
+                    "label the news item with one of world , sports , business , science .",
+                    "which of world , sports , business or science fits this report best ?"],
+    },
+    "agnews_title": {
+        "train": ["give this news story a headline .",
+                  "what would be a good headline for this article ?",
+                  "write the headline of the following news text .",
+                  "summarize this article as a short title .",
+                  "suggest a title for this news report ."],
+        "heldout": ["come up with a headline for the story below .",
+                    "what title would a newspaper give this text ?",
+                    "compose a short headline for this news item ."],
+    },
+}
 AGNEWS_LABELS = {"1": "world", "2": "sports", "3": "business", "4": "science",
                  "world": "world", "sports": "sports", "business": "business", "sci/tech": "science"}
 

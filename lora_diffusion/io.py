@@ -44,6 +44,18 @@ def write_json(path, obj) -> None:
     _atomic_replace(Path(path), write)
 
 
+def write_text(path, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    _atomic_replace(Path(path), write)
+
+
+def write_figure(path, figure) -> None:
+    """A plotly figure as a self-contained HTML page (plotly.js embedded: opens offline)."""
+    write_text(path, figure.to_html(include_plotlyjs=True, full_html=True))
+
+
 def read_json(path) -> dict:
     path = Path(path)
     if not path.is_file():

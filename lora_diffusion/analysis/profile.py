@@ -129,43 +129,123 @@ def _train_profile(spec: dict) -> dict:
     return out
 
 
-def _child(spec, queue):
-    try:
-        queue.put(("ok", _train_profile(spec)))
-    except BaseException as err:  # report, never hang the parent
-        queue.put(("error", f"{type(err).__name__}: {err}"))
-
-
 def profile_training(method: str, options: dict | None = None, base: str = "shipped", batch_size: int = 16,
                      prompt_length: int = 48, response_length: int = 16, steps: int = 10, warmup: int = 3,
                      bf16: bool = False, device: str = "auto", threads: int | None = None,
-                     tiny: dict | None = None) -> dict:
+                     tiny: dict | None = None, isolated: bool = True) -> dict:
     """Step time and peak memory of training `method` on a synthetic batch, in a fresh process.
 
     `base` is "shipped", a model folder, or "tiny" (a random model, for tests).
     """
     from ..backbone import SHIPPED_BASE
-    from ..errors import UserError
 
     spec = {"method": method, "options": options or {}, "base": str(SHIPPED_BASE) if base == "shipped" else base,
             "batch_size": batch_size, "prompt_length": prompt_length, "response_length": response_length,
             "steps": steps, "warmup": warmup, "bf16": bf16, "device": device, "threads": threads,
-            "tiny": tiny or {}}
+            "tiny": tiny or {}, "isolated": isolated}
+    payload = _run_child(_train_profile, spec)
+    return {"method": method, "options": options or {}, "batch_size": batch_size,
+            "sequence_length": prompt_length + response_length, "response_length": response_length,
+            "steps": steps, "warmup": warmup, **payload}
+
+
+# ---------------------------------------------------------------------------------------
+# Generation: latency and throughput of the sampler
+# ---------------------------------------------------------------------------------------
+
+def _generation_profile(spec: dict) -> dict:
+    """Runs in the child: time `sample()` for every (batch size, response length)."""
+    import torch
+
+    from ..backbone import load_backbone, tiny_backbone
+    from ..diffusion import DiffusionLM, sample
+    from ..methods import make_method
+    from ..train import pick_device
+
+    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    device = pick_device(spec.get("device", "auto"))
+    backbone = tiny_backbone(seed=0, **spec.get("tiny", {})) if spec["base"] == "tiny" else load_backbone(spec["base"])
+    model = DiffusionLM(backbone)
+    method = None
+    if spec["method"] != "base":
+        method = make_method(spec["method"], **spec.get("options", {}))
+        method.attach(model)
+        if spec.get("merged"):
+            method.merge()
+    model.to(device).eval()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("bf16", False))
+    rows = []
+    for batch_size in spec["batch_sizes"]:
+        for length in spec["lengths"]:
+            batch = synthetic_batch(backbone.tokenizer, batch_size, spec["prompt_length"], length)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            times = []
+            for repeat in range(spec["warmup"] + spec["repeats"]):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                began = time.perf_counter()
+                with autocast:
+                    sample(model, **batch, steps=spec["steps"], generator=torch.Generator().manual_seed(repeat))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if repeat >= spec["warmup"]:
+                    times.append(time.perf_counter() - began)
+            latency = statistics.median(times)
+            rows.append({"batch_size": batch_size, "response_length": length, "latency_s": latency,
+                         "tokens_per_s": batch_size * length / latency, "times": times})
+    return {"device": str(device), "threads": torch.get_num_threads(), "rows": rows,
+            "dtype": "bf16-autocast" if spec.get("bf16") else "float32",
+            **({"trainable_parameters": method.n_trainable()} if method else {})}
+
+
+def _run_child(target, spec) -> dict:
+    """`target(spec)` in a fresh spawned process (or here, with spec["isolated"] False: faster,
+    but memory the allocator already holds then hides part of the peak)."""
+    from ..errors import UserError
+
+    if not spec.get("isolated", True):
+        return target(spec)
+
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_child, args=(spec, queue))
+    child = context.Process(target=_child_call, args=(target, spec, queue))
     child.start()
     while True:
         try:
             status, payload = queue.get(timeout=1.0)
             break
         except queue_module.Empty:
-            if not child.is_alive():  # killed (e.g. out of memory) before it could report
+            if not child.is_alive():
                 status, payload = "error", f"the profiling process died (exit code {child.exitcode})"
                 break
     child.join()
     if status != "ok":
-        raise UserError(f"profiling {method} failed: {payload}")
-    return {"method": method, "options": options or {}, "batch_size": batch_size,
-            "sequence_length": prompt_length + response_length, "response_length": response_length,
-            "steps": steps, "warmup": warmup, **payload}
+        raise UserError(f"profiling {spec['method']} failed: {payload}")
+    return payload
+
+
+def _child_call(target, spec, queue):
+    try:  # report, never hang the parent
+        queue.put(("ok", target(spec)))
+    except BaseException as err:
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def profile_generation(method: str = "base", options: dict | None = None, merged: bool = False,
+                       base: str = "shipped", batch_sizes=(1, 8, 32), lengths=(16, 64, 128), steps: int = 16,
+                       prompt_length: int = 32, repeats: int = 3, warmup: int = 1, bf16: bool = False,
+                       device: str = "auto", threads: int | None = None, tiny: dict | None = None,
+                       isolated: bool = True) -> dict:
+    """Sampler latency (median seconds per call) and throughput (response tokens / s), fresh process.
+
+    `method="base"` times the base alone; `merged` folds a mergeable method into the weights.
+    """
+    from ..backbone import SHIPPED_BASE
+
+    spec = {"method": method, "options": options or {}, "merged": merged,
+            "base": str(SHIPPED_BASE) if base == "shipped" else base, "batch_sizes": list(batch_sizes),
+            "lengths": list(lengths), "steps": steps, "prompt_length": prompt_length, "repeats": repeats,
+            "warmup": warmup, "bf16": bf16, "device": device, "threads": threads, "tiny": tiny or {},
+            "isolated": isolated}
+    return {"method": method, "options": options or {}, "merged": merged, "steps": steps,
+            "prompt_length": prompt_length, **_run_child(_generation_profile, spec)}

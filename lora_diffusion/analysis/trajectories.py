@@ -15,7 +15,6 @@ singular values) (Roy & Vetterli, 2007), the measure the paper uses.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +50,7 @@ def perturbation_trajectories(model: DiffusionLM, base: DiffusionLM, enc: Encode
                               batch_size: int = 32, seed: int = 0) -> PerturbationTrajectory:
     """Sample with `model` on every example of `enc` and collect per-step perturbations."""
     device = next(model.parameters()).device
-    uses_delta = model.step_hook is not None and not model.grad_through_body and \
-        not any(p.requires_grad for p in model.backbone.body.parameters())
+    uses_delta = model.step_hook is not None  # only LoRA-Diffusion (final) perturbs through the hook
     generator = torch.Generator().manual_seed(seed)
     per_step_delta, per_step_base, examples, times = None, None, [], None
     for start in range(0, len(enc.prompts), batch_size):
@@ -112,6 +110,3 @@ def per_example(trajectory: PerturbationTrajectory, which: str = "perturbation")
 def phase_name(t: float) -> str:
     return "early" if t > 2 / 3 else ("middle" if t > 1 / 3 else "late")
 
-
-__all__ = ["effective_rank", "perturbation_trajectories", "effective_rank_per_step", "per_example",
-           "PerturbationTrajectory", "phase_name", "math"]

@@ -40,6 +40,20 @@ def phase_of(t: torch.Tensor) -> torch.Tensor:
     return (t <= 2 / 3).long() + (t <= 1 / 3).long()
 
 
+@torch.no_grad()
+def encode_instruction(backbone, instruction: torch.Tensor) -> torch.Tensor:
+    """Enc(c): mean of the frozen base's word embeddings of the instruction tokens [B, Li] -> [B, d_c].
+
+    Standardised over its d_c features (a LayerNorm without parameters): raw means of word
+    embeddings have a norm of ~0.5 for MiniLM (~0.05 for a random tiny model), which left
+    the gate and the router nearly blind to the instruction for hundreds of steps.
+    """
+    keep = (instruction != backbone.pad_id).unsqueeze(-1).float()
+    emb = backbone.word_embeddings(instruction).float()
+    mean = (emb * keep).sum(1) / keep.sum(1).clamp(min=1)
+    return F.layer_norm(mean, mean.shape[-1:])
+
+
 class TimeEmbedding(nn.Module):
     """Sinusoidal features of t in [0, 1] followed by a two-layer MLP."""
 
@@ -169,14 +183,10 @@ class LoRADiffusion(Method):
                 block.register_forward_hook(self._block_hook(i))
 
     def instruction_encoding(self, instruction):
-        """Enc(c): mean of the frozen base's word embeddings of the instruction tokens."""
+        """Enc(c) when the method is conditioned on the instruction, else None."""
         if instruction is None or not self.options["condition"]:
             return None
-        backbone = self.model.backbone
-        with torch.no_grad():
-            keep = (instruction != backbone.pad_id).unsqueeze(-1).float()
-            emb = backbone.word_embeddings(instruction).float()
-            return (emb * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return encode_instruction(self.model.backbone, instruction)
 
     def perturbation(self, site: int, h, t, instruction, positions=None):
         """delta_t at one injection site, for hidden states h [B, L, d] at times t [B].

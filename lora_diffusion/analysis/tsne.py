@@ -1,0 +1,72 @@
+"""Two-dimensional maps of trajectories (the paper's Figure 4), with scikit-learn.
+
+Points are (adapter, example, step): the mean over the example's response tokens of the
+perturbation at that step (`trajectories.per_example`). A second map shows the base's
+own hidden states on the same inputs. t-SNE is the default, PCA the fast alternative;
+each map reports its trustworthiness (scikit-learn: how well the 2-D neighbourhoods
+keep the original ones, 1 = perfectly).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .rank import load_for_analysis
+from .trajectories import per_example, perturbation_trajectories, phase_name
+
+
+def embed(x: np.ndarray, method: str = "tsne", perplexity: float = 30.0, seed: int = 0) -> tuple[np.ndarray, float]:
+    """2-D coordinates and their trustworthiness (n_neighbors = 5)."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE, trustworthiness
+
+    if method not in ("tsne", "pca"):
+        raise ValueError(f"method must be 'tsne' or 'pca', not {method!r}")
+    if method == "pca":
+        coords = PCA(n_components=2, random_state=seed).fit_transform(x)
+    else:
+        perplexity = min(perplexity, max(2.0, (len(x) - 1) / 3))
+        coords = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    return coords, float(trustworthiness(x, coords, n_neighbors=min(5, len(x) // 2 - 1)))
+
+
+def trajectory_map(adapters, base=None, task_name=None, data_dir=None, n_examples=32, steps=8,
+                   method: str = "tsne", perplexity: float = 30.0, seed: int = 0) -> dict:
+    """Perturbation map and base-trajectory map for saved adapters (one adapter per task, typically)."""
+    base_model, loaded = load_for_analysis(adapters, base, task_name, data_dir, n_examples, seed)
+    pert_x, pert_meta, base_x, base_meta, seen_tasks = [], [], [], [], set()
+    for label, model, _, config, task, enc in loaded:
+        trajectory = perturbation_trajectories(model, base_model, enc, steps=steps, seed=seed)
+        x, keys = per_example(trajectory, "perturbation")
+        pert_x.append(x.numpy())
+        pert_meta += [{"adapter": label, "task": task.name, "example": e, "step": s, "t": t, "phase": phase_name(t)}
+                      for e, s, t in keys]
+        if task.name not in seen_tasks:  # the base's own trajectory, once per task
+            seen_tasks.add(task.name)
+            x, keys = per_example(trajectory, "base")
+            base_x.append(x.numpy())
+            base_meta += [{"task": task.name, "example": e, "step": s, "t": t, "phase": phase_name(t)}
+                          for e, s, t in keys]
+    out = {"analysis": "trajectory_map", "method": method, "steps": steps, "n_examples": n_examples, "seed": seed}
+    for name, xs, meta in (("perturbations", pert_x, pert_meta), ("base", base_x, base_meta)):
+        coords, trust = embed(np.concatenate(xs), method, perplexity, seed)
+        out[name] = {"trustworthiness": trust,
+                     "points": [{**m, "x": float(c[0]), "y": float(c[1])} for m, c in zip(meta, coords)]}
+    return out
+
+
+def trajectory_figure(report: dict, which: str = "perturbations", colour: str = "task"):
+    """Scatter of one map, coloured by task (or adapter) or by step."""
+    import plotly.express as px
+
+    data = report[which]
+    points = data["points"]
+    columns = {key: [p.get(key) for p in points] for key in ("x", "y", "task", "adapter", "step", "t", "phase", "example")}
+    columns = {k: v for k, v in columns.items() if any(x is not None for x in v)}
+    fig = px.scatter(columns, x="x", y="y", color=colour, symbol="phase" if colour != "phase" else None,
+                     hover_data=[k for k in ("adapter", "example", "t") if k in columns],
+                     color_continuous_scale="Viridis" if colour in ("step", "t") else None,
+                     title=f"{'Perturbations' if which == 'perturbations' else 'Base hidden states'} per example and "
+                           f"step ({report['method'].upper()}, trustworthiness {data['trustworthiness']:.2f})")
+    fig.update_layout(template="plotly_white", xaxis_title="", yaxis_title="")
+    return fig

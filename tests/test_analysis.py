@@ -1,0 +1,227 @@
+"""Analyses on a tiny random base: planted answers come out, and every report has its documented shape."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_batch, write_lines
+from lora_diffusion.analysis.profile import profile_generation, profile_training
+from lora_diffusion.analysis.trajectories import effective_rank, perturbation_trajectories, effective_rank_per_step
+from lora_diffusion.backbone import tiny_backbone
+from lora_diffusion.data import encode, load_task
+from lora_diffusion.diffusion import DiffusionLM
+from lora_diffusion.methods import make_method
+from test_cli import run_cli
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_base_dir):
+    """Two-step adapters of the tiny base: LoRA-Diffusion and weight LoRA for two suite tasks."""
+    from lora_diffusion.cli import main
+
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for method in ("lora_diffusion", "lora"):
+        for task in ("suite_topic", "suite_sentiment"):
+            folder = root / f"{method}-{task}"
+            assert main(["train", "--base", str(tiny_base_dir), "--task", task, "--method", method, "--steps", "2",
+                         "--batch-size", "4", "--max-train-examples", "32", "--max-eval-examples", "8",
+                         "--sampler-steps", "1", "--out", str(folder)]) == 0
+            out[(method, task)] = folder
+    return out
+
+
+# --- planted answers --------------------------------------------------------------------
+
+@pytest.mark.parametrize("r", [1, 3, 8])
+def test_effective_rank_of_a_planted_rank_r_matrix_is_r(r):
+    g = torch.Generator().manual_seed(r)
+    u, _ = torch.linalg.qr(torch.randn(500, r, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(64, r, generator=g))
+    assert effective_rank(u @ v.T) == pytest.approx(r, rel=1e-4)  # equal singular values: r (float32 noise aside)
+    assert effective_rank(torch.zeros(5, 5)) == 0.0
+
+
+def test_effective_rank_per_step_recovers_a_planted_rank_r_perturbation(tiny):
+    r, d = 4, tiny.hidden_size
+    basis, _ = torch.linalg.qr(torch.randn(d, r, generator=torch.Generator().manual_seed(0)))
+    model = DiffusionLM(tiny)
+    model.step_hook = lambda h, t, c: torch.randn(*h.shape[:2], r) @ basis.T  # rank r, isotropic inside
+    task = load_task("suite_struct", max_eval=48)
+    enc = encode(tiny.tokenizer, task.eval, 16, 128)
+    traj = perturbation_trajectories(model, DiffusionLM(tiny), enc, steps=4)
+    result = effective_rank_per_step(traj)
+    assert traj.source == "delta" and len(result["effective_rank"]) == 4 == len(result["t"])
+    assert all(abs(x - r) < 0.25 for x in result["effective_rank"])
+
+
+def test_a_difference_perturbation_is_zero_for_an_untouched_model(tiny):
+    model, _ = DiffusionLM(tiny_backbone(seed=0)), None
+    method = make_method("lora")
+    method.attach(model)  # B = 0: the fine-tuned model equals the base
+    task = load_task("suite_topic", max_eval=8)
+    enc = encode(tiny.tokenizer, task.eval, 2, 128)
+    traj = perturbation_trajectories(model, DiffusionLM(tiny_backbone(seed=0)), enc, steps=2)
+    assert traj.source == "difference" and all(float(d.abs().max()) < 1e-5 for d in traj.perturbation)
+
+
+def test_profiler_counts_equal_the_methods_own_accounting():
+    for name, options in (("lora", {"r": 4}), ("lora_diffusion", {"schedule": "uniform", "rank": 2}), ("bitfit", {})):
+        row = profile_training(name, options, base="tiny", batch_size=2, prompt_length=8, response_length=4,
+                               steps=1, warmup=1, isolated=name == "lora")  # one in a fresh process
+        method = make_method(name, **options)
+        method.attach(DiffusionLM(tiny_backbone(seed=0)))
+        own = method.accounting()
+        assert row["trainable_parameters"] == own["trainable_parameters"]
+        assert row["adapter_bytes"] == own["adapter_bytes"]
+        n_tensors = len(method.trainable_parameters())
+        # AdamW keeps two fp32 moments per parameter and one fp32 step counter per tensor
+        assert row["optimizer_state_bytes"] == 8 * own["trainable_parameters"] + 4 * n_tensors
+        assert row["peak_memory_bytes"] > 0 and row["sec_per_step"] > 0
+
+
+def test_generation_profile_shape_and_merged_lora():
+    out = profile_generation("lora", {"r": 2}, merged=True, base="tiny", batch_sizes=(1, 2), lengths=(4,),
+                             steps=2, prompt_length=6, repeats=1, warmup=0)
+    assert out["merged"] and [(r["batch_size"], r["response_length"]) for r in out["rows"]] == [(1, 4), (2, 4)]
+    assert all(r["latency_s"] > 0 and r["tokens_per_s"] > 0 for r in out["rows"])
+
+
+def test_router_weights_sum_to_one_and_pick_the_planted_adapter(tiny):
+    """Two hand-made adapters: adapter j pushes every masked position towards word j. The
+    router, trained on the diffusion loss, must send each task's instruction to its adapter."""
+    from lora_diffusion.analysis.composition import train_router
+    from lora_diffusion.data import Task
+    from lora_diffusion.router import Composition, Router
+
+    backbone = tiny_backbone(seed=0)
+    words = ["alpha", "beta"]
+    with torch.no_grad():  # a random tiny head can barely prefer any word: give the two words reach
+        for word in words:
+            backbone.word_embeddings.weight[backbone.tokenizer.convert_tokens_to_ids(word)] *= 30.0
+    model = DiffusionLM(backbone)
+    batch = tiny_batch(backbone, n=8)
+    with torch.no_grad():
+        h = backbone.hidden_states(batch["input_ids"], batch["attention_mask"])[batch["response_mask"]]
+    methods = []
+    for j, word in enumerate(words):
+        method = make_method("lora_diffusion", schedule="uniform", rank=1, k=1, calibrate=False, condition=False)
+        method.attach(model)
+        model.add_module(f"task_{j}", model._modules.pop("trajectory"))
+        # the constant shift of h that makes `word` the prediction (found by gradient descent)
+        token = backbone.tokenizer.convert_tokens_to_ids(word)
+        shift = torch.zeros(backbone.hidden_size, requires_grad=True)
+        opt = torch.optim.Adam([shift], lr=0.1)
+        for _ in range(100):
+            loss = torch.nn.functional.cross_entropy(backbone.logits(h + shift), torch.full((len(h),), token))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            for phase in method.adapter.sites[0].phases:
+                g = phase[0]
+                g.down.weight.zero_()
+                g.down.bias.fill_(1.0)  # z = ReLU(1) = 1 whatever h is
+                g.up.weight[:, 0] = shift
+        methods.append(method)
+    router = Router(backbone.word_embeddings.embedding_dim, 2, hidden=32)
+    model.add_module("router", router)
+    composition = Composition(model, methods, ["task_a", "task_b"], router)
+
+    def task(name, instruction, word):
+        rows = [{"instruction": instruction, "input": f"item {i}", "response": word} for i in range(64)]
+        return Task(name, "classification", rows, rows[:8], [word])
+
+    tasks = {"task_a": task("task_a", "say the first word .", "alpha"),
+             "task_b": task("task_b", "now give the second one please .", "beta")}
+    configs = {n: {"response_length": 1, "max_length": 64} for n in tasks}  # the word alone
+    train_router(composition, tasks, configs, steps=60, batch_size=8, lr=1e-2, progress=False)
+    w = composition.instruction_weights(["say the first word .", "now give the second one please ."])
+    assert torch.allclose(w.sum(1), torch.ones(2), atol=1e-6)
+    assert w[0, 0] > 0.9 and w[1, 1] > 0.9
+
+
+# --- every analysis runs from the CLI and writes JSON of the documented shape + HTML -----
+
+def test_effective_rank_and_tsne_from_the_cli(capsys, tmp_path, adapters, tiny_base_dir):
+    paths = [str(adapters[(m, "suite_topic")]) for m in ("lora_diffusion", "lora")]
+    code, out, err = run_cli(capsys, "analyze", "effective-rank", "--adapters", *paths, "--base", str(tiny_base_dir),
+                             "--examples", "8", "--sampler-steps", "2", "--out", tmp_path / "rank")
+    assert code == 0, err
+    report = json.loads((tmp_path / "rank" / "effective_rank.json").read_text())
+    assert [r["method"] for r in report["methods"]] == ["lora_diffusion", "lora"]
+    assert [r["source"] for r in report["methods"]] == ["delta", "difference"]
+    assert all(len(r["effective_rank"]) == len(r["t"]) == 2 for r in report["methods"])
+    assert (tmp_path / "rank" / "effective_rank.html").stat().st_size > 100_000  # plotly.js embedded
+
+    paths = [str(adapters[("lora_diffusion", t)]) for t in ("suite_topic", "suite_sentiment")]
+    code, out, err = run_cli(capsys, "analyze", "tsne", "--adapters", *paths, "--base", str(tiny_base_dir),
+                             "--examples", "6", "--sampler-steps", "2", "--projection", "pca", "--out", tmp_path / "map")
+    assert code == 0, err
+    report = json.loads((tmp_path / "map" / "tsne.json").read_text())
+    assert len(report["perturbations"]["points"]) == 2 * 6 * 2  # adapters x examples x steps
+    assert len(report["base"]["points"]) == 2 * 6 * 2  # tasks x examples x steps
+    assert 0.0 <= report["perturbations"]["trustworthiness"] <= 1.0
+    assert {p["task"] for p in report["perturbations"]["points"]} == {"suite_topic", "suite_sentiment"}
+    assert (tmp_path / "map" / "tsne_perturbations_by_step.html").is_file()
+
+
+def test_forgetting_from_the_cli(capsys, tmp_path, adapters, tiny_base_dir):
+    data = tmp_path / "data"
+    (data / "wikitext2").mkdir(parents=True)
+    (data / "tinystories").mkdir()
+    lines = [f"line {i} of some plain text about the weather and the sea ." for i in range(400)]
+    write_lines(data / "wikitext2" / "test.txt", lines)
+    write_lines(data / "tinystories" / "TinyStories-valid_head_sample.txt", lines)
+    code, out, err = run_cli(capsys, "analyze", "forgetting", "--adapters", str(adapters[("lora", "suite_topic")]),
+                             "--base", str(tiny_base_dir), "--data-dir", data, "--examples", "4", "--out", tmp_path / "f")
+    assert code == 0, err
+    report = json.loads((tmp_path / "f" / "forgetting.json").read_text())
+    assert [m["label"].split(" ")[0] for m in report["models"]] == ["base", "lora"]
+    assert report["sources"] == ["tinystories_valid_tail20", "wikitext2_test"]
+    assert set(report["models"][1]["delta_nelbo"]) == set(report["sources"])
+
+
+def test_composition_from_the_cli(capsys, tmp_path, adapters, tiny_base_dir):
+    tasks = ("suite_topic", "suite_sentiment")
+    code, out, err = run_cli(capsys, "analyze", "composition",
+                             "--adapters", *[str(adapters[("lora_diffusion", t)]) for t in tasks],
+                             "--lora-adapters", *[str(adapters[("lora", t)]) for t in tasks],
+                             "--base", str(tiny_base_dir), "--examples", "4", "--sampler-steps", "1",
+                             "--router-steps", "2", "--quiet", "--out", tmp_path / "c")
+    assert code == 0, err
+    report = json.loads((tmp_path / "c" / "composition.json").read_text())
+    assert report["tasks"] == list(tasks)
+    assert len(report["interference"]["scores"]) == 2 and len(report["interference"]["scores"][0]) == 2
+    for row in report["table"].values():
+        assert set(row) >= {"own", "router", "uniform", "lora_own", "lora_linear", "lora_cat", "lora_ties"}
+    assert all(abs(sum(w["weights"]) - 1) < 1e-5 for w in report["router_weights"])
+    assert report["router_accuracy_counts"]["heldout"][1] == 0  # the suite tasks have no paraphrase lists
+    assert "| suite_topic (accuracy) |" in (tmp_path / "c" / "composition.md").read_text()
+
+
+def test_scaling_and_data_efficiency_from_the_cli(capsys, tmp_path, tiny_base_dir):
+    code, out, err = run_cli(capsys, "analyze", "scaling", "--base", str(tiny_base_dir), "--ranks", "1,2",
+                             "--gen-ranks", "2", "--gen-batch-sizes", "1", "--gen-lengths", "4", "--sampler-steps", "2",
+                             "--batch-size", "2", "--in-process", "--out", tmp_path / "s")
+    assert code == 0, err
+    report = json.loads((tmp_path / "s" / "scaling.json").read_text())
+    assert [(r["method"], r["rank"]) for r in report["train"]][:4] == [("lora", 1), ("lora", 2),
+                                                                       ("lora_diffusion", 1), ("lora_diffusion", 2)]
+    assert {r["method"] for r in report["train"]} >= {"full", "adapter", "bitfit", "prefix"}
+    lora = [r for r in report["train"] if r["method"] == "lora"]
+    assert lora[1]["trainable_parameters"] == 2 * lora[0]["trainable_parameters"]
+    assert [(g["method"], g["merged"]) for g in report["generate"]][:4] == [
+        ("base", False), ("lora", False), ("lora", True), ("lora_diffusion", False)]
+    assert (tmp_path / "s" / "training.html").is_file() and (tmp_path / "s" / "generation.html").is_file()
+
+    code, out, err = run_cli(capsys, "analyze", "data-efficiency", "--base", str(tiny_base_dir), "--task", "suite_topic",
+                             "--sizes", "8,16", "--methods", "bitfit,lora", "--seeds", "0", "1", "--steps", "2",
+                             "--batch-size", "4", "--max-eval-examples", "4", "--sampler-steps", "1", "--quiet",
+                             "--out", tmp_path / "d")
+    assert code == 0, err
+    report = json.loads((tmp_path / "d" / "data_efficiency.json").read_text())
+    assert [(p["n_train"], p["method"]) for p in report["points"]] == [(8, "bitfit"), (8, "lora"), (16, "bitfit"),
+                                                                       (16, "lora")]
+    assert all(p["accuracy"]["n"] == 2 for p in report["points"])
