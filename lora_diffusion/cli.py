@@ -248,7 +248,7 @@ def cmd_compare(args) -> None:
                           lr_sweep=lr_sweep, validation_fraction=args.validation_fraction,
                           sampler_steps=args.sampler_steps, profile=not (args.no_profile or args.sweep_only),
                           progress=not args.quiet, log=log, sweep_only=args.sweep_only,
-                          learning_rates=learning_rates)
+                          learning_rates=learning_rates, results_file=args.results)
     print(markdown(results))
     print(f"results: {os.path.join(args.out, 'results.json')}", file=sys.stderr)
 
@@ -463,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler-steps", type=int, default=64)
     p.add_argument("--no-profile", action="store_true", help="skip the peak-memory measurement per row")
     p.add_argument("--out", required=True, help="folder: results.json, results.md, one run folder per row/seed")
+    p.add_argument("--results", help="also write the results JSON here (and the markdown table beside it)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.add_argument("--quiet", action="store_true", help="no progress bars")

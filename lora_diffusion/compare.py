@@ -97,13 +97,14 @@ def learning_rates_from(path) -> dict[str, float]:
 def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir, base=None,
                 lr_sweep: list[float] | None = None, validation_fraction: float = 0.1,
                 sampler_steps: int = 64, profile: bool = True, progress: bool = True, log=print,
-                sweep_only: bool = False, learning_rates: dict | None = None) -> dict:
+                sweep_only: bool = False, learning_rates: dict | None = None, results_file=None) -> dict:
     """Train and evaluate every spec for every seed; returns (and writes) the results.
 
     `config` is a TrainConfig whose lr is ignored (each method's own, or the sweep's);
     `lr_sweep` multiplies each method's default lr, e.g. [0.3, 1, 3]; `sweep_only` stops
     after the sweep (the rows then carry only the chosen lr and the validation scores);
-    `learning_rates` (label -> lr) fixes rows' learning rates, e.g. from a sweep.
+    `learning_rates` (label -> lr) fixes rows' learning rates, e.g. from a sweep;
+    `results_file` also receives the results (and a .md table beside it).
     """
     if sweep_only and not lr_sweep:
         raise UserError("--sweep-only needs --lr-sweep")
@@ -112,7 +113,7 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir
     if missing:
         raise UserError(f"no learning rate given for {', '.join(missing)}")
     from .backbone import load_backbone
-    from .io import read_json, write_json
+    from .io import read_json
     from .methods import make_method
     from .train import fine_tune
 
@@ -159,7 +160,7 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir
         row["lr"] = lr
         if sweep_only:
             results["rows"].append(row)
-            write_json(out_dir / "results.json", results)
+            _write(results, out_dir, results_file)
             continue
         runs = [run(spec, seed, lr, task, out_dir / _safe(spec.label) / f"seed-{seed}") for seed in seeds]
         row.update(_summarise(runs))
@@ -167,9 +168,17 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir
             row["profile"] = _profile_row(spec, task, runs[0], config, base)
         results["rows"].append(row)
         _relative_to_full(results["rows"])
-        write_json(out_dir / "results.json", results)
-        (out_dir / "results.md").write_text(markdown(results) + "\n")
+        _write(results, out_dir, results_file)
     return results
+
+
+def _write(results: dict, out_dir: Path, results_file=None) -> None:
+    """results.json + results.md in the run folder (and at `results_file`), each written atomically."""
+    from .io import write_json, write_text
+
+    for path in [out_dir / "results.json"] + ([Path(results_file)] if results_file else []):
+        write_json(path, results)
+        write_text(path.with_suffix(".md"), markdown(results) + "\n")
 
 
 def _summarise(runs: list[dict]) -> dict:
