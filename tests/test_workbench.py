@@ -1,0 +1,98 @@
+"""The engine behind the app and notebooks: background training, adapters in and out, trajectories."""
+
+import zipfile
+
+import pytest
+
+from lora_diffusion import workbench
+from lora_diffusion.data import load_task
+from lora_diffusion.errors import UserError
+from lora_diffusion.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_base_dir):
+    ws = workbench.Workspace(tmp_path_factory.mktemp("ws"))
+    task = load_task("suite_sentiment", max_train=32, max_eval=8)
+    job = ws.start_training(task, "lora_diffusion", {"ranks": [4, 4, 4]},
+                            TrainConfig(steps=6, batch_size=4, log_every=2, eval_every=3), base=str(tiny_base_dir),
+                            sampler_steps=2, monitor_examples=4)
+    assert job.wait(300), job.status
+    return ws, job
+
+
+def test_background_training_logs_saves_and_lists(trained):
+    ws, job = trained
+    assert job.status == "done", job.error
+    steps, losses = job.losses()
+    assert steps == [2, 4, 6] and all(loss > 0 for loss in losses)
+    assert [r["step"] for r in job.monitor()] == [3, 6]  # periodic held-out score, then the final one
+    assert job.result["n_eval"] == 8 and 0.0 <= job.result["accuracy"] <= 1.0
+    listed = ws.adapters()
+    assert [a["name"] for a in listed] == [job.id]
+    assert listed[0]["method"] == "lora_diffusion" and listed[0]["accuracy"] == job.result["accuracy"]
+    fig = workbench.training_figure(job.records)
+    assert len(fig.data) == 2 and list(fig.data[0].x) == [2, 4, 6]
+
+
+def test_export_then_import_gives_the_same_adapter(trained):
+    ws, job = trained
+    archive = ws.export_adapter(job.id)
+    with zipfile.ZipFile(archive) as z:
+        assert sorted(z.namelist()) == ["adapter.safetensors", "adapter_config.json"]
+    name = ws.import_adapter(archive)
+    original, imported = ws.adapter_path(job.id), ws.adapter_path(name)
+    assert (imported / "adapter.safetensors").read_bytes() == (original / "adapter.safetensors").read_bytes()
+    assert name in [a["name"] for a in ws.adapters()]
+
+
+def test_bad_uploads_are_refused_and_leave_nothing(trained, tmp_path):
+    ws, _ = trained
+    before = sorted(p.name for p in ws.root.iterdir())
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("adapter.safetensors", b"x")
+        z.writestr("payload.pkl", b"x")
+    with pytest.raises(UserError, match="only .safetensors and .json"):
+        ws.import_adapter(evil)
+    fake = tmp_path / "fake.zip"
+    fake.write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="not a valid zip"):
+        ws.import_adapter(fake)
+    broken = tmp_path / "broken.zip"
+    with zipfile.ZipFile(broken, "w") as z:
+        z.writestr("adapter.safetensors", b"garbage")
+        z.writestr("adapter_config.json", '{"format": "lora-diffusion-adapter"}')
+    with pytest.raises(UserError, match="does not load as safetensors"):
+        ws.import_adapter(broken)
+    assert sorted(p.name for p in ws.root.iterdir()) == before
+
+
+def test_a_stopped_job_still_saves_what_it_trained(tmp_path, tiny_base_dir):
+    ws = workbench.Workspace(tmp_path)
+    task = load_task("suite_topic", max_train=16, max_eval=4)
+    job = ws.start_training(task, "bitfit", {}, TrainConfig(steps=10_000, batch_size=2, log_every=1),
+                            base=str(tiny_base_dir), sampler_steps=1, monitor_examples=2)
+    job.stop()
+    assert job.wait(300)
+    assert job.status == "stopped" and job.result["train"]["steps"] < 10_000
+    assert (job.folder / "adapter" / "adapter_config.json").is_file()
+
+
+def test_trajectory_states_and_norms(trained, tiny_base_dir):
+    ws, job = trained
+    model, method, _ = workbench.load_model(ws.adapter_path(job.id), base=str(tiny_base_dir))
+    report = workbench.denoising_trajectory(model, "is it good ?", "very good", length=4, steps=4)
+    assert len(report["steps"]) == 4
+    masked = [s["state"].count("masked") for s in report["steps"]]
+    assert masked == [3, 2, 1, 0]  # one position revealed per step, none hidden again
+    for before, after in zip(report["steps"], report["steps"][1:]):
+        for tok_b, st_b, tok_a, st_a in zip(before["tokens"], before["state"], after["tokens"], after["state"]):
+            if st_b != "masked":
+                assert tok_a == tok_b and st_a == "settled"
+    assert all(s["perturbation_norm"] is not None for s in report["steps"])
+    base_model, _, _ = workbench.load_model(base=str(tiny_base_dir))
+    base_report = workbench.denoising_trajectory(base_model, "is it good ?", "very good", length=4, steps=4)
+    assert all(s["perturbation_norm"] is None for s in base_report["steps"])
+    with pytest.raises(UserError):
+        workbench.denoising_trajectory(base_model, " ", "", length=4, steps=4)
