@@ -369,6 +369,18 @@ def cmd_report(args) -> None:
     print(markdown_table([read_json(path) for path in args.results]))
 
 
+def cmd_app(args) -> None:
+    import runpy
+
+    from .backbone import REPO_ROOT
+
+    script = REPO_ROOT / "app" / "main.py"
+    if not script.is_file():
+        raise UserError(f"the app is not in this installation ({script} is missing); run it from a checkout")
+    sys.argv = [str(script), "--port", str(args.port), "--host", args.host, "--workspace", args.workspace]
+    runpy.run_path(str(script), run_name="__main__")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-diffusion", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -426,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("app", help="start the Gradio workbench")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--workspace", default="runs/app", help="folder for the app's runs and adapters")
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("sample", help="generate text with the sampler")
     p.add_argument("--base", help="base model folder (default: the shipped base)")
