@@ -24,6 +24,9 @@ from .methods.base import Method, freeze
 from .methods.trajectory import LoRADiffusion, encode_instruction
 
 
+COMPOSITION_FORMAT = "lora-diffusion-composition"
+
+
 class Router(nn.Module):
     """Enc(c) -> softmax weights over M task adapters (2-layer MLP)."""
 
@@ -47,6 +50,7 @@ class Composition:
         self.model, self.methods, self.labels = model, methods, labels
         self.router = router
         self.fixed: torch.Tensor | None = None  # [M] weights that override the router
+        self.paths: list[str] = []  # the adapters' folders, when loaded from disk
         model.step_hook = self._hook
 
     @classmethod
@@ -72,7 +76,39 @@ class Composition:
         router = Router(backbone.word_embeddings.embedding_dim, len(methods), router_hidden)
         model.add_module("router", router)
         model.eval()
-        return cls(model, methods, labels, router)
+        composition = cls(model, methods, labels, router)
+        composition.paths = [str(_adapter_folder(p).resolve()) for p in paths]
+        return composition
+
+    def save(self, folder) -> None:
+        """The router's weights + which adapters it mixes (safetensors + JSON)."""
+        from pathlib import Path
+
+        from .io import save_tensors, write_json
+
+        folder = Path(folder)
+        save_tensors(folder / "router.safetensors", {k: v.detach().cpu() for k, v in self.router.state_dict().items()})
+        write_json(folder / "composition.json", {
+            "format": COMPOSITION_FORMAT, "labels": self.labels, "adapters": self.paths,
+            "router_hidden": self.router.mlp[0].out_features})
+
+    @classmethod
+    def load(cls, folder, base=None):
+        """A saved composition: its task adapters (from their recorded folders) and its router."""
+        from pathlib import Path
+
+        from .io import load_tensors, read_json
+
+        folder = Path(folder)
+        spec = read_json(folder / "composition.json")
+        if spec.get("format") != COMPOSITION_FORMAT:
+            raise UserError(f"{folder} is not a saved lora-diffusion composition")
+        missing = [p for p in spec["adapters"] if not _adapter_folder(p).is_dir()]
+        if missing:
+            raise UserError(f"the composition in {folder} needs adapters that are gone: {', '.join(missing)}")
+        composition = cls.from_adapters(spec["adapters"], base, router_hidden=spec["router_hidden"])
+        composition.router.load_state_dict(load_tensors(folder / "router.safetensors"))
+        return composition
 
     def weights(self, instruction) -> torch.Tensor:
         """[B, M] mixture weights for a batch of instruction token ids."""

@@ -199,6 +199,14 @@ def test_composition_from_the_cli(capsys, tmp_path, adapters, tiny_base_dir):
     assert all(abs(sum(w["weights"]) - 1) < 1e-5 for w in report["router_weights"])
     assert report["router_accuracy_counts"]["heldout"][1] == 0  # the suite tasks have no paraphrase lists
     assert "| suite_topic (accuracy) |" in (tmp_path / "c" / "composition.md").read_text()
+    # the trained router is saved and loads back to the same weights per instruction
+    from lora_diffusion.router import Composition
+
+    loaded = Composition.load(tmp_path / "c" / "composition", base=str(tiny_base_dir))
+    assert loaded.labels == list(tasks)
+    for w in report["router_weights"][:2]:
+        again = loaded.instruction_weights([w["instruction"]])[0].tolist()
+        assert all(abs(a - b) < 1e-5 for a, b in zip(again, w["weights"]))
 
 
 def test_scaling_and_data_efficiency_from_the_cli(capsys, tmp_path, tiny_base_dir):

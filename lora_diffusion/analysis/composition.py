@@ -81,6 +81,8 @@ def composition_report(ld_adapters, lora_adapters=None, base=None, data_dir=None
     router_summary = train_router(composition, tasks, configs, steps=router_steps, batch_size=router_batch,
                                   lr=router_lr, seed=seed, out_dir=Path(out_dir) / "router" if out_dir else None,
                                   progress=progress)
+    if out_dir:  # the trained router, for the app and `Composition.load`
+        composition.save(Path(out_dir) / "composition")
     model = composition.model
     model.eval()
     m = len(names)
