@@ -12,7 +12,7 @@ from .base import Method, freeze
 
 class BitFit(Method):
     name = "bitfit"
-    default_lr = 5e-3
+    default_lr = 1.5e-3
 
     def __init__(self):
         super().__init__()
