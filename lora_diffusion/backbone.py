@@ -140,6 +140,16 @@ class Backbone(nn.Module):
         out = self.head(h).float()
         return out.masked_fill(self.never_predict, float("-inf"))
 
+    @property
+    def label(self) -> str:
+        """How files name this base: "shipped" for the shipped one, else where it came from."""
+        try:
+            if Path(self.source).resolve() == Path(SHIPPED_BASE).resolve():
+                return "shipped"
+        except (OSError, ValueError):
+            pass
+        return self.source
+
     def fingerprint(self) -> str:
         """Short hash of the base's weights, so an adapter can refuse the wrong base."""
         digest = hashlib.sha256()

@@ -162,6 +162,11 @@ def classification_examples(texts, raw_labels, instruction, verbalizers: dict | 
 # Built-in tasks
 # ---------------------------------------------------------------------------------------
 
+def _shown(path: Path) -> str:
+    """A path as results files record it: relative, so no machine's layout leaks into them."""
+    return os.path.relpath(path)
+
+
 def _need(path: Path, task: str) -> Path:
     if not path.is_file():
         raise UserError(f"task {task} needs {path}; point --data-dir at a folder with it "
@@ -178,7 +183,7 @@ def _sst2(data_dir: Path) -> Task:
         splits[split], labels = classification_examples(
             _column(rows, "sentence", path), _column(rows, "label", path), SENTIMENT_INSTRUCTION, words, path)
     return Task("sst2", "classification", splits["train"], splits["eval"], labels,
-                source=f"SST-2 (GLUE) from {data_dir / 'sst2'}: train.tsv / dev.tsv")
+                source=f"SST-2 (GLUE) from {_shown(data_dir / 'sst2')}: train.tsv / dev.tsv")
 
 
 def _agnews_test_rows(data_dir: Path) -> list[dict]:
@@ -201,7 +206,7 @@ def _agnews(data_dir: Path) -> Task:
     evals, _ = classification_examples([r["description"] for r in test], [r["label"] for r in test],
                                        TOPIC_INSTRUCTION, AGNEWS_LABELS, "ag_news/test.csv")
     return Task("agnews", "classification", train, evals, ["world", "sports", "business", "science"],
-                source=f"AG News from {data_dir / 'ag_news'}: train_subset_10k.tsv / test.csv (descriptions)")
+                source=f"AG News from {_shown(data_dir / 'ag_news')}: train_subset_10k.tsv / test.csv (descriptions)")
 
 
 def _agnews_title(data_dir: Path) -> Task:
@@ -210,7 +215,7 @@ def _agnews_title(data_dir: Path) -> Task:
     make = lambda rows: [{"instruction": TITLE_INSTRUCTION, "input": r["description"].strip(),
                           "response": r["title"].strip().lower()} for r in rows]
     return Task("agnews_title", "generation", make(train_rows), make(_agnews_test_rows(data_dir)),
-                source=f"AG News titles from {data_dir / 'ag_news'}: train_head_2000.csv / test.csv")
+                source=f"AG News titles from {_shown(data_dir / 'ag_news')}: train_head_2000.csv / test.csv")
 
 
 def _suite(name: str) -> Task:

@@ -124,15 +124,12 @@ ADAPTER_FORMAT = "lora-diffusion-adapter"
 def save_adapter(folder, method, backbone, base_fingerprint: str, task, response_length: int,
                  max_length: int, train_summary: dict | None = None) -> dict:
     """Write a method's trained state and everything needed to use it again."""
-    from .backbone import SHIPPED_BASE
-
     folder = Path(folder)
     state = method.state_dict()
-    shipped = Path(backbone.source).resolve() == Path(SHIPPED_BASE).resolve() if backbone.source else False
     config = {
         "format": ADAPTER_FORMAT, "version": 1,
         "method": method.name, "options": method.config(),
-        "base": {"source": "shipped" if shipped else backbone.source, "fingerprint": base_fingerprint,
+        "base": {"source": backbone.label, "fingerprint": base_fingerprint,
                  "hidden_size": backbone.hidden_size, "vocab_size": backbone.vocab_size},
         "task": {"name": task.name, "kind": task.kind, "labels": task.labels,
                  "instruction": task.train[0]["instruction"] if task.train else None, "source": task.source},

@@ -260,7 +260,7 @@ def fine_tune(backbone, task, method, config: TrainConfig, out_dir=None, max_len
         method.unmerge()
     result = {**metrics, "method": method.name, "options": method.config(), "seed": config.seed,
               "n_train": len(task.train), **method.accounting(), "train": summary,
-              "config": asdict(config), "base": backbone.source, "source": task.source}
+              "config": asdict(config), "base": backbone.label, "source": task.source}
     if enc.n_truncated:
         result["n_train_truncated"] = enc.n_truncated
     if out_dir is not None:
