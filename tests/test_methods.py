@@ -98,6 +98,21 @@ def test_blocks_injection_also_starts_at_the_base_and_prefix_does_not(tiny):
     assert not torch.allclose(logits(attached("prefix")[0], batch), base, atol=1e-3)
 
 
+def test_blocks_injection_moves_only_the_positions_being_denoised(tiny):
+    """A block's perturbation lands where logits are read; the prompt's states stay as the block made them."""
+    batch = tiny_batch(tiny, padded=True)
+    model, method = attached("lora_diffusion", injection="blocks")
+    perturb(method)
+    positions = batch["response_mask"]
+    n = positions.shape[0]
+    model.step_context = (torch.full((n,), 0.9), batch["instruction"], positions)
+    h = torch.randn(*positions.shape, model.backbone.hidden_size)
+    with torch.no_grad():
+        out = method._block_hook(0)(None, None, (h,))[0]
+    assert torch.equal(out[~positions], h[~positions])
+    assert (out[positions] - h[positions]).abs().amax(-1).min() > 0
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_every_method_trains_only_its_own_parameters(name, tiny):
     model, method = attached(name)
