@@ -242,7 +242,7 @@ def cmd_compare(args) -> None:
         raise UserError(f"--seed lists a seed twice: {args.seed}")
     task = _load_task(args, 0)  # one training subset for every row and seed: an equal budget
     lr_sweep = [float(x) for x in args.lr_sweep.split(",")] if args.lr_sweep else None
-    learning_rates = learning_rates_from(args.lr_from) if args.lr_from else None
+    learning_rates = learning_rates_from(*args.lr_from) if args.lr_from else None
     log = lambda message: print(message, file=sys.stderr, flush=True)
     results = run_compare(task, specs, args.seed, _train_config(args), args.out, base=args.base,
                           lr_sweep=lr_sweep, validation_fraction=args.validation_fraction,
@@ -474,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "carved from the train set, e.g. 0.3,1,3")
     p.add_argument("--validation-fraction", type=float, default=0.1)
     p.add_argument("--sweep-only", action="store_true", help="stop after the lr sweep (its table, one seed)")
-    p.add_argument("--lr-from", help="results.json of an earlier compare (e.g. --sweep-only): its rows' lr")
+    p.add_argument("--lr-from", nargs="+", metavar="RESULTS",
+                   help="results.json of earlier compares (e.g. --sweep-only): their rows' lr")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--eval-every", type=int, help="held-out monitor during training (default: off)")
     p.add_argument("--checkpoint-every", type=int, default=0)

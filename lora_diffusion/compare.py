@@ -84,14 +84,17 @@ def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
-def learning_rates_from(path) -> dict[str, float]:
-    """label -> lr chosen by an earlier comparison (e.g. a `--sweep-only` run)."""
+def learning_rates_from(*paths) -> dict[str, float]:
+    """label -> lr chosen by earlier comparisons (e.g. `--sweep-only` runs); later files win."""
     from .io import read_json
 
-    rows = read_json(path).get("rows", [])
-    if not rows:
-        raise UserError(f"{path} has no rows to take learning rates from")
-    return {row["label"]: row["lr"] for row in rows}
+    chosen = {}
+    for path in paths:
+        rows = read_json(path).get("rows", [])
+        if not rows:
+            raise UserError(f"{path} has no rows to take learning rates from")
+        chosen.update({row["label"]: row["lr"] for row in rows})
+    return chosen
 
 
 def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir, base=None,
