@@ -145,6 +145,7 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir
             f"({time.time() - began:.0f}s)")
         return result
 
+    started = time.time()
     for spec in specs:
         default_lr = spec.lr or learning_rates.get(spec.label) or make_method(spec.method, **spec.options).default_lr
         row = {"label": spec.label, "method": spec.method, "options": spec.options}
@@ -171,6 +172,7 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir
             row["profile"] = _profile_row(spec, task, runs[0], config, base)
         results["rows"].append(row)
         _relative_to_full(results["rows"])
+        results["wall_seconds"] = round(time.time() - started, 1)  # of this invocation (a resumed run: the rest)
         _write(results, out_dir, results_file)
     return results
 
