@@ -357,7 +357,7 @@ def cmd_analyze(args) -> None:
     name = kind.replace("-", "_")
     write_json(out / f"{name}.json", report)
     for fig_name, figure in figures.items():
-        write_figure(out / f"{fig_name}.html", figure)
+        write_figure(out / f"{fig_name}.html", figure, png=args.png)
     print(f"wrote {out / (name + '.json')} and {', '.join(f + '.html' for f in figures)}", file=sys.stderr)
     print(summary if isinstance(summary, str) else json.dumps(summary))
 
@@ -515,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler-steps", type=int, default=16, help="denoising steps")
     p.add_argument("--projection", choices=["tsne", "pca"], default="tsne")
     p.add_argument("--router-steps", type=int, default=300)
+    p.add_argument("--png", action="store_true", help="also write each figure as PNG (the figures extra)")
     p.add_argument("--ranks", default="1,2,4,8,16,32,64,128")
     p.add_argument("--gen-ranks", default="8,128")
     p.add_argument("--gen-batch-sizes", default="1,8,32")

@@ -51,9 +51,36 @@ def write_text(path, text: str) -> None:
     _atomic_replace(Path(path), write)
 
 
-def write_figure(path, figure) -> None:
-    """A plotly figure as a self-contained HTML page (plotly.js embedded: opens offline)."""
+def write_figure(path, figure, png: bool = False) -> None:
+    """A plotly figure as a self-contained HTML page (plotly.js embedded: opens offline).
+
+    `png` also writes `path` with a .png suffix (for the README), through kaleido, which
+    drives a local Chrome/Chromium: the `figures` extra, and BROWSER_PATH if the browser
+    is not where kaleido looks (Debian's /usr/bin/chromium is tried).
+    """
     write_text(path, figure.to_html(include_plotlyjs=True, full_html=True))
+    if png:
+        write_png(Path(path).with_suffix(".png"), figure)
+
+
+def write_png(path, figure, width: int = 900, height: int = 500) -> None:
+    """A static PNG of a plotly figure, written atomically."""
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        raise UserError("PNG figures need kaleido: pip install 'lora-diffusion[figures]'") from None
+    if "BROWSER_PATH" not in os.environ and Path("/usr/bin/chromium").is_file():
+        os.environ["BROWSER_PATH"] = "/usr/bin/chromium"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(figure.to_image(format="png", width=width, height=height, scale=1))
+    except Exception as err:  # kaleido found no browser, or the browser failed
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not render {path.name}: {str(err).strip().splitlines()[0]} "
+                        "(kaleido needs Chrome or Chromium; set BROWSER_PATH to it)") from None
+    os.replace(tmp, path)
 
 
 def read_json(path) -> dict:
