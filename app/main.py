@@ -20,7 +20,7 @@ import gradio as gr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from lora_diffusion.compare import markdown as compare_markdown  # noqa: E402
+from lora_diffusion.compare import comparison_figure, markdown as compare_markdown  # noqa: E402
 from lora_diffusion.data import DEFAULT_DATA, SUITE, load_task  # noqa: E402
 from lora_diffusion.errors import UserError  # noqa: E402
 from lora_diffusion.io import read_json  # noqa: E402
@@ -187,13 +187,7 @@ def build(workspace: workbench.Workspace, data_dir: str | None = None) -> gr.Blo
         results = read_json(path if isinstance(path, str) else path.name)
         if "rows" not in results or "budget" not in results:
             raise UserError("that file is not a `lora-diffusion compare` results file")
-        import plotly.graph_objects as go
-        rows = [r for r in results["rows"] if "accuracy" in r or "rouge_l" in r]
-        key = "accuracy" if rows and "accuracy" in rows[0] else "rouge_l"
-        fig = go.Figure(go.Bar(x=[r["label"] for r in rows], y=[100 * r[key]["mean"] for r in rows],
-                               error_y=dict(type="data", array=[100 * r[key]["std"] for r in rows])))
-        fig.update_layout(template="plotly_white", yaxis_title=f"held-out {key} % (mean ± std over seeds)",
-                          title=f"{results['task']['task']}: methods with an equal budget")
+        fig = comparison_figure(results)
         return compare_markdown(results), fig
 
     with gr.Blocks(title="lora-diffusion workbench") as demo:

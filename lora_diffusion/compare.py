@@ -245,6 +245,22 @@ def sweep_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def comparison_figure(results: dict):
+    """Held-out score per row (mean ± std over seeds) as a plotly bar chart."""
+    import plotly.graph_objects as go
+
+    rows = [r for r in results["rows"] if "accuracy" in r or "rouge_l" in r]
+    if not rows:
+        raise UserError("the results have no evaluated rows yet (a --sweep-only run?)")
+    key = "accuracy" if "accuracy" in rows[0] else "rouge_l"
+    fig = go.Figure(go.Bar(x=[r["label"] for r in rows], y=[100 * r[key]["mean"] for r in rows],
+                           error_y=dict(type="data", array=[100 * r[key]["std"] for r in rows])))
+    fig.update_layout(template="plotly_white", yaxis_title=f"held-out {key} % (mean ± std over seeds)",
+                      title=f"{results['task']['task']}: methods with an equal budget "
+                            f"({results['budget']['steps']} steps × {results['budget']['batch_size']})")
+    return fig
+
+
 def markdown(results: dict) -> str:
     """The comparison as a markdown table (what the README shows)."""
     if results.get("sweep_only"):

@@ -73,7 +73,29 @@ PARAPHRASES = {
                     "what title would a newspaper give this text ?",
                     "compose a short headline for this news item ."],
     },
+    # The built-in suite (suite_sentiment shares SST-2's wording, so it reuses its paraphrases).
+    "suite_topic": {
+        "train": ["which topic is this text about : sports , food , weather or music ?",
+                  "classify this sentence as sports , food , weather or music .",
+                  "give the subject of this text : sports , food , weather or music .",
+                  "what is this about ? answer sports , food , weather or music .",
+                  "topic of the sentence ? sports , food , weather or music ."],
+        "heldout": ["is this text about sports , food , weather or music ?",
+                    "label the subject of the sentence with sports , food , weather or music .",
+                    "which of sports , food , weather or music does this talk about ?"],
+    },
+    "suite_struct": {
+        "train": ["list the colour , the object and the place .",
+                  "find the colour , the object and the place in this sentence .",
+                  "pull out the colour , object and place mentioned .",
+                  "which colour , object and place does the text mention ?",
+                  "name the colour , the object and the place ."],
+        "heldout": ["tell me the colour , the thing and the location in this sentence .",
+                    "what colour , object and place appear below ?",
+                    "identify the colour , object and place ."],
+    },
 }
+PARAPHRASES["suite_sentiment"] = PARAPHRASES["sst2"]
 AGNEWS_LABELS = {"1": "world", "2": "sports", "3": "business", "4": "science",
                  "world": "world", "sports": "sports", "business": "business", "sci/tech": "science"}
 

@@ -1,4 +1,4 @@
-"""environment.yml lists the same dependencies as pyproject.toml (core + prepare + test extras)."""
+"""environment.yml lists the same dependencies as pyproject.toml (core + prepare + notebooks + test extras)."""
 
 import re
 from pathlib import Path
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = set(project["dependencies"])
-    for extra in ("prepare", "test"):
+    for extra in ("prepare", "notebooks", "test"):
         wanted |= set(project["optional-dependencies"][extra])
     lines = (ROOT / "environment.yml").read_text().splitlines()
     pip_block = lines[lines.index("  - pip:") + 1:]
