@@ -3,8 +3,9 @@
     python app/main.py [--port 7860] [--workspace runs/app]     (or: lora-diffusion app)
 
 Tabs: Train (fine-tune with a live loss curve, stop, download / upload adapters),
-Generate (watch the response unmask step by step, base vs adapter), Compare (a
-`lora-diffusion compare` results file as a table and chart).
+Generate (watch the response unmask step by step: base vs adapter vs router-composed),
+Analyse (effective rank per step, trajectory t-SNE, router weights, forgetting), Compare
+(a `lora-diffusion compare` results file as table and chart; the rank-scaling plots).
 """
 
 from __future__ import annotations
@@ -165,13 +166,15 @@ def build(workspace: workbench.Workspace, data_dir: str | None = None) -> gr.Blo
                 + "".join(rows))
 
     @readable_errors
-    def generate(adapter_name, instruction, text, length, steps, temperature, seed):
-        reports = {"base": workbench.denoising_trajectory(workbench.load_model()[0], instruction, text, int(length),
-                                                          int(steps), float(temperature), int(seed))}
+    def generate(adapter_name, composed, instruction, text, length, steps, temperature, seed):
+        decode = lambda model: workbench.denoising_trajectory(model, instruction, text, int(length), int(steps),
+                                                              float(temperature), int(seed))
+        reports = {"base": decode(workbench.load_model()[0])}
         if adapter_name and adapter_name != BASE_ONLY:
-            model, _, _ = workbench.load_model(workspace.adapter_path(adapter_name))
-            reports[adapter_name] = workbench.denoising_trajectory(model, instruction, text, int(length), int(steps),
-                                                                   float(temperature), int(seed))
+            reports[adapter_name] = decode(workbench.load_model(workspace.adapter_path(adapter_name))[0])
+        if composed:
+            composition = workspace.composition(composed, data_dir)
+            reports["router-composed (" + ", ".join(composition.labels) + ")"] = decode(composition.model)
         legend = ('<p><span style="background:#d0d0d0;padding:1px 4px">masked</span> '
                   '<span style="background:#ffb347;padding:1px 4px">revealed at this step</span> '
                   '<span style="background:#8fd18f;padding:1px 4px">settled</span></p>')
@@ -189,6 +192,69 @@ def build(workspace: workbench.Workspace, data_dir: str | None = None) -> gr.Blo
             raise UserError("that file is not a `lora-diffusion compare` results file")
         fig = comparison_figure(results)
         return compare_markdown(results), fig
+
+    # ---- Analyse -------------------------------------------------------------------------
+
+    def _paths(names) -> list:
+        if not names:
+            raise UserError("pick one or more adapters first (train one in the Train tab)")
+        return [workspace.adapter_path(n) for n in names]
+
+    @readable_errors
+    def effective_rank(names, examples, steps, progress=gr.Progress()):
+        from lora_diffusion.analysis.rank import effective_rank_figure, effective_rank_report
+
+        progress(0, desc="decoding held-out prompts with every adapter")
+        report = effective_rank_report(_paths(names), data_dir=data_dir, n_examples=int(examples), steps=int(steps))
+        note = ("Effective rank = exp(entropy of the normalised singular values) of the per-token "
+                "perturbations at each step; t = 1 is the all-masked start. " + " · ".join(
+                    f"{r['label']}: {r['effective_rank'][0]:.1f} → {r['effective_rank'][-1]:.1f}"
+                    for r in report["methods"]))
+        return note, effective_rank_figure(report), None
+
+    @readable_errors
+    def trajectory_tsne(names, examples, steps, projection, progress=gr.Progress()):
+        from lora_diffusion.analysis.tsne import trajectory_figure, trajectory_map
+
+        progress(0, desc=f"collecting trajectories, then {projection}")
+        report = trajectory_map(_paths(names), data_dir=data_dir, n_examples=int(examples), steps=int(steps),
+                                method=projection)
+        note = (f"trustworthiness of the 2-D map: perturbations {report['perturbations']['trustworthiness']:.3f}, "
+                f"base trajectories {report['base']['trustworthiness']:.3f} (1 = neighbourhoods kept)")
+        return note, trajectory_figure(report, "perturbations", "task"), trajectory_figure(report, "base", "step")
+
+    @readable_errors
+    def forgetting(names, examples, progress=gr.Progress()):
+        from lora_diffusion.analysis.forgetting import forgetting_figure, forgetting_report
+
+        progress(0, desc="scoring held-out generic text under the base and every adapter")
+        report = forgetting_report(_paths(names), data_dir=data_dir, rows=int(examples))
+        return ("Held-out NELBO (nats per token; lower is better) of generic text: a fine-tuned model "
+                "above the base has forgotten some language modelling."), forgetting_figure(report), None
+
+    @readable_errors
+    def route(names, instruction, progress=gr.Progress()):
+        if not instruction.strip():
+            raise UserError("type an instruction")
+        progress(0, desc="training the router (once per set of adapters)")
+        composition = workspace.composition(names or [], data_dir)
+        weights = composition.instruction_weights([instruction])[0].tolist()
+        return workbench.router_weights_figure(composition.labels, weights, instruction)
+
+    @readable_errors
+    def show_scaling(path):
+        from lora_diffusion.analysis.scaling import scaling_figures
+
+        if not path:
+            raise UserError("give a rank_scaling.json written by `lora-diffusion analyze scaling`")
+        report = read_json(path if isinstance(path, str) else path.name)
+        if report.get("analysis") != "rank_scaling":
+            raise UserError("that file is not a rank-scaling results file (`lora-diffusion analyze scaling`)")
+        figures = scaling_figures(report)
+        return figures["training"], figures["generation"]
+
+    def ld_choices() -> list[str]:
+        return [a["name"] for a in workspace.adapters() if a["method"] == "lora_diffusion"]
 
     with gr.Blocks(title="lora-diffusion workbench") as demo:
         gr.Markdown("# lora-diffusion workbench\nParameter-efficient fine-tuning of a masked diffusion LM, "
@@ -239,7 +305,7 @@ def build(workspace: workbench.Workspace, data_dir: str | None = None) -> gr.Blo
 
         with gr.Tab("Generate"):
             with gr.Row():
-                gen_adapter = gr.Dropdown([BASE_ONLY] + adapter_choices(), value=BASE_ONLY, label="adapter",
+                gen_adapter = gr.Dropdown([BASE_ONLY] + adapter_choices(), value=BASE_ONLY, label="adapter", elem_id="gen-adapter",
                                           allow_custom_value=True)
                 refresh_btn = gr.Button("Refresh adapters")
             instruction_in = gr.Textbox("is the sentiment of this review positive or negative ?", label="instruction")
@@ -249,15 +315,49 @@ def build(workspace: workbench.Workspace, data_dir: str | None = None) -> gr.Blo
                 gsteps_in = gr.Slider(1, 64, value=4, step=1, label="denoising steps")
                 temp_in = gr.Slider(0.0, 1.5, value=0.0, step=0.1, label="temperature")
                 gseed_in = gr.Number(0, label="seed", precision=0)
+            gen_composed = gr.Dropdown(ld_choices(), multiselect=True, allow_custom_value=True,
+                                       label="also router-composed from these LoRA-Diffusion adapters "
+                                             "(one per task; the router trains once)")
             gen_btn = gr.Button("Generate", variant="primary")
             gen_html = gr.HTML(elem_id="trajectory")
             gen_plot = gr.Plot(label="perturbation norm per step")
+
+        with gr.Tab("Analyse"):
+            with gr.Row():
+                an_adapters = gr.Dropdown(adapter_choices(), multiselect=True, label="adapters to analyse", elem_id="analyse-adapters",
+                                          allow_custom_value=True)
+                an_refresh = gr.Button("Refresh adapters")
+            with gr.Row():
+                an_examples = gr.Slider(8, 256, value=32, step=8, label="held-out examples (rows of text for forgetting)")
+                an_steps = gr.Slider(2, 64, value=8, step=1, label="denoising steps")
+                an_projection = gr.Radio(["tsne", "pca"], value="tsne", label="projection")
+            with gr.Row():
+                rank_btn = gr.Button("Effective rank per step")
+                tsne_btn = gr.Button("Trajectory t-SNE")
+                forget_btn = gr.Button("Forgetting")
+            an_note = gr.Markdown(elem_id="analysis-note")
+            an_plot = gr.Plot(label="analysis", elem_id="analysis-plot")
+            an_plot2 = gr.Plot(label="base trajectories")
+            gr.Markdown("### Router weights for an instruction\nPick LoRA-Diffusion adapters of different tasks; "
+                        "the router is trained on their instructions once, then answers instantly.")
+            with gr.Row():
+                router_adapters = gr.Dropdown(ld_choices(), multiselect=True, label="LoRA-Diffusion adapters",
+                                              allow_custom_value=True)
+                router_text = gr.Textbox("does this review sound positive or negative ?", label="instruction")
+                router_btn = gr.Button("Route")
+            router_plot = gr.Plot(label="router weights")
 
         with gr.Tab("Compare"):
             results_path = gr.Textbox("results/compare_sst2.json", label="results file of `lora-diffusion compare`")
             show_btn = gr.Button("Show")
             results_md = gr.Markdown()
             results_plot = gr.Plot()
+            gr.Markdown("### Memory and speed against rank")
+            scaling_path = gr.Textbox("results/scaling/rank_scaling.json",
+                                      label="results file of `lora-diffusion analyze scaling`")
+            scaling_btn = gr.Button("Show scaling")
+            scaling_train = gr.Plot(label="training")
+            scaling_gen = gr.Plot(label="generation")
 
         train_inputs = [task_in, csv_in, text_col, label_col, max_train, method_in, ranks_in, k_in, lrank_in,
                         lorth_in, r_in, lr_in, steps_in, batch_in, seed_in]
@@ -265,11 +365,22 @@ def build(workspace: workbench.Workspace, data_dir: str | None = None) -> gr.Blo
         stop_btn.click(stop, job_id, status, concurrency_limit=None)
         download_btn.click(download, pick, download_file)
         upload_btn.click(upload, upload_files, [upload_msg, adapters, pick])
-        refresh_btn.click(lambda: (gr.update(choices=[BASE_ONLY] + adapter_choices()),
-                                   gr.update(choices=adapter_choices())), None, [gen_adapter, pick])
-        gen_btn.click(generate, [gen_adapter, instruction_in, input_in, length_in, gsteps_in, temp_in, gseed_in],
-                      [gen_html, gen_plot])
+        def refreshed():
+            names, ld = adapter_choices(), ld_choices()
+            return (gr.update(choices=[BASE_ONLY] + names), gr.update(choices=names), gr.update(choices=ld),
+                    gr.update(choices=names), gr.update(choices=ld))
+
+        choice_lists = [gen_adapter, pick, gen_composed, an_adapters, router_adapters]
+        refresh_btn.click(refreshed, None, choice_lists)
+        an_refresh.click(refreshed, None, choice_lists)
+        gen_btn.click(generate, [gen_adapter, gen_composed, instruction_in, input_in, length_in, gsteps_in, temp_in,
+                                 gseed_in], [gen_html, gen_plot])
+        rank_btn.click(effective_rank, [an_adapters, an_examples, an_steps], [an_note, an_plot, an_plot2])
+        tsne_btn.click(trajectory_tsne, [an_adapters, an_examples, an_steps, an_projection], [an_note, an_plot, an_plot2])
+        forget_btn.click(forgetting, [an_adapters, an_examples], [an_note, an_plot, an_plot2])
+        router_btn.click(route, [router_adapters, router_text], router_plot)
         show_btn.click(show_results, results_path, [results_md, results_plot])
+        scaling_btn.click(show_scaling, scaling_path, [scaling_train, scaling_gen])
     return demo
 
 

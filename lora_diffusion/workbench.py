@@ -81,6 +81,7 @@ class Workspace:
         self._slots = threading.Semaphore(max_running)
         self._lock = threading.Lock()
         self._counter = itertools.count()
+        self._compositions: dict = {}  # trained routers, by folder
 
     def _new_folder(self, stem: str) -> tuple[str, Path]:
         with self._lock:  # unique per call, whichever user asks
@@ -218,6 +219,56 @@ class Workspace:
             shutil.rmtree(folder, ignore_errors=True)
             raise UserError(str(e) if isinstance(e, UserError) else "the upload is not a valid zip file") from None
         return run_id
+
+    # ---- composition ----------------------------------------------------------------
+
+    def composition(self, names: list[str], data_dir=None, router_steps: int = 150, base=None):
+        """A router over the named LoRA-Diffusion adapters (one per task), trained once and kept.
+
+        The trained router is saved under `compositions/` (safetensors + JSON), keyed by the
+        adapters, so a second request for the same set loads it instead of training again.
+        """
+        import hashlib
+
+        from .analysis.composition import train_router
+        from .data import load_task
+        from .router import Composition
+
+        if len(names) < 2:
+            raise UserError("pick at least two LoRA-Diffusion adapters, one per task, to compose")
+        key = hashlib.sha1("|".join(sorted(names)).encode()).hexdigest()[:12]
+        folder = self.root / "compositions" / f"{key}-{router_steps}"
+        with self._lock:
+            cached = self._compositions.get(folder)
+        if cached is not None:
+            return cached
+        paths = [self.adapter_path(n) for n in sorted(names)]
+        if (folder / "composition.json").is_file():
+            composition = Composition.load(folder, base=base)
+        else:
+            composition = Composition.from_adapters(paths, base=base)
+            if len(set(composition.labels)) != len(composition.labels):
+                raise UserError(f"one adapter per task, please; these are for {', '.join(composition.labels)}")
+            configs = {label: read_json(Path(p) / "adapter_config.json") for label, p in zip(composition.labels, paths)}
+            tasks = {label: load_task(label, data_dir=data_dir, max_train=2000, max_eval=1)
+                     for label in composition.labels}
+            train_router(composition, tasks, configs, steps=router_steps, progress=False)
+            composition.save(folder)
+        composition.use(None)
+        composition.model.eval()
+        with self._lock:
+            self._compositions[folder] = composition
+        return composition
+
+
+def router_weights_figure(labels: list[str], weights: list[float], instruction: str):
+    """Bar chart of a router's weights over its task adapters for one instruction."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Bar(x=labels, y=weights, text=[f"{w:.2f}" for w in weights], textposition="auto"))
+    fig.update_layout(template="plotly_white", yaxis_range=[0, 1], yaxis_title="router weight",
+                      title=f"Router weights for: {instruction[:80]}")
+    return fig
 
 
 # ---- looking at one generation ----------------------------------------------------------

@@ -289,3 +289,11 @@ def test_final_injection_trains_without_a_graph_through_the_base(tiny):
     assert seen["h_requires_grad"] is False
     blocks_model, _ = attached("lora_diffusion", injection="blocks")
     assert blocks_model._body_needs_grad()  # blocks injection needs the backward pass
+
+
+def test_one_module_per_phase_has_no_orthogonality_term():
+    """k = 1 leaves no pair to keep orthogonal; the loop must get None, not a bare 0.0 (it crashed)."""
+    _, method = attached("lora_diffusion", k=1)
+    assert method.regularization() is None
+    _, method = attached("lora_diffusion", k=2)
+    assert torch.is_tensor(method.regularization())

@@ -258,7 +258,7 @@ class LoRADiffusion(Method):
                         for j, gj in enumerate(modules):
                             if i != j:
                                 total = total + o["lambda_orth"] * (gi.up.weight.float().T @ gj.up.weight.float()).pow(2).sum()
-        return total
+        return total if torch.is_tensor(total) else None  # k = 1: no pair to keep orthogonal
 
     @torch.no_grad()
     def after_step(self, lr: float) -> None:

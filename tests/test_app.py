@@ -1,0 +1,179 @@
+"""The Gradio app as people use it: its API through gradio_client, and its page in headless Chromium.
+
+Both start the app in a subprocess (`python app/main.py`) on a free port, on the tiny random
+base unless APP_TEST_BASE=shipped. The browser test saves a screenshot of every tab in
+APP_SCREENSHOTS (default: the test's tmp folder); the README's screenshots come from
+`APP_TEST_BASE=shipped APP_SCREENSHOTS=docs/screenshots pytest tests/test_app.py -k browser`.
+"""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_base_dir, tmp_path_factory):
+    port = _free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    if os.environ.get("APP_TEST_BASE") != "shipped":
+        env["LORA_DIFFUSION_BASE"] = str(tiny_base_dir)
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    workspace = tmp_path_factory.mktemp("workspace")
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, str(ROOT / "app" / "main.py"), "--port", str(port),
+                                    "--workspace", str(workspace)], cwd=ROOT, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(240):
+            if process.poll() is not None:
+                pytest.fail(f"the app exited early:\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"the app did not come up in 2 minutes:\n{log.read_text()[-3000:]}")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+TRAIN_ARGS = dict(task_name="suite_sentiment", csv_file=None, text_column="text", label_column="label", max_train=64,
+                  method="lora_diffusion", ranks="8,4,2", k=1, lambda_rank=0.01, lambda_orth=0.001, r=4, lr=0,
+                  steps=6, batch_size=8, seed=0)
+
+
+def test_api_trains_generates_analyses_and_reports_errors(app_url):
+    client_module = pytest.importorskip("gradio_client")
+    client = client_module.Client(app_url, verbose=False)
+
+    status, _, metric, adapters = client.predict(**TRAIN_ARGS, api_name="/train")  # (the job id is page state)
+    assert "done" in status and "held-out accuracy" in metric
+    table = adapters["value"]["data"]  # the workspace's adapter list, updated
+    name = table[0][0]
+    assert table[0][1] == "lora_diffusion"
+
+    html, _ = client.predict(adapter_name=name, composed=[], instruction="is the sentiment of this review positive "
+                             "or negative ?", text="a great film .", length=2, steps=2, temperature=0, seed=0,
+                             api_name="/generate")
+    assert "step 2" in html and name in html and "base" in html
+
+    note, _, _ = client.predict(names=[name], examples=8, steps=4, api_name="/effective_rank")
+    assert "Effective rank" in note and name in note
+
+    # Bad input: one readable line, never a traceback.
+    with pytest.raises(Exception) as error:
+        client.predict(names=[name], instruction="classify this", api_name="/route")
+    assert "at least two" in str(error.value) and "Traceback" not in str(error.value)
+    with pytest.raises(Exception) as error:
+        client.predict(path="no/such/results.json", api_name="/show_results")
+    assert "file not found" in str(error.value)
+    with pytest.raises(Exception) as error:
+        client.predict(**dict(TRAIN_ARGS, ranks="64,32"), api_name="/train")
+    assert "three positive integers" in str(error.value)
+
+
+def _pick(page, dropdown: str, option, refresh) -> None:
+    """Refresh a Gradio dropdown's choices, open it and choose an option (retrying until it is offered)."""
+    for _ in range(20):
+        refresh.click()
+        page.wait_for_timeout(500)
+        page.mouse.click(1, 1)  # blur first: the list opens on focus, and a focused input stays shut
+        page.locator(f"{dropdown} input").click()
+        page.wait_for_timeout(300)  # the option list renders a tick after the click
+        choice = page.get_by_role("option", name=option)
+        if choice.count():
+            choice.first.click()
+            return
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(500)
+    offered = page.evaluate("Array.from(document.querySelectorAll('[role=option]')).map(e => e.innerText)")
+    raise AssertionError(f"{dropdown} never offered {option}; it offers {offered}")
+
+
+def test_browser_trains_generates_and_shows_every_tab(app_url, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).is_file():
+        if os.environ.get("REQUIRE_BROWSER"):
+            pytest.fail("no Chromium at /usr/bin/chromium (apt-get install chromium)")
+        pytest.skip("no Chromium (apt-get install chromium); .ci/run installs it")
+    shots = Path(os.environ.get("APP_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(app_url)
+        page.wait_for_selector("text=lora-diffusion workbench", timeout=60_000)
+
+        # Train: a short LoRA-Diffusion run; the loss curve and the held-out metric appear.
+        page.get_by_label("steps", exact=True).fill("12")
+        page.get_by_label("max train examples (0 = all)").fill("128")
+        page.get_by_role("button", name="Train", exact=True).click()
+        page.wait_for_function("document.querySelector('#train-status')?.innerText.includes('running')",
+                               timeout=120_000)
+        page.wait_for_function("document.querySelector('#train-metric')?.innerText.includes('held-out accuracy')",
+                               timeout=300_000)
+        assert page.locator("#loss-plot .js-plotly-plot").count() == 1
+        traces = page.evaluate("document.querySelector('#loss-plot .js-plotly-plot').data.length")
+        points = page.evaluate("document.querySelector('#loss-plot .js-plotly-plot').data[0].x.length")
+        assert traces >= 2 and points >= 2  # the train loss and the held-out monitor
+        page.screenshot(path=str(shots / "train.png"), full_page=True)
+
+        # Generate: the trajectory of base and adapter, step by step.
+        page.get_by_role("tab", name="Generate").click()
+        trained = re.compile("lora_diffusion-suite_sentiment")
+        _pick(page, "#gen-adapter", trained, page.get_by_role("button", name="Refresh adapters").first)
+        page.get_by_role("button", name="Generate", exact=True).click()
+        page.wait_for_function("document.querySelector('#trajectory')?.innerText.includes('step 1')", timeout=120_000)
+        assert page.locator("#trajectory h4").count() == 2  # base and adapter
+        page.screenshot(path=str(shots / "generate.png"), full_page=True)
+
+        # Analyse: effective rank per step of the trained adapter.
+        page.get_by_role("tab", name="Analyse").click()
+        _pick(page, "#analyse-adapters", trained, page.get_by_role("button", name="Refresh adapters").last)
+        page.keyboard.press("Escape")
+        page.get_by_role("button", name="Effective rank per step").click()
+        page.wait_for_function("document.querySelector('#analysis-note')?.innerText.includes('Effective rank')",
+                               timeout=120_000)
+        assert page.locator("#analysis-plot .js-plotly-plot").count() == 1
+        page.screenshot(path=str(shots / "analyse.png"), full_page=True)
+
+        # Compare: the methods table of the shipped results file, and a readable error for a bad path.
+        page.get_by_role("tab", name="Compare").click()
+        page.get_by_role("button", name="Show", exact=True).click()
+        if (ROOT / "results" / "compare_sst2.json").is_file():
+            page.wait_for_selector("text=training examples", timeout=60_000)
+        if (ROOT / "results" / "scaling" / "rank_scaling.json").is_file():
+            page.get_by_role("button", name="Show scaling").click()
+            page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=60_000)
+        page.screenshot(path=str(shots / "compare.png"), full_page=True)
+        page.get_by_label("results file of `lora-diffusion compare`").fill("no/such/file.json")
+        page.get_by_role("button", name="Show", exact=True).click()
+        page.wait_for_selector("text=file not found", timeout=60_000)
+        assert page.locator("text=Traceback").count() == 0
+        browser.close()
