@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Two commands on a fresh machine:  `make app`  and  `make test`.
 # TORCH pins the CPU build that pip finds locally here; elsewhere any torch>=2.5 works
 # (make TORCH='torch>=2.5').
 PYTHON ?= python3
@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean
+.PHONY: setup app demo test clean
 
 $(BIN)/lora-diffusion: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,12 @@ $(BIN)/lora-diffusion: pyproject.toml
 
 setup: $(BIN)/lora-diffusion
 
-# The main job (until the app lands): fully fine-tune the shipped base on the built-in
-# sentiment suite and print held-out metrics.
+# The main job: the workbench (Gradio) on the shipped base, offline, at http://127.0.0.1:7860
+app: setup
+	$(BIN)/lora-diffusion app
+
+# The same from the command line: fine-tune the shipped base on the built-in sentiment
+# suite and print held-out metrics.
 demo: setup
 	$(BIN)/lora-diffusion train --task suite_sentiment --method full --steps 150 --batch-size 16 \
 	    --out runs/demo --sampler-steps 16

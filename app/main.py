@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import functools
 import html
+import os
 import sys
 import time
 from pathlib import Path
 
-import gradio as gr
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage pings to the network
+import gradio as gr  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
