@@ -21,7 +21,8 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage pings to the network
 import gradio as gr  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from lora_diffusion.compare import comparison_figure, markdown as compare_markdown  # noqa: E402
 from lora_diffusion.data import DEFAULT_DATA, SUITE, load_task  # noqa: E402
@@ -60,6 +61,14 @@ def readable_errors(fn):
         except Exception as e:
             raise gr.Error(message(e)) from None
     return wrapper
+
+
+def _results_path(path) -> Path:
+    """A results file as typed: relative to where the app runs, else to the checkout (results/...)."""
+    path = Path(path if isinstance(path, str) else path.name)
+    if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
+        return ROOT / path
+    return path
 
 
 def method_options(method, ranks, k, lambda_rank, lambda_orth, r) -> dict:
@@ -189,7 +198,7 @@ def build(workspace: workbench.Workspace, data_dir: str | None = None) -> gr.Blo
     def show_results(path):
         if not path:
             raise UserError("give a results.json written by `lora-diffusion compare`")
-        results = read_json(path if isinstance(path, str) else path.name)
+        results = read_json(_results_path(path))
         if "rows" not in results or "budget" not in results:
             raise UserError("that file is not a `lora-diffusion compare` results file")
         fig = comparison_figure(results)
@@ -249,7 +258,7 @@ def build(workspace: workbench.Workspace, data_dir: str | None = None) -> gr.Blo
 
         if not path:
             raise UserError("give a rank_scaling.json written by `lora-diffusion analyze scaling`")
-        report = read_json(path if isinstance(path, str) else path.name)
+        report = read_json(_results_path(path))
         if report.get("analysis") != "rank_scaling":
             raise UserError("that file is not a rank-scaling results file (`lora-diffusion analyze scaling`)")
         figures = scaling_figures(report)
@@ -355,7 +364,7 @@ def build(workspace: workbench.Workspace, data_dir: str | None = None) -> gr.Blo
             results_md = gr.Markdown()
             results_plot = gr.Plot()
             gr.Markdown("### Memory and speed against rank")
-            scaling_path = gr.Textbox("results/scaling/rank_scaling.json",
+            scaling_path = gr.Textbox("results/analysis/scaling/rank_scaling.json",
                                       label="results file of `lora-diffusion analyze scaling`")
             scaling_btn = gr.Button("Show scaling")
             scaling_train = gr.Plot(label="training")

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The commands behind every results file in this folder (and so behind every number and
+# figure in the README). Run from the repository root after `make setup`, with the real
+# data in ../shared/data (or pass --data-dir). CPU times are for 2 cores; --bf16 is bf16
+# autocast (this CPU supports it; drop it elsewhere). Each step resumes if cut off.
+set -euo pipefail
+LD=.venv/bin/lora-diffusion
+
+# Learning rates: a sweep of lr x {0.3, 1, 3} per method on 2% of SST-2 train (never dev).
+# (The first file predates compare recording the dtype: whether it ran in bf16 is not recorded.)
+$LD compare --task sst2 --methods full,lora_diffusion,lora,dora,adapter,bitfit --lr-sweep 0.3,1,3 \
+    --validation-fraction 0.02 --steps 600 --seed 0 --sweep-only --out runs/sweep-sst2 \
+    --results results/lr_sweep_sst2.json
+$LD compare --task sst2 --methods prefix --lr-sweep 0.3,1,3 --validation-fraction 0.02 --steps 600 --seed 0 \
+    --sweep-only --out runs/sweep-prefix --results results/lr_sweep_sst2_prefix.json
+
+# Issue 2: full fine-tuning of the shipped base on SST-2, 3 seeds, scored on the dev set.
+$LD train --task sst2 --method full --steps 3000 --batch-size 16 --lr 1.5e-4 --bf16 --seed 0 1 2 \
+    --eval-every 500 --checkpoint-every 500 --out runs/sst2-full --results results/sst2_full.json
+
+# Issue 3: the seven methods, 3 seeds, equal budget (600 steps x 16), the swept learning rates.
+$LD compare --task sst2 --preset methods --steps 600 --bf16 --seed 0 1 2 \
+    --lr-from results/lr_sweep_sst2.json results/lr_sweep_sst2_prefix.json \
+    --out runs/compare-sst2 --results results/compare_sst2.json
+# Step time and peak memory of every method on one batch, each in a fresh process.
+$LD profile --methods lora_diffusion,lora,dora,adapter,bitfit,prefix,full --batch-size 16 --prompt-length 40 \
+    --response-length 2 --steps 20 --out results/profile_sst2_batch.json
+
+# A sample of the base's text from an all-[MASK] start.
+$LD sample --length 48 --steps 48 --temperature 0.8 --block-length 8 --n 5 --seed 0 > results/sample_base.txt
+
+# Issue 4: adapters for the analyses (seed 0, the same budget as the methods table).
+for task in agnews agnews_title; do
+    for method in lora_diffusion lora; do
+        $LD train --task $task --method $method --steps 600 --bf16 --max-eval-examples 500 --out runs/$task-$method
+    done
+done
+$LD train --task agnews_title --method full --steps 600 --bf16 --lr 1.5e-4 --max-eval-examples 500 --out runs/agnews_title-full
+A=runs/compare-sst2
+
+# Effective rank per denoising step: title generation (responses of up to 32 tokens, so up to 32 steps).
+$LD analyze effective-rank --adapters runs/agnews_title-lora_diffusion runs/agnews_title-lora runs/agnews_title-full \
+    --examples 128 --sampler-steps 32 --out results/analysis/effective_rank --png
+# Trajectory maps: one LoRA-Diffusion adapter per task, each on its own held-out prompts.
+$LD analyze tsne --adapters $A/lora_diffusion/seed-0 runs/agnews-lora_diffusion runs/agnews_title-lora_diffusion \
+    --examples 48 --sampler-steps 16 --out results/analysis/tsne --png
+# Forgetting: held-out WikiText-2 / TinyStories under every SST-2 model of the methods table.
+$LD analyze forgetting --adapters $A/full/seed-0 $A/lora_diffusion/seed-0 $A/lora/seed-0 $A/dora/seed-0 \
+    $A/adapter/seed-0 $A/bitfit/seed-0 $A/prefix/seed-0 --examples 128 --out results/analysis/forgetting --png
+# Composition: router over the three LoRA-Diffusion adapters, and peft merges of the weight-LoRA ones.
+$LD analyze composition --adapters $A/lora_diffusion/seed-0 runs/agnews-lora_diffusion runs/agnews_title-lora_diffusion \
+    --lora-adapters $A/lora/seed-0 runs/agnews-lora runs/agnews_title-lora --examples 200 --sampler-steps 16 \
+    --out results/analysis/composition --png
+# Data efficiency: held-out SST-2 accuracy against training-set size, 3 seeds.
+$LD analyze data-efficiency --task sst2 --sizes 100,1000,8000 --methods lora_diffusion,lora,full --seeds 0 1 2 \
+    --steps 300 --bf16 --max-eval-examples 400 --out results/analysis/data_efficiency --png
+# Rank scaling of memory and speed (alone on the machine: it times things).
+$LD analyze scaling --out results/analysis/scaling --png
