@@ -177,6 +177,8 @@ def test_browser_trains_generates_and_shows_every_tab(app_url, tmp_path):
         page.get_by_role("button", name="Effective rank per step").click()
         page.wait_for_function("document.querySelector('#analysis-note')?.innerText.includes('Effective rank')",
                                timeout=120_000)
+        # the note and the plot arrive in one update, but plotly draws a moment later
+        page.wait_for_selector("#analysis-plot .js-plotly-plot", timeout=60_000)
         assert page.locator("#analysis-plot .js-plotly-plot").count() == 1
         page.screenshot(path=str(shots / "analyse.png"), full_page=True)
 
