@@ -22,6 +22,10 @@ $LD train --task sst2 --method full --steps 3000 --batch-size 16 --lr 1.5e-4 --b
 $LD compare --task sst2 --preset methods --steps 600 --bf16 --seed 0 1 2 \
     --lr-from results/lr_sweep_sst2.json results/lr_sweep_sst2_prefix.json \
     --out runs/compare-sst2 --results results/compare_sst2.json
+# Every saved adapter, reloaded by `eval --adapter`, scores what it scored at the end of training.
+for m in full lora_diffusion lora dora adapter bitfit prefix; do
+    $LD eval --adapter runs/compare-sst2/$m/seed-0 --out results/eval_check/$m.json
+done
 # Step time and peak memory of every method on one batch, each in a fresh process.
 $LD profile --methods lora_diffusion,lora,dora,adapter,bitfit,prefix,full --batch-size 16 --prompt-length 40 \
     --response-length 2 --steps 20 --out results/profile_sst2_batch.json
