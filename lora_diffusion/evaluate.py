@@ -169,7 +169,11 @@ def aggregate_seeds(results: list[dict]) -> dict:
     summary["train_steps"] = first["train"]["steps"]
     summary["batch_size"] = first["config"]["batch_size"]
     summary["trainable_parameters"] = first.get("trainable_parameters")
-    summary["train_seconds"] = mean_std([r["train"]["train_seconds"] for r in results])
+    summary["train_seconds"] = mean_std([r["train"]["train_seconds"] for r in results])  # this process only
+    if all("logged_train_seconds" in r["train"] for r in results):  # the whole run, across resumes
+        summary["logged_train_seconds"] = mean_std([r["train"]["logged_train_seconds"] for r in results])
+    if all(r["train"].get("final_train_loss") is not None for r in results):
+        summary["final_train_loss"] = mean_std([r["train"]["final_train_loss"] for r in results])
     summary["runs"] = [{k: v for k, v in r.items() if k != "predictions"} for r in results]
     return summary
 

@@ -57,3 +57,15 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     assert steps_logged == [1, 2, 3, 4, 5, 6]  # lines after the checkpoint were replaced, not duplicated
     assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-6"]
     assert not list(out.rglob("*.tmp"))
+
+
+def test_a_finished_run_started_again_reports_the_whole_runs_stats(tmp_path):
+    config = TrainConfig(steps=4, batch_size=8, lr=1e-3, checkpoint_every=2, log_every=1, eval_every=0)
+    model, method, batches, out = _setup(tmp_path, "run")
+    first = train(model, method, batches, config, out_dir=out, progress=False)
+    model, method, batches, out = _setup(tmp_path, "run")  # e.g. the same command run once more
+    again = train(model, method, batches, config, out_dir=out, progress=False)
+    assert again["resumed_from_step"] == 4 and again["steps"] == 4
+    assert again["final_train_loss"] == first["final_train_loss"] is not None
+    assert again["sec_per_step"] == first["sec_per_step"] > 0
+    assert again["logged_train_seconds"] == first["logged_train_seconds"] > 0
