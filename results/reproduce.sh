@@ -46,14 +46,15 @@ A=runs/compare-sst2
 $LD analyze effective-rank --adapters runs/agnews_title-lora_diffusion runs/agnews_title-lora runs/agnews_title-full \
     --examples 128 --sampler-steps 32 --out results/analysis/effective_rank --png
 # Trajectory maps: one LoRA-Diffusion adapter per task, each on its own held-out prompts.
-$LD analyze tsne --adapters $A/lora_diffusion/seed-0 runs/agnews-lora_diffusion runs/agnews_title-lora_diffusion \
+# (AG News title generation is left out for now: its LoRA-Diffusion adapter decodes empty titles, see the README.)
+$LD analyze tsne --adapters $A/lora_diffusion/seed-0 runs/agnews-lora_diffusion \
     --examples 48 --sampler-steps 16 --out results/analysis/tsne --png
 # Forgetting: held-out WikiText-2 / TinyStories under every SST-2 model of the methods table.
 $LD analyze forgetting --adapters $A/full/seed-0 $A/lora_diffusion/seed-0 $A/lora/seed-0 $A/dora/seed-0 \
     $A/adapter/seed-0 $A/bitfit/seed-0 $A/prefix/seed-0 --examples 128 --out results/analysis/forgetting --png
 # Composition: router over the three LoRA-Diffusion adapters, and peft merges of the weight-LoRA ones.
-$LD analyze composition --adapters $A/lora_diffusion/seed-0 runs/agnews-lora_diffusion runs/agnews_title-lora_diffusion \
-    --lora-adapters $A/lora/seed-0 runs/agnews-lora runs/agnews_title-lora --examples 200 --sampler-steps 16 \
+$LD analyze composition --adapters $A/lora_diffusion/seed-0 runs/agnews-lora_diffusion \
+    --lora-adapters $A/lora/seed-0 runs/agnews-lora --examples 200 --sampler-steps 16 \
     --out results/analysis/composition --png
 # Data efficiency: held-out SST-2 accuracy against training-set size, 3 seeds.
 $LD analyze data-efficiency --task sst2 --sizes 100,1000,8000 --methods lora_diffusion,lora,full --seeds 0 1 2 \
