@@ -42,7 +42,10 @@ done
 $LD train --task agnews_title --method full --steps 600 --bf16 --lr 1.5e-4 --max-eval-examples 500 --out runs/agnews_title-full
 A=runs/compare-sst2
 
-# Effective rank per denoising step: title generation (responses of up to 32 tokens, so up to 32 steps).
+# Effective rank per denoising step on SST-2 (2-token answers: 2 sampler steps).
+$LD analyze effective-rank --adapters $A/lora_diffusion/seed-0 $A/lora/seed-0 $A/dora/seed-0 $A/adapter/seed-0 \
+    $A/full/seed-0 --examples 128 --sampler-steps 2 --out results/analysis/effective_rank --png
+# Planned, once the title adapters decode properly: title generation (responses of up to 32 tokens, so up to 32 steps).
 $LD analyze effective-rank --adapters runs/agnews_title-lora_diffusion runs/agnews_title-lora runs/agnews_title-full \
     --examples 128 --sampler-steps 32 --out results/analysis/effective_rank --png
 # Trajectory maps: one LoRA-Diffusion adapter per task, each on its own held-out prompts.
