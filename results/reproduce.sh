@@ -46,8 +46,8 @@ A=runs/compare-sst2
 $LD analyze effective-rank --adapters $A/lora_diffusion/seed-0 $A/lora/seed-0 $A/dora/seed-0 $A/adapter/seed-0 \
     $A/full/seed-0 --examples 128 --sampler-steps 2 --out results/analysis/effective_rank --png
 # Planned, once the title adapters decode properly: title generation (responses of up to 32 tokens, so up to 32 steps).
-$LD analyze effective-rank --adapters runs/agnews_title-lora_diffusion runs/agnews_title-lora runs/agnews_title-full \
-    --examples 128 --sampler-steps 32 --out results/analysis/effective_rank --png
+# $LD analyze effective-rank --adapters runs/agnews_title-lora_diffusion runs/agnews_title-lora runs/agnews_title-full \
+#     --examples 128 --sampler-steps 32 --out results/analysis/effective_rank_title --png
 # Trajectory maps: one LoRA-Diffusion adapter per task, each on its own held-out prompts.
 # (AG News title generation is left out for now: its LoRA-Diffusion adapter decodes empty titles, see the README.)
 $LD analyze tsne --adapters $A/lora_diffusion/seed-0 runs/agnews-lora_diffusion \
