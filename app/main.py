@@ -257,7 +257,7 @@ def build(workspace: workbench.Workspace, data_dir: str | None = None) -> gr.Blo
         from lora_diffusion.analysis.scaling import scaling_figures
 
         if not path:
-            raise UserError("give a rank_scaling.json written by `lora-diffusion analyze scaling`")
+            raise UserError("give the scaling.json written by `lora-diffusion analyze scaling`")
         report = read_json(_results_path(path))
         if report.get("analysis") != "rank_scaling":
             raise UserError("that file is not a rank-scaling results file (`lora-diffusion analyze scaling`)")
@@ -364,7 +364,7 @@ def build(workspace: workbench.Workspace, data_dir: str | None = None) -> gr.Blo
             results_md = gr.Markdown()
             results_plot = gr.Plot()
             gr.Markdown("### Memory and speed against rank")
-            scaling_path = gr.Textbox("results/analysis/scaling/rank_scaling.json",
+            scaling_path = gr.Textbox("results/analysis/scaling/scaling.json",
                                       label="results file of `lora-diffusion analyze scaling`")
             scaling_btn = gr.Button("Show scaling")
             scaling_train = gr.Plot(label="training")

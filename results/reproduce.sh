@@ -63,4 +63,5 @@ $LD analyze composition --adapters $A/lora_diffusion/seed-0 runs/agnews-lora_dif
 $LD analyze data-efficiency --task sst2 --sizes 100,1000,8000 --methods lora_diffusion,lora,full --seeds 0 1 2 \
     --steps 300 --bf16 --max-eval-examples 400 --out results/analysis/data_efficiency --png
 # Rank scaling of memory and speed (alone on the machine: it times things).
-$LD analyze scaling --out results/analysis/scaling --png
+# (--gen-lengths 16,64: the default adds 128-token responses, about 45 minutes more on 2 cores.)
+$LD analyze scaling --gen-lengths 16,64 --out results/analysis/scaling --png

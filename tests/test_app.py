@@ -188,7 +188,7 @@ def test_browser_trains_generates_and_shows_every_tab(app_url, tmp_path):
         page.get_by_role("button", name="Show", exact=True).click()
         if (ROOT / "results" / "compare_sst2.json").is_file():
             page.wait_for_selector("text=training examples", timeout=60_000)
-        if (ROOT / "results" / "analysis" / "scaling" / "rank_scaling.json").is_file():
+        if (ROOT / "results" / "analysis" / "scaling" / "scaling.json").is_file():
             page.get_by_role("button", name="Show scaling").click()
             page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=60_000)
         page.screenshot(path=str(shots / "compare.png"), full_page=True)
