@@ -230,8 +230,7 @@ class Workspace:
         """
         import hashlib
 
-        from .analysis.composition import train_router
-        from .data import load_task
+        from .analysis.composition import trained_composition
         from .router import Composition
 
         if len(names) < 2:
@@ -246,13 +245,8 @@ class Workspace:
         if (folder / "composition.json").is_file():
             composition = Composition.load(folder, base=base)
         else:
-            composition = Composition.from_adapters(paths, base=base)
-            if len(set(composition.labels)) != len(composition.labels):
-                raise UserError(f"one adapter per task, please; these are for {', '.join(composition.labels)}")
-            configs = {label: read_json(Path(p) / "adapter_config.json") for label, p in zip(composition.labels, paths)}
-            tasks = {label: load_task(label, data_dir=data_dir, max_train=2000, max_eval=1)
-                     for label in composition.labels}
-            train_router(composition, tasks, configs, steps=router_steps, progress=False)
+            composition = trained_composition(paths, base, data_dir, max_train=2000, max_eval=1,
+                                              router_steps=router_steps, progress=False)[0]
             composition.save(folder)
         composition.use(None)
         composition.model.eval()

@@ -2,6 +2,8 @@
 
 import zipfile
 
+import torch
+
 import pytest
 
 from lora_diffusion import workbench
@@ -96,3 +98,25 @@ def test_trajectory_states_and_norms(trained, tiny_base_dir):
     assert all(s["perturbation_norm"] is None for s in base_report["steps"])
     with pytest.raises(UserError):
         workbench.denoising_trajectory(base_model, " ", "", length=4, steps=4)
+
+
+def test_composition_trains_a_router_once_and_reloads_it(tmp_path, tiny_base_dir):
+    ws = workbench.Workspace(tmp_path)
+    config = TrainConfig(steps=2, batch_size=4, log_every=1, eval_every=0)
+    names = []
+    for name in ("suite_sentiment", "suite_topic"):
+        job = ws.start_training(load_task(name, max_train=16, max_eval=4), "lora_diffusion", {"ranks": [2, 2, 2]},
+                                config, base=str(tiny_base_dir), sampler_steps=1, monitor_examples=2)
+        assert job.wait(300) and job.status == "done", job.error
+        names.append(job.id)
+    with pytest.raises(UserError, match="at least two"):
+        ws.composition(names[:1], router_steps=2, base=str(tiny_base_dir))
+    composition = ws.composition(names, router_steps=2, base=str(tiny_base_dir))
+    assert sorted(composition.labels) == ["suite_sentiment", "suite_topic"]
+    weights = composition.instruction_weights(["is this review positive or negative ?"])[0]
+    assert abs(float(weights.sum()) - 1) < 1e-5
+    assert ws.composition(list(reversed(names)), router_steps=2, base=str(tiny_base_dir)) is composition  # kept
+    assert len(list((tmp_path / "compositions").glob("*/composition.json"))) == 1  # saved, so a restart loads it
+    again = workbench.Workspace(tmp_path).composition(names, router_steps=2, base=str(tiny_base_dir))  # from disk
+    assert again is not composition
+    assert torch.allclose(again.instruction_weights(["is this review positive or negative ?"])[0], weights, atol=1e-6)

@@ -58,6 +58,29 @@ def train_router(composition, tasks: dict, configs: dict, steps: int = 300, batc
     return summary
 
 
+def trained_composition(ld_adapters, base=None, data_dir=None, max_train: int | None = None,
+                        max_eval: int | None = None, seed: int = 0, router_steps: int = 300, router_lr: float = 1e-3,
+                        router_batch: int = 16, out_dir=None, progress: bool = True):
+    """A router over LoRA-Diffusion adapters (one per task), trained on their tasks' instructions.
+
+    Returns (composition, tasks, adapter configs, the router's training summary); the
+    tasks are loaded with `max_train` / `max_eval` for the caller to evaluate on.
+    """
+    from ..io import read_json
+    from ..router import Composition, _adapter_folder
+
+    composition = Composition.from_adapters(ld_adapters, base)
+    names = composition.labels
+    if len(set(names)) != len(names):
+        raise UserError(f"one adapter per task, please; these are for {', '.join(names)}")
+    configs = {name: read_json(_adapter_folder(p) / "adapter_config.json") for name, p in zip(names, ld_adapters)}
+    tasks = {name: load_task(name, data_dir=data_dir, max_train=max_train, max_eval=max_eval, seed=seed)
+             for name in names}
+    summary = train_router(composition, tasks, configs, steps=router_steps, batch_size=router_batch, lr=router_lr,
+                           seed=seed, out_dir=out_dir, progress=progress)
+    return composition, tasks, configs, summary
+
+
 def _evaluate(model, task, config, steps, seed):
     from ..evaluate import evaluate_task
 
@@ -68,19 +91,10 @@ def _evaluate(model, task, config, steps, seed):
 def composition_report(ld_adapters, lora_adapters=None, base=None, data_dir=None, max_eval: int = 200,
                        sampler_steps: int = 16, router_steps: int = 300, router_lr: float = 1e-3,
                        router_batch: int = 16, seed: int = 0, out_dir=None, progress: bool = True) -> dict:
-    from ..io import read_json
-    from ..router import Composition, _adapter_folder
-
-    composition = Composition.from_adapters(ld_adapters, base)
+    composition, tasks, configs, router_summary = trained_composition(
+        ld_adapters, base, data_dir, max_eval=max_eval, seed=seed, router_steps=router_steps, router_lr=router_lr,
+        router_batch=router_batch, out_dir=Path(out_dir) / "router" if out_dir else None, progress=progress)
     names = composition.labels
-    if len(set(names)) != len(names):
-        raise UserError(f"one adapter per task, please; got tasks {names}")
-    configs = {name: read_json(_adapter_folder(p) / "adapter_config.json") for name, p in zip(names, ld_adapters)}
-    tasks = {name: load_task(name, data_dir=data_dir, max_eval=max_eval, seed=seed) for name in names}
-
-    router_summary = train_router(composition, tasks, configs, steps=router_steps, batch_size=router_batch,
-                                  lr=router_lr, seed=seed, out_dir=Path(out_dir) / "router" if out_dir else None,
-                                  progress=progress)
     if out_dir:  # the trained router, for the app and `Composition.load`
         composition.save(Path(out_dir) / "composition")
     model = composition.model
