@@ -196,20 +196,18 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
 
     final_step = step if stopped else config.steps
     summary = {"steps": final_step, "stopped_early": stopped, "resumed_from_step": start,
-               "final_train_loss": sum(recent_losses) / len(recent_losses) if recent_losses else None,
-               "sec_per_step": (sorted(step_times)[len(step_times) // 2] if step_times else None),
                "lr": lr, "device": str(device)}
-    if metrics_path is not None:
-        # Steps run before a resume are in the log: the summary covers the whole run, not
-        # just this process (a finished run started again must not report zero steps' stats).
-        logged = [r for r in read_jsonl(metrics_path) if "loss" in r and "sec_per_step" in r]
-        if logged:
-            summary["final_train_loss"] = logged[-1]["loss"]
-            times = sorted(r["sec_per_step"] for r in logged)
-            summary["sec_per_step"] = times[len(times) // 2]
-            summary["logged_train_seconds"] = round(sum(
-                r["sec_per_step"] * (r["step"] - prev["step"])
-                for prev, r in zip([{"step": 0}] + logged, logged)), 3)
+    # Steps run before a resume are in the log, so with one the summary covers the whole run,
+    # not just this process (a finished run started again must not report zero steps' stats).
+    logged = [r for r in read_jsonl(metrics_path) if "loss" in r and "sec_per_step" in r] if metrics_path else []
+    if logged:
+        times = sorted(r["sec_per_step"] for r in logged)
+        summary.update(final_train_loss=logged[-1]["loss"], sec_per_step=times[len(times) // 2],
+                       logged_train_seconds=round(sum(r["sec_per_step"] * (r["step"] - prev["step"])
+                                                      for prev, r in zip([{"step": 0}] + logged, logged)), 3))
+    else:
+        summary.update(final_train_loss=sum(recent_losses) / len(recent_losses) if recent_losses else None,
+                       sec_per_step=sorted(step_times)[len(step_times) // 2] if step_times else None)
     if evaluate is not None:
         metrics = evaluate(model)
         log({"step": final_step, **{f"eval_{k}": v for k, v in metrics.items()}})
