@@ -100,14 +100,16 @@ def learning_rates_from(*paths) -> dict[str, float]:
 def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir, base=None,
                 lr_sweep: list[float] | None = None, validation_fraction: float = 0.1,
                 sampler_steps: int = 64, profile: bool = True, progress: bool = True, log=print,
-                sweep_only: bool = False, learning_rates: dict | None = None, results_file=None) -> dict:
+                sweep_only: bool = False, learning_rates: dict | None = None, results_file=None,
+                jobs: int = 1) -> dict:
     """Train and evaluate every spec for every seed; returns (and writes) the results.
 
     `config` is a TrainConfig whose lr is ignored (each method's own, or the sweep's);
     `lr_sweep` multiplies each method's default lr, e.g. [0.3, 1, 3]; `sweep_only` stops
     after the sweep (the rows then carry only the chosen lr and the validation scores);
     `learning_rates` (label -> lr) fixes rows' learning rates, e.g. from a sweep;
-    `results_file` also receives the results (and a .md table beside it).
+    `results_file` also receives the results (and a .md table beside it); `jobs` > 1 trains
+    that many runs at a time in separate processes (the threads split between them).
     """
     if sweep_only and not lr_sweep:
         raise UserError("--sweep-only needs --lr-sweep")
@@ -115,10 +117,8 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir
     missing = [s.label for s in specs if learning_rates and s.label not in learning_rates]
     if missing:
         raise UserError(f"no learning rate given for {', '.join(missing)}")
-    from .backbone import load_backbone
     from .io import read_json
     from .methods import make_method
-    from .train import fine_tune
 
     out_dir = Path(out_dir)
     labels = [s.label for s in specs]
@@ -137,16 +137,12 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir
     def run(spec: Spec, seed: int, lr: float, sub_task: Task, folder: Path) -> dict:
         if (folder / "results.json").is_file():
             return read_json(folder / "results.json")
-        cfg = type(config)(**{**asdict(config), "seed": seed, "lr": lr})
-        began = time.time()
-        result = fine_tune(load_backbone(base), sub_task, make_method(spec.method, **spec.options), cfg,
-                           out_dir=folder, sampler_steps=sampler_steps, progress=progress)
-        result.pop("model")
-        log(f"{spec.label} seed {seed} lr {lr:g}: accuracy {result.get('accuracy', result.get('rouge_l')):.4f} "
-            f"({time.time() - began:.0f}s)")
+        result, seconds = _train_one(spec, seed, lr, sub_task, folder, config, base, sampler_steps, progress)
+        log(f"{spec.label} seed {seed} lr {lr:g}: score {_score(result):.4f} ({seconds:.0f}s)")
         return result
 
     started = time.time()
+    rows = []
     for spec in specs:
         default_lr = spec.lr or learning_rates.get(spec.label) or make_method(spec.method, **spec.options).default_lr
         row = {"label": spec.label, "method": spec.method, "options": spec.options}
@@ -167,6 +163,13 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir
             results["rows"].append(row)
             _write(results, out_dir, results_file)
             continue
+        rows.append((spec, row))
+    if jobs > 1:
+        results["jobs"] = jobs
+        _train_in_parallel([(spec, seed, row["lr"], task, out_dir / _safe(spec.label) / f"seed-{seed}")
+                            for spec, row in rows for seed in seeds], jobs, config, base, sampler_steps, log)
+    for spec, row in rows:
+        lr = row["lr"]
         runs = [run(spec, seed, lr, task, out_dir / _safe(spec.label) / f"seed-{seed}") for seed in seeds]
         row.update(_summarise(runs))
         if profile:
@@ -176,6 +179,52 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir
         results["wall_seconds"] = round(time.time() - started, 1)  # of this invocation (a resumed run: the rest)
         _write(results, out_dir, results_file)
     return results
+
+
+def _train_one(spec: Spec, seed: int, lr: float, task: Task, folder: Path, config, base, sampler_steps: int,
+               progress: bool = False, threads: int | None = None) -> tuple[dict, float]:
+    """One row's run for one seed, from a fresh copy of the base: (its result, seconds)."""
+    import torch
+
+    from .backbone import load_backbone
+    from .methods import make_method
+    from .train import fine_tune
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = type(config)(**{**asdict(config), "seed": seed, "lr": lr})
+    began = time.time()
+    result = fine_tune(load_backbone(base), task, make_method(spec.method, **spec.options), cfg,
+                       out_dir=folder, sampler_steps=sampler_steps, progress=progress)
+    result.pop("model")
+    return result, time.time() - began
+
+
+def _train_in_parallel(jobs_list: list, jobs: int, config, base, sampler_steps: int, log) -> None:
+    """Run (spec, seed, lr, task, folder) trainings `jobs` at a time, each in its own process.
+
+    On a few CPU cores, small models use two threads poorly: two single-threaded runs side
+    by side finish sooner than one after the other. Each run writes its results.json as
+    usual, so the sequential pass that follows only reads them back (and a crash loses
+    only the runs in flight).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    import torch
+
+    todo = [job for job in jobs_list if not (job[4] / "results.json").is_file()]
+    if not todo:
+        return
+    threads = max(1, torch.get_num_threads() // jobs)
+    log(f"{len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_one, spec, seed, lr, task, folder, config, base, sampler_steps,
+                               False, threads): (spec, seed, lr) for spec, seed, lr, task, folder in todo}
+        for future in as_completed(futures):
+            spec, seed, lr = futures[future]
+            result, seconds = future.result()  # a failed run stops the comparison (finished ones are kept)
+            log(f"{spec.label} seed {seed} lr {lr:g}: score {_score(result):.4f} ({seconds:.0f}s)")
 
 
 def _write(results: dict, out_dir: Path, results_file=None) -> None:
@@ -274,7 +323,9 @@ def markdown(results: dict) -> str:
              "| peak train mem. (MB) | final train loss |")
     lines = [f"Task `{task['task']}`: {b['n_train']} training examples, {b['steps']} steps × batch "
              f"{b['batch_size'] * b['grad_accum']} ({b['examples_seen']} examples seen), held-out "
-             f"{b['n_eval']} examples, seeds {', '.join(map(str, results['seeds']))} (mean ± sample std).",
+             f"{b['n_eval']} examples, seeds {', '.join(map(str, results['seeds']))} (mean ± sample std)."
+             + (f" Trained {results['jobs']} runs at a time, so s/step is per run under that load."
+                if results.get("jobs", 1) > 1 else ""),
              "", head, "|" + "---|" * (head.count("|") - 1)]
     for row in results["rows"]:
         metrics = (f"{_pm(row.get('accuracy'))} | {_pm(row.get('verbalizer_accuracy'))}" if classification

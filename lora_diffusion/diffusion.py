@@ -125,7 +125,12 @@ def diffusion_loss(model: DiffusionLM, input_ids, attention_mask, response_mask,
       l-subsets, and integral_0^1 Binom(l; n, t) / t dt = 1 / l, so both have the same
       expectation (LLaDA eq. 6); here l ~ U{1..n} because t ~ U(0, 1].
 
-    The denoiser (and a step-aware method's hook) sees `t` in both cases.
+    The denoiser (and a step-aware method's hook) sees the masking rate t with "bernoulli",
+    and the masked fraction l / n with "exact_count": that is the t the sampler gives it at
+    a state with l of n positions masked, so a step-aware method is trained on the very
+    (state, t) pairs it meets when sampling. (Passing the drawn t instead trained it, for
+    a 2-token answer, on t in (0, 1/2] with one token masked, while the sampler calls it at
+    exactly t = 1/2: only a sixth of those examples reached the phase the sampler uses.)
     """
     if estimator not in ("exact_count", "bernoulli"):
         raise ValueError(f"estimator must be 'exact_count' or 'bernoulli', not {estimator!r}")
@@ -143,6 +148,7 @@ def diffusion_loss(model: DiffusionLM, input_ids, attention_mask, response_mask,
         n_masked = torch.minimum(torch.ceil(t * n_response - 1e-6).long().clamp(min=1), n_response)
         noised_ids, noised = mask_exactly(input_ids, response_mask, n_masked, mask_id, generator)
         weight = 1 / n_masked
+        t = n_masked / n_response
     logits = model(noised_ids, attention_mask, t, instruction, positions=noised)
     token_ce = F.cross_entropy(logits, input_ids[noised], reduction="none")
     example_of_token = noised.nonzero()[:, 0]

@@ -57,3 +57,23 @@ def test_sweep_only_then_lr_from(capsys, tmp_path, tiny_base_dir):
                            "--out", str(tmp_path / "table"))
     assert code == 0, err
     assert json.loads((tmp_path / "table" / "results.json").read_text())["rows"][0]["lr"] == chosen
+
+
+def test_compare_with_two_jobs_gives_the_sequential_results(capsys, tmp_path, tiny_base_dir):
+    """--jobs 2 trains runs side by side in their own processes: same rows, same scores."""
+    common = ["--base", str(tiny_base_dir), "--task", "suite_topic", "--methods", "bitfit,lora_diffusion",
+              "--seed", "0", "1", "--steps", "2", "--batch-size", "4", "--max-train-examples", "40",
+              "--max-eval-examples", "8", "--sampler-steps", "1", "--quiet", "--no-profile", "--threads", "2"]
+    results = {}
+    for jobs in ("1", "2"):
+        code, _, err = run_cli(capsys, "compare", *common, "--jobs", jobs, "--out", str(tmp_path / jobs))
+        assert code == 0, err
+        results[jobs] = json.loads((tmp_path / jobs / "results.json").read_text())
+    assert results["2"]["jobs"] == 2 and "jobs" not in results["1"]
+    for seq, par in zip(results["1"]["rows"], results["2"]["rows"]):
+        assert seq["label"] == par["label"] and par["seeds"] == [0, 1]
+        assert seq["accuracy"]["values"] == par["accuracy"]["values"]
+        assert abs(seq["final_train_loss"]["mean"] - par["final_train_loss"]["mean"]) < 1e-3
+    assert "2 runs at a time" in (tmp_path / "2" / "results.md").read_text()
+    code, _, err = run_cli(capsys, "compare", *common, "--jobs", "0", "--out", str(tmp_path / "bad"))
+    assert code != 0 and "--jobs must be at least 1" in err
