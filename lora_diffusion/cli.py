@@ -343,6 +343,7 @@ def cmd_analyze(args) -> None:
                    for r in report["train"]}
     elif kind == "data-efficiency":
         from .analysis.data_efficiency import data_efficiency_figure, data_efficiency_report
+        from .compare import learning_rates_from
 
         if not args.task:
             raise UserError("data-efficiency needs --task")
@@ -350,7 +351,9 @@ def cmd_analyze(args) -> None:
         report = data_efficiency_report(task, [int(x) for x in args.sizes.split(",")],
                                         methods=[m.strip() for m in args.methods.split(",")], seeds=args.seeds,
                                         config=_train_config(args), out_dir=out / "runs", base=args.base,
-                                        sampler_steps=args.sampler_steps, progress=not args.quiet, log=log)
+                                        sampler_steps=args.sampler_steps, progress=not args.quiet, log=log,
+                                        learning_rates=learning_rates_from(*args.lr_from) if args.lr_from else None,
+                                        jobs=args.jobs)
         figures = {"data_efficiency": data_efficiency_figure(report)}
         summary = [(p["n_train"], p["method"], round(p.get("accuracy", p.get("rouge_l"))["mean"], 4))
                    for p in report["points"]]
@@ -530,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=300, help="data-efficiency: training steps")
+    p.add_argument("--lr-from", nargs="+", metavar="RESULTS",
+                   help="data-efficiency: each method's lr from earlier compares' results.json (default: its own)")
+    p.add_argument("--jobs", type=int, default=1, help="data-efficiency: runs trained at a time")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--eval-every", type=int)

@@ -235,3 +235,15 @@ def test_scaling_and_data_efficiency_from_the_cli(capsys, tmp_path, tiny_base_di
     assert [(p["n_train"], p["method"]) for p in report["points"]] == [(8, "bitfit"), (8, "lora"), (16, "bitfit"),
                                                                        (16, "lora")]
     assert all(p["accuracy"]["n"] == 2 for p in report["points"])
+    assert {p["method"]: p["lr"] for p in report["points"]} == {"bitfit": 1.5e-3, "lora": 2e-3}  # their own lrs
+
+    # learning rates from a sweep's results file, and two runs at a time
+    (tmp_path / "sweep.json").write_text(json.dumps({"rows": [{"label": "bitfit", "lr": 0.01},
+                                                              {"label": "lora", "lr": 0.02}]}))
+    code, out, err = run_cli(capsys, "analyze", "data-efficiency", "--base", str(tiny_base_dir), "--task", "suite_topic",
+                             "--sizes", "8", "--methods", "bitfit,lora", "--seeds", "0", "--steps", "2",
+                             "--batch-size", "4", "--max-eval-examples", "4", "--sampler-steps", "1", "--quiet",
+                             "--lr-from", tmp_path / "sweep.json", "--jobs", "2", "--out", tmp_path / "d2")
+    assert code == 0, err
+    report = json.loads((tmp_path / "d2" / "data_efficiency.json").read_text())
+    assert {p["method"]: p["lr"] for p in report["points"]} == {"bitfit": 0.01, "lora": 0.02}

@@ -207,3 +207,35 @@ def test_step_hook_gets_t_and_changes_the_output(tiny):
     assert seen == traj.t == [1.0, 0.75, 0.5, 0.25]
     assert traj.perturbation[0] is not None and traj.perturbation[0].abs().sum() > 0
     assert not torch.equal(plain, hooked)
+
+
+class SurestOfSep(nn.Module):
+    """A denoiser that predicts [SEP] (probability ~0.9) everywhere but at the first response
+    position, where it predicts token 7 less surely (~0.5): a fine-tuned model in miniature."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def denoise(self, input_ids, attention_mask, t, instruction=None, positions=None, response_mask=None):
+        first = self.response_mask.float().argmax(1)  # column of each row's first response position
+        rows, cols = positions.nonzero(as_tuple=True)
+        vocab = self.backbone.tokenizer.vocab_size
+        logits = torch.zeros(len(rows), vocab)
+        at_first = cols == first[rows]
+        logits[at_first, 7] = math.log(0.5 * vocab)
+        logits[~at_first, self.backbone.sep_id] = math.log(9 * vocab)
+        return logits, torch.zeros(*input_ids.shape, self.backbone.hidden_size), None
+
+
+@pytest.mark.parametrize("sep_last", [True, False])
+def test_sep_last_reveals_sep_predictions_after_everything_else(tiny, sep_last):
+    batch = make_batch(tiny, n=2, response_len=5)
+    model = SurestOfSep(tiny)
+    model.response_mask = batch["response_mask"]
+    tokens, traj = sample(model, **batch, steps=5, record=True, sep_last=sep_last)
+    first = batch["response_mask"].float().argmax(1)
+    revealed_first = traj.revealed[0].float().argmax(1)
+    # the answer token goes first with sep_last; without it the surer [SEP]s go first
+    assert torch.equal(revealed_first == first, torch.full((2,), sep_last))
+    assert (tokens[torch.arange(2), first] == 7).all()

@@ -15,7 +15,12 @@ from ..data import Task, subsample
 
 def data_efficiency_report(task: Task, sizes: list[int], methods=("lora_diffusion", "lora", "full"), seeds=(0, 1, 2),
                            config=None, out_dir=None, base=None, sampler_steps: int = 64, progress: bool = True,
-                           log=print) -> dict:
+                           log=print, learning_rates: dict | None = None, jobs: int = 1) -> dict:
+    """One point per (size, method): held-out score mean ± std over seeds.
+
+    `learning_rates` (method -> lr, e.g. from a sweep) replaces the methods' default rates;
+    `jobs` runs that many trainings at a time (see `run_compare`).
+    """
     from ..train import TrainConfig
 
     config = config or TrainConfig()
@@ -25,7 +30,9 @@ def data_efficiency_report(task: Task, sizes: list[int], methods=("lora_diffusio
         sub = Task(task.name, task.kind, subsample(task.train, size, seed=0), task.eval, task.labels,
                    source=f"{task.source} ({size} training examples)", info=dict(task.info))
         result = run_compare(sub, [Spec(m, m) for m in methods], list(seeds), config, out_dir / f"n-{size}",
-                             base=base, sampler_steps=sampler_steps, profile=False, progress=progress, log=log)
+                             base=base, sampler_steps=sampler_steps, profile=False, progress=progress, log=log,
+                             learning_rates={m: lr for m, lr in (learning_rates or {}).items() if m in methods},
+                             jobs=jobs)
         for row in result["rows"]:
             points.append({"n_train": len(sub.train), "method": row["method"], "lr": row["lr"],
                            **{k: row[k] for k in ("accuracy", "verbalizer_accuracy", "rouge_l") if k in row}})

@@ -69,4 +69,6 @@ def trajectory_figure(report: dict, which: str = "perturbations", colour: str = 
                      title=f"{'Perturbations' if which == 'perturbations' else 'Base hidden states'} per example and "
                            f"step ({report['method'].upper()}, trustworthiness {data['trustworthiness']:.2f})")
     fig.update_layout(template="plotly_white", xaxis_title="", yaxis_title="")
+    if colour in ("step", "t"):  # the colour bar takes the right edge: the phase legend goes below the plot
+        fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.08, xanchor="left", x=0))
     return fig
