@@ -18,8 +18,9 @@ $LD compare --task sst2 --methods prefix --lr-sweep 0.3,1,3 --validation-fractio
 $LD train --task sst2 --method full --steps 3000 --batch-size 16 --lr 1.5e-4 --bf16 --seed 0 1 2 \
     --eval-every 500 --checkpoint-every 500 --out runs/sst2-full --results results/sst2_full.json
 
-# Issue 3: the seven methods, 3 seeds, equal budget (600 steps x 16), the swept learning rates.
-$LD compare --task sst2 --preset methods --steps 600 --bf16 --seed 0 1 2 \
+# Issue 3: the seven methods, 3 seeds, equal budget (600 steps x 16), the swept learning rates
+# (54 min on 2 cores with --jobs 2).
+$LD compare --task sst2 --preset methods --steps 600 --bf16 --seed 0 1 2 --jobs 2 \
     --lr-from results/lr_sweep_sst2.json results/lr_sweep_sst2_prefix.json \
     --out runs/compare-sst2 --results results/compare_sst2.json
 # Every saved adapter, reloaded by `eval --adapter`, scores what it scored at the end of training.
