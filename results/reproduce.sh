@@ -38,7 +38,8 @@ $LD sample --length 48 --steps 48 --temperature 0.8 --block-length 8 --n 5 --see
 # AG News topic LoRA adapter predates the sampler fixes, which do not touch weight LoRA's training).
 for task in agnews agnews_title; do
     for method in lora_diffusion lora; do
-        $LD train --task $task --method $method --steps 600 --bf16 --max-eval-examples 500 --out runs/$task-$method
+        $LD train --task $task --method $method --steps 600 --bf16 --max-eval-examples 500 --out runs/$task-$method \
+            --results results/$task-$method.json
     done
 done
 A=runs/compare-sst2
