@@ -240,8 +240,6 @@ def cmd_compare(args) -> None:
     specs = specs_from(args.preset, methods, parse_options(args.option))
     if len(set(args.seed)) != len(args.seed):
         raise UserError(f"--seed lists a seed twice: {args.seed}")
-    if args.jobs < 1:
-        raise UserError(f"--jobs must be at least 1, not {args.jobs}")
     task = _load_task(args, 0)  # one training subset for every row and seed: an equal budget
     lr_sweep = [float(x) for x in args.lr_sweep.split(",")] if args.lr_sweep else None
     learning_rates = learning_rates_from(*args.lr_from) if args.lr_from else None

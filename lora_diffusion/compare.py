@@ -113,6 +113,8 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir
     """
     if sweep_only and not lr_sweep:
         raise UserError("--sweep-only needs --lr-sweep")
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, not {jobs}")
     learning_rates = learning_rates or {}
     missing = [s.label for s in specs if learning_rates and s.label not in learning_rates]
     if missing:
@@ -133,6 +135,9 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir
                "bf16": config.bf16},
                "lr_sweep": lr_sweep, "validation_fraction": validation_fraction if lr_sweep else None,
                "sweep_only": sweep_only, "rows": []}
+
+    def seed_folder(spec: Spec, seed: int) -> Path:
+        return out_dir / _safe(spec.label) / f"seed-{seed}"
 
     def run(spec: Spec, seed: int, lr: float, sub_task: Task, folder: Path) -> dict:
         if (folder / "results.json").is_file():
@@ -166,11 +171,10 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir
         rows.append((spec, row))
     if jobs > 1:
         results["jobs"] = jobs
-        _train_in_parallel([(spec, seed, row["lr"], task, out_dir / _safe(spec.label) / f"seed-{seed}")
-                            for spec, row in rows for seed in seeds], jobs, config, base, sampler_steps, log)
+        _train_in_parallel([(spec, seed, row["lr"], seed_folder(spec, seed)) for spec, row in rows for seed in seeds],
+                           task, jobs, config, base, sampler_steps, log)
     for spec, row in rows:
-        lr = row["lr"]
-        runs = [run(spec, seed, lr, task, out_dir / _safe(spec.label) / f"seed-{seed}") for seed in seeds]
+        runs = [run(spec, seed, row["lr"], task, seed_folder(spec, seed)) for seed in seeds]
         row.update(_summarise(runs))
         if profile:
             row["profile"] = _profile_row(spec, task, runs[0], config, base)
@@ -200,8 +204,8 @@ def _train_one(spec: Spec, seed: int, lr: float, task: Task, folder: Path, confi
     return result, time.time() - began
 
 
-def _train_in_parallel(jobs_list: list, jobs: int, config, base, sampler_steps: int, log) -> None:
-    """Run (spec, seed, lr, task, folder) trainings `jobs` at a time, each in its own process.
+def _train_in_parallel(runs: list, task: Task, jobs: int, config, base, sampler_steps: int, log) -> None:
+    """Train (spec, seed, lr, folder) runs on `task`, `jobs` at a time, each in its own process.
 
     On a few CPU cores, small models use two threads poorly: two single-threaded runs side
     by side finish sooner than one after the other. Each run writes its results.json as
@@ -213,14 +217,14 @@ def _train_in_parallel(jobs_list: list, jobs: int, config, base, sampler_steps: 
 
     import torch
 
-    todo = [job for job in jobs_list if not (job[4] / "results.json").is_file()]
+    todo = [(spec, seed, lr, folder) for spec, seed, lr, folder in runs if not (folder / "results.json").is_file()]
     if not todo:
         return
     threads = max(1, torch.get_num_threads() // jobs)
     log(f"{len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_train_one, spec, seed, lr, task, folder, config, base, sampler_steps,
-                               False, threads): (spec, seed, lr) for spec, seed, lr, task, folder in todo}
+                               False, threads): (spec, seed, lr) for spec, seed, lr, folder in todo}
         for future in as_completed(futures):
             spec, seed, lr = futures[future]
             result, seconds = future.result()  # a failed run stops the comparison (finished ones are kept)

@@ -213,11 +213,12 @@ class SurestOfSep(nn.Module):
     """A denoiser that predicts [SEP] (probability ~0.9) everywhere but at the first response
     position, where it predicts token 7 less surely (~0.5): a fine-tuned model in miniature."""
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, response_mask):
         super().__init__()
         self.backbone = backbone
+        self.response_mask = response_mask
 
-    def denoise(self, input_ids, attention_mask, t, instruction=None, positions=None, response_mask=None):
+    def denoise(self, input_ids, attention_mask, t, instruction=None, positions=None):
         first = self.response_mask.float().argmax(1)  # column of each row's first response position
         rows, cols = positions.nonzero(as_tuple=True)
         vocab = self.backbone.tokenizer.vocab_size
@@ -231,8 +232,7 @@ class SurestOfSep(nn.Module):
 @pytest.mark.parametrize("sep_last", [True, False])
 def test_sep_last_reveals_sep_predictions_after_everything_else(tiny, sep_last):
     batch = make_batch(tiny, n=2, response_len=5)
-    model = SurestOfSep(tiny)
-    model.response_mask = batch["response_mask"]
+    model = SurestOfSep(tiny, batch["response_mask"])
     tokens, traj = sample(model, **batch, steps=5, record=True, sep_last=sep_last)
     first = batch["response_mask"].float().argmax(1)
     revealed_first = traj.revealed[0].float().argmax(1)
