@@ -23,6 +23,9 @@ $LD train --task sst2 --method full --steps 3000 --batch-size 16 --lr 1.5e-4 --b
 $LD compare --task sst2 --preset methods --steps 600 --bf16 --seed 0 1 2 --jobs 2 \
     --lr-from results/lr_sweep_sst2.json results/lr_sweep_sst2_prefix.json \
     --out runs/compare-sst2 --results results/compare_sst2.json
+# Prefix tuning given five times the steps (its P-tuning v2 form: free prefixes, lr 1e-2), 3 seeds.
+$LD compare --task sst2 --methods prefix --option reparam=false --option init=random --steps 3000 --bf16 \
+    --seed 0 1 2 --jobs 2 --eval-every 500 --out runs/prefix-long-sst2 --results results/prefix_sst2_3000.json
 # Every saved adapter, reloaded by `eval --adapter`, scores what it scored at the end of training.
 for m in full lora_diffusion lora dora adapter bitfit prefix; do
     $LD eval --adapter runs/compare-sst2/$m/seed-0 --out results/eval_check/$m.json

@@ -16,6 +16,8 @@ from lora_diffusion.methods import METHODS, make_method
 from lora_diffusion.methods.trajectory import phase_of
 
 ALL = list(METHODS)
+# Every method with its defaults, plus the variants that change what is trained.
+VARIANTS = [(name, {}) for name in ALL] + [("prefix", {"reparam": False})]
 # Methods whose trainable part starts at zero (or is the base itself): the adapted model
 # starts equal to the base. Prefix tuning adds attention positions, so it does not.
 STARTS_AT_BASE = ["full", "lora_diffusion", "lora", "dora", "adapter", "bitfit"]
@@ -54,9 +56,9 @@ def safetensors_header_bytes(path) -> int:
         return 8 + struct.unpack("<Q", f.read(8))[0]
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_parameter_count_matches_formula_and_file(name, tmp_path):
-    model, method = attached(name)
+@pytest.mark.parametrize("name,options", VARIANTS)
+def test_parameter_count_matches_formula_and_file(name, options, tmp_path):
+    model, method = attached(name, **options)
     acc = method.accounting()
     trainable = method.trainable_parameters()
     assert acc["trainable_parameters"] == sum(p.numel() for p in trainable.values())
@@ -113,9 +115,9 @@ def test_blocks_injection_moves_only_the_positions_being_denoised(tiny):
     assert (out[positions] - h[positions]).abs().amax(-1).min() > 0
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_every_method_trains_only_its_own_parameters(name, tiny):
-    model, method = attached(name)
+@pytest.mark.parametrize("name,options", VARIANTS)
+def test_every_method_trains_only_its_own_parameters(name, options, tiny):
+    model, method = attached(name, **options)
     perturb(method)  # past the zero init, so every trainable tensor gets a gradient
     batch = tiny_batch(tiny, padded=True)
     model.train()
@@ -163,9 +165,9 @@ def test_weight_lora_adapter_loads_with_peft(tmp_path, tiny):
     assert torch.allclose(logits(DiffusionLM(fresh), batch), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_saved_adapter_reloads_to_the_same_logits(name, tmp_path, tiny):
-    model, method = attached(name)
+@pytest.mark.parametrize("name,options", VARIANTS)
+def test_saved_adapter_reloads_to_the_same_logits(name, options, tmp_path, tiny):
+    model, method = attached(name, **options)
     perturb(method)
     batch = tiny_batch(tiny, padded=True)
     expected = logits(model, batch)
@@ -297,3 +299,18 @@ def test_one_module_per_phase_has_no_orthogonality_term():
     assert method.regularization() is None
     _, method = attached("lora_diffusion", k=2)
     assert torch.is_tensor(method.regularization())
+
+
+def test_prefix_variants_and_their_checks():
+    assert make_method("prefix").default_lr == 5e-3
+    assert make_method("prefix", reparam=False).default_lr == 1e-2  # free prefixes: P-tuning v2's range
+    with pytest.raises(UserError, match="reparam"):
+        make_method("prefix", reparam="no")
+    with pytest.raises(UserError, match="init"):
+        make_method("prefix", init="zeros")
+    # The words start with free prefixes puts them exactly at the base's keys/values of real words.
+    model, method = attached("prefix", reparam=False)
+    assert torch.count_nonzero(method.encoder.delta) == 0
+    assert torch.equal(method.encoder(), method.encoder.start) and method.encoder.start.abs().sum() > 0
+    _, random_start = attached("prefix", reparam=False, init="random")
+    assert random_start.encoder.start.abs().sum() == 0 and random_start.encoder.delta.std() > 0.5
