@@ -42,7 +42,7 @@ $LD sample --length 48 --steps 48 --temperature 0.8 --block-length 8 --n 5 --see
 for task in agnews agnews_title; do
     for method in lora_diffusion lora; do
         $LD train --task $task --method $method --steps 600 --bf16 --max-eval-examples 500 --out runs/$task-$method \
-            --results results/$task-$method.json
+            --results results/$task-$method.json  # the title runs now on file: --threads 1 (two at a time)
     done
 done
 A=runs/compare-sst2
@@ -50,10 +50,9 @@ A=runs/compare-sst2
 # Effective rank per denoising step on SST-2 (2-token answers: 2 sampler steps).
 $LD analyze effective-rank --adapters $A/lora_diffusion/seed-0 $A/lora/seed-0 $A/dora/seed-0 $A/adapter/seed-0 \
     $A/full/seed-0 --examples 128 --sampler-steps 2 --out results/analysis/effective_rank --png
-# Not run yet (over 17 min on one shared core, stopped for lack of time): the same on title
-# generation, 29-token responses, so up to 29 sampler steps and a finer curve.
-# $LD analyze effective-rank --adapters runs/agnews_title-lora_diffusion runs/agnews_title-lora \
-#     --examples 128 --sampler-steps 32 --out results/analysis/effective_rank_title --png
+# The same on title generation: 29-token responses, so 29 sampler steps and a finer curve.
+$LD analyze effective-rank --adapters runs/agnews_title-lora_diffusion runs/agnews_title-lora \
+    --examples 64 --sampler-steps 32 --out results/analysis/effective_rank_title
 # Trajectory maps: one LoRA-Diffusion adapter per task, each on its own held-out prompts.
 $LD analyze tsne --adapters $A/lora_diffusion/seed-0 runs/agnews-lora_diffusion runs/agnews_title-lora_diffusion \
     --examples 48 --sampler-steps 16 --out results/analysis/tsne --png
