@@ -3,6 +3,7 @@
 # figure in the README). Run from the repository root after `make setup`, with the real
 # data in ../shared/data (or pass --data-dir). CPU times are for 2 cores; --bf16 is bf16
 # autocast (this CPU supports it; drop it elsewhere). Each step resumes if cut off.
+# --png (the README's images) needs the figures extra: .venv/bin/pip install -e '.[figures]'.
 set -euo pipefail
 LD=.venv/bin/lora-diffusion
 
@@ -68,5 +69,5 @@ $LD analyze data-efficiency --task sst2 --sizes 100,1000,8000 --methods lora_dif
     --steps 300 --bf16 --max-eval-examples 400 --lr-from results/lr_sweep_sst2.json --jobs 2 \
     --out results/analysis/data_efficiency --png
 # Rank scaling of memory and speed (alone on the machine: it times things).
-# (--gen-lengths 16,64: the default adds 128-token responses, about 45 minutes more on 2 cores.)
-$LD analyze scaling --gen-lengths 16,64 --out results/analysis/scaling --png
+# (Responses of 16, 64 and 128 tokens, the default: 26 minutes on 2 cores.)
+$LD analyze scaling --out results/analysis/scaling --png
