@@ -53,7 +53,7 @@ $LD analyze effective-rank --adapters $A/lora_diffusion/seed-0 $A/lora/seed-0 $A
     $A/full/seed-0 --examples 128 --sampler-steps 2 --out results/analysis/effective_rank --png
 # The same on title generation: 29-token responses, so 29 sampler steps and a finer curve.
 $LD analyze effective-rank --adapters runs/agnews_title-lora_diffusion runs/agnews_title-lora \
-    --examples 64 --sampler-steps 32 --out results/analysis/effective_rank_title
+    --examples 64 --sampler-steps 32 --out results/analysis/effective_rank_title --png
 # Trajectory maps: one LoRA-Diffusion adapter per task, each on its own held-out prompts.
 $LD analyze tsne --adapters $A/lora_diffusion/seed-0 runs/agnews-lora_diffusion runs/agnews_title-lora_diffusion \
     --examples 48 --sampler-steps 16 --out results/analysis/tsne --png
