@@ -27,6 +27,7 @@ $LD compare --task sst2 --preset methods --steps 600 --bf16 --seed 0 1 2 --jobs 
 # Prefix tuning given five times the steps (its P-tuning v2 form: free prefixes, lr 1e-2), 3 seeds.
 $LD compare --task sst2 --methods prefix --option reparam=false --option init=random --steps 3000 --bf16 \
     --seed 0 1 2 --jobs 2 --eval-every 500 --out runs/prefix-long-sst2 --results results/prefix_sst2_3000.json
+$LD eval --adapter runs/prefix-long-sst2/prefix/seed-0 --out results/eval_check/prefix_3000.json
 # Every saved adapter, reloaded by `eval --adapter`, scores what it scored at the end of training.
 for m in full lora_diffusion lora dora adapter bitfit prefix; do
     $LD eval --adapter runs/compare-sst2/$m/seed-0 --out results/eval_check/$m.json
