@@ -44,7 +44,7 @@ $LD sample --length 48 --steps 48 --temperature 0.8 --block-length 8 --n 5 --see
 for task in agnews agnews_title; do
     for method in lora_diffusion lora; do
         $LD train --task $task --method $method --steps 600 --bf16 --max-eval-examples 500 --out runs/$task-$method \
-            --results results/$task-$method.json  # the title runs now on file: --threads 1 (two at a time)
+            --results results/$task-$method.json  # (the title results on file: with --threads 1)
     done
 done
 A=runs/compare-sst2

@@ -309,7 +309,7 @@ def test_prefix_variants_and_their_checks():
     with pytest.raises(UserError, match="init"):
         make_method("prefix", init="zeros")
     # The words start with free prefixes puts them exactly at the base's keys/values of real words.
-    model, method = attached("prefix", reparam=False)
+    _, method = attached("prefix", reparam=False)
     assert torch.count_nonzero(method.encoder.delta) == 0
     assert torch.equal(method.encoder(), method.encoder.start) and method.encoder.start.abs().sum() > 0
     _, random_start = attached("prefix", reparam=False, init="random")

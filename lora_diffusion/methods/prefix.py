@@ -71,6 +71,7 @@ class PrefixEncoder(nn.Module):
     def __init__(self, length: int, d: int, hidden: int, n_layers: int, n_heads: int, reparam: bool = True):
         super().__init__()
         self.shape = (length, n_layers, 2, n_heads, d // n_heads)
+        self.reparam = reparam
         if reparam:
             self.embedding = nn.Parameter(torch.randn(length, d) * 0.02)
             self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, n_layers * 2 * d))
@@ -80,7 +81,7 @@ class PrefixEncoder(nn.Module):
         self.register_buffer("start", torch.zeros(n_layers, 2, n_heads, length, d // n_heads))
 
     def forward(self) -> torch.Tensor:
-        if not hasattr(self, "mlp"):
+        if not self.reparam:
             return self.start + self.delta
         return self.start + self.mlp(self.embedding).view(self.shape).permute(1, 2, 3, 0, 4)
 
