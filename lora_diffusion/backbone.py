@@ -2,7 +2,7 @@
 
 A `Backbone` splits a `transformers` masked LM into its body (tokens -> final hidden
 states `h`) and its LM head (`h` -> logits). The split is where a trajectory adapter
-acts: it perturbs `h` before the head reads it (DESIGN.md section 2).
+acts: it perturbs `h` before the head reads it (LoRA-Diffusion's `final` injection).
 """
 
 from __future__ import annotations
@@ -14,13 +14,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM
 
 from .errors import UserError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# The shipped default base; LORA_DIFFUSION_BASE points elsewhere (e.g. a pip install
-# without the repository next to it).
-SHIPPED_BASE = Path(os.environ.get("LORA_DIFFUSION_BASE", REPO_ROOT / "assets" / "base"))
+from .paths import SHIPPED_BASE
 
 
 class _Sequential(nn.Module):
@@ -167,8 +164,6 @@ def load_backbone(path: str | os.PathLike | None = None, dtype=torch.float32) ->
     `path` may be a folder with `config.json` + weights + tokenizer, or `hf:NAME` to let
     `transformers` download NAME from the hub (needs a network).
     """
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
     path = str(path) if path is not None else str(SHIPPED_BASE)
     if path.startswith("hf:"):
         name, local_only = path[3:], False
@@ -196,8 +191,6 @@ def tiny_backbone(seed: int = 0, hidden: int = 32, layers: int = 2, heads: int =
 
     Uses the shipped base's tokenizer (a wordpiece vocabulary that is always in the repo).
     """
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
-
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(str(SHIPPED_BASE), local_files_only=True)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,

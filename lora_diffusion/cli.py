@@ -10,30 +10,19 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
+
+import torch
 
 from .errors import UserError
 
+# Each command imports what it needs when it runs: `lora-diffusion --help` stays quick,
+# and `app` alone pulls in gradio.
 
-def _task_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("task")
-    g.add_argument("--task", required=required,
-                   help="sst2, agnews, agnews_title, suite_sentiment, suite_topic, suite_struct, "
-                        "csv / tsv / jsonl (with --train-file), or hub:NAME[:CONFIG]")
-    g.add_argument("--data-dir", help="folder with sst2/ and ag_news/ (default: ../shared/data)")
-    g.add_argument("--train-file", help="for --task csv/tsv/jsonl")
-    g.add_argument("--eval-file", help="for --task csv/tsv/jsonl (default: hold out 10%% of --train-file)")
-    g.add_argument("--format", choices=["csv", "tsv", "jsonl"], help="file format if the extension does not say")
-    g.add_argument("--columns", help="column names of a headerless file, comma-separated")
-    g.add_argument("--text-column", default="text")
-    g.add_argument("--label-column", help="classification label column (default: label)")
-    g.add_argument("--response-column", help="makes a generation task: the response text column")
-    g.add_argument("--instruction", help="instruction text (default: derived from the labels)")
-    g.add_argument("--verbalizers", help="label words, e.g. '0=negative,1=positive'")
-    g.add_argument("--max-train-examples", type=int, help="seeded, label-stratified subset of the train split")
-    g.add_argument("--max-eval-examples", type=int, help="seeded subset of the held-out split")
-    g.add_argument("--max-length", type=int, help="sequence length limit (default: the model's)")
-    g.add_argument("--truncate", action="store_true", help="cut inputs that do not fit instead of stopping")
 
+# ---------------------------------------------------------------------------------------
+# Pieces several commands share
+# ---------------------------------------------------------------------------------------
 
 def _load_task(args, seed: int):
     from .data import load_task
@@ -50,180 +39,23 @@ def _load_task(args, seed: int):
                      max_eval=args.max_eval_examples, seed=seed)
 
 
-def parse_options(pairs: list[str] | None) -> dict:
-    """['r=8', 'ranks=16,16,16', 'condition=false'] -> {'r': 8, 'ranks': [16, 16, 16], 'condition': False}."""
-    def value(text: str):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return text
-
-    options = {}
-    for pair in pairs or []:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--option wants KEY=VALUE, got {pair!r}")
-        raw = raw.strip()
-        if raw.lower() in ("true", "false"):
-            raw = raw.lower()
-        options[key.strip()] = [value(v) for v in raw.split(",")] if "," in raw and not raw.startswith("[") else value(raw)
-    return options
-
-
 def _threads(n: int | None) -> None:
-    import torch
-
     if n:
         torch.set_num_threads(n)
 
 
-def cmd_prepare_base(args) -> None:
-    from .prepare_base import DEFAULT_DATA, prepare_base
-    from .backbone import SHIPPED_BASE
-
-    _threads(args.threads)
-    card = prepare_base(data_dir=args.data_dir or DEFAULT_DATA, out=args.out or SHIPPED_BASE,
-                        work_dir=args.work_dir, steps=args.steps, batch_size=args.batch_size,
-                        seq_len=args.seq_len, lr=args.lr, seed=args.seed, bf16=args.bf16)
-    print(json.dumps({"out": str(args.out or SHIPPED_BASE), "heldout": card["heldout"]}))
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
-def cmd_train(args) -> None:
-    from pathlib import Path
-
-    from .backbone import load_backbone
-    from .evaluate import aggregate_seeds
-    from .io import write_json
-    from .methods import make_method
-    from .train import TrainConfig, fine_tune
-
-    _threads(args.threads)
-    if args.steps is not None and args.epochs is not None:
-        raise UserError("give --steps or --epochs, not both")
-    if args.batch_size < 1 or args.grad_accum < 1:
-        raise UserError("--batch-size and --grad-accum must be positive")
-    if len(set(args.seed)) != len(args.seed):
-        raise UserError(f"--seed lists a seed twice: {args.seed}")
-    several = len(args.seed) > 1
-    results = []
-    for seed in args.seed:
-        task = _load_task(args, seed)
-        backbone = load_backbone(args.base)  # a fresh base per seed: full fine-tuning changes it
-        method = make_method(args.method, **parse_options(args.option))
-        if args.epochs is not None:
-            steps = math.ceil(args.epochs * len(task.train) / (args.batch_size * args.grad_accum))
-        else:
-            steps = args.steps if args.steps is not None else 300
-        if steps < 1:
-            raise UserError("--steps/--epochs must be positive")
-        eval_every = args.eval_every if args.eval_every is not None else max(steps // 4, 1)
-        config = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                             weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, seed=seed,
-                             bf16=args.bf16, eval_every=eval_every, checkpoint_every=args.checkpoint_every,
-                             device=args.device)
-        print(f"task {task.name}: {len(task.train)} train / {len(task.eval)} held-out examples; "
-              f"method {method.name}; seed {seed}; {steps} steps of {args.batch_size * args.grad_accum}",
-              file=sys.stderr)
-        out = Path(args.out) / f"seed-{seed}" if (args.out and several) else args.out
-        result = fine_tune(backbone, task, method, config, out_dir=out, max_length=args.max_length,
-                           truncate=args.truncate, sampler_steps=args.sampler_steps)
-        result.pop("model")
-        if out:
-            print(f"adapter: {os.path.join(out, 'adapter')}  results: {os.path.join(out, 'results.json')}",
-                  file=sys.stderr)
-        results.append(result)
-    for r in results:
-        print(_headline(r), file=sys.stderr)
-    final = aggregate_seeds(results) if several else results[0]
-    summary_path = args.results or (os.path.join(args.out, "summary.json") if (args.out and several) else None)
-    if summary_path:
-        write_json(summary_path, final)
-        print(f"summary: {summary_path}", file=sys.stderr)
-    print(json.dumps(final))
-
-
-def _headline(r: dict) -> str:
-    """One readable line of held-out metrics (the JSON follows on stdout)."""
-    where = f"{r['task']} held-out ({r['n_eval']} examples)"
-    if "accuracy" in r:
-        return (f"seed {r.get('seed', 0)}: {where}: generative accuracy {r['accuracy']:.3f}, verbalizer "
-                f"accuracy {r['verbalizer_accuracy']:.3f} (majority class {r['chance']:.3f})")
-    return f"seed {r.get('seed', 0)}: {where}: ROUGE-L {r['rouge_l']:.3f}, token F1 {r['token_f1']:.3f}"
-
-
-def cmd_eval(args) -> None:
-    from .backbone import load_backbone
-    from .diffusion import DiffusionLM
-    from .evaluate import evaluate_task
-    from .io import load_adapter, write_json
-
-    _threads(args.threads)
-    response_length = max_length = None
-    method_name = "base"
-    if args.adapter:
-        model, method, config = load_adapter(args.adapter, base=args.base)
-        method_name = method.name
-        response_length, max_length = config["response_length"], config["max_length"]
-        if args.task is None:
-            args.task = config["task"]["name"]
-    else:
-        if args.task is None:
-            raise UserError("give --task (or --adapter, whose task is used)")
-        model = DiffusionLM(load_backbone(args.base))
-    task = _load_task(args, args.seed)
-    result = evaluate_task(model, task, response_length=response_length,
-                           max_length=args.max_length or max_length, steps=args.steps,
-                           remasking=args.remasking, batch_size=args.batch_size, seed=args.seed,
-                           truncate=args.truncate)
-    result["method"] = method_name
-    result["adapter"] = args.adapter
-    if args.out:
-        write_json(args.out, result)
-    print(json.dumps(result))
-
-
-def cmd_sample(args) -> None:
-    import torch
-
-    from .backbone import load_backbone
-    from .data import Encoded, collate
-    from .diffusion import DiffusionLM, sample
-    from .io import load_adapter
-
-    _threads(args.threads)
-    if args.adapter:
-        model, _, config = load_adapter(args.adapter, base=args.base)
-        instruction = args.instruction if args.instruction is not None else (config["task"]["instruction"] or "")
-        length = args.length or config["response_length"]
-    else:
-        model = DiffusionLM(load_backbone(args.base))
-        instruction, length = args.instruction or "", args.length or 32
-    bb = model.backbone
-    tok = bb.tokenizer
-    if length < 1 or args.steps < 1:
-        raise UserError("--length and --steps must be positive")
-    if args.prompt is None and not instruction:  # unconditional: [CLS] + all-[MASK]
-        prompt, ins = [bb.cls_id], []
-    else:
-        ins = tok(instruction, add_special_tokens=False)["input_ids"]
-        body = tok(args.prompt or "", add_special_tokens=False)["input_ids"]
-        prompt = [bb.cls_id] + ins + [bb.sep_id] + body + [bb.sep_id]
-    if len(prompt) + length > bb.max_length:
-        raise UserError(f"prompt + {length} response tokens = {len(prompt) + length} tokens, longer than "
-                        f"the model's {bb.max_length} positions")
-    enc = Encoded([prompt] * args.n, [[bb.mask_id] * length] * args.n, [ins] * args.n, length)
-    batch = collate(enc, list(range(args.n)), bb.pad_id)
-    generator = torch.Generator().manual_seed(args.seed)
-    tokens, _ = sample(model, **batch, steps=args.steps, remasking=args.remasking,
-                       temperature=args.temperature, block_length=args.block_length, generator=generator)
-    for row in range(args.n):
-        ids = tokens[row][batch["response_mask"][row]].tolist()
-        text = tok.decode(ids, skip_special_tokens=False).replace(tok.sep_token, " | ")
-        print(" ".join(text.split()))
+def _distinct_seeds(seeds: list[int]) -> None:
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seed lists a seed twice: {seeds}")
 
 
 def _train_config(args, seed: int = 0):
-    from .train import TrainConfig
+    """The TrainConfig of `compare` and `analyze data-efficiency` (a fixed budget, no lr)."""
+    from .training import TrainConfig
 
     if args.steps < 1 or args.batch_size < 1:
         raise UserError("--steps and --batch-size must be positive")
@@ -232,183 +64,368 @@ def _train_config(args, seed: int = 0):
                        device=args.device)
 
 
+def _learning_rates(args) -> dict | None:
+    from .compare import learning_rates_from
+
+    return learning_rates_from(*args.lr_from) if args.lr_from else None
+
+
+# ---------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------
+
+def cmd_prepare_base(args) -> None:
+    from .paths import SHIPPED_BASE
+    from .prepare_base import prepare_base
+
+    _threads(args.threads)
+    card = prepare_base(data_dir=args.data_dir, out=args.out or SHIPPED_BASE, work_dir=args.work_dir,
+                        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                        seed=args.seed, bf16=args.bf16)
+    print(json.dumps({"out": str(args.out or SHIPPED_BASE), "heldout": card["heldout"]}))
+
+
+def cmd_train(args) -> None:
+    from .files import write_json
+    from .runs import aggregate_seeds, headline
+
+    _threads(args.threads)
+    if args.steps is not None and args.epochs is not None:
+        raise UserError("give --steps or --epochs, not both")
+    if args.batch_size < 1 or args.grad_accum < 1:
+        raise UserError("--batch-size and --grad-accum must be positive")
+    _distinct_seeds(args.seed)
+    several = len(args.seed) > 1
+    results = [_train_seed(args, seed, Path(args.out) / f"seed-{seed}" if (args.out and several) else args.out)
+               for seed in args.seed]
+    for r in results:
+        _log(headline(r))
+    final = aggregate_seeds(results) if several else results[0]
+    summary_path = args.results or (os.path.join(args.out, "summary.json") if (args.out and several) else None)
+    if summary_path:
+        write_json(summary_path, final)
+        _log(f"summary: {summary_path}")
+    print(json.dumps(final))
+
+
+def _train_seed(args, seed: int, out) -> dict:
+    """One seed of `train`: a fresh base (full fine-tuning changes it), the method, the run."""
+    from .backbone import load_backbone
+    from .methods import make_method, parse_option_pairs
+    from .runs import fine_tune
+    from .training import TrainConfig
+
+    task = _load_task(args, seed)
+    backbone = load_backbone(args.base)
+    method = make_method(args.method, parse_option_pairs(args.option))
+    if args.epochs is not None:
+        steps = math.ceil(args.epochs * len(task.train) / (args.batch_size * args.grad_accum))
+    else:
+        steps = args.steps if args.steps is not None else 300
+    if steps < 1:
+        raise UserError("--steps/--epochs must be positive")
+    config = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                         weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, seed=seed,
+                         bf16=args.bf16, eval_every=args.eval_every if args.eval_every is not None else max(steps // 4, 1),
+                         checkpoint_every=args.checkpoint_every, device=args.device)
+    _log(f"task {task.name}: {len(task.train)} train / {len(task.eval)} held-out examples; method {method.name}; "
+         f"seed {seed}; {steps} steps of {args.batch_size * args.grad_accum}")
+    result = fine_tune(backbone, task, method, config, out_dir=out, max_length=args.max_length,
+                       truncate=args.truncate, sampler_steps=args.sampler_steps)
+    result.pop("model")
+    if out:
+        _log(f"adapter: {os.path.join(out, 'adapter')}  results: {os.path.join(out, 'results.json')}")
+    return result
+
+
+def cmd_eval(args) -> None:
+    from .adapters import load_model
+    from .evaluate import evaluate_task
+    from .files import write_json
+
+    _threads(args.threads)
+    if args.adapter is None and args.task is None:
+        raise UserError("give --task (or --adapter, whose task is used)")
+    model, method, config = load_model(args.adapter, base=args.base)
+    if args.task is None:
+        args.task = config["task"]["name"]
+    task = _load_task(args, args.seed)
+    result = evaluate_task(model, task, response_length=config and config["response_length"],
+                           max_length=args.max_length or (config and config["max_length"]), steps=args.steps,
+                           remasking=args.remasking, batch_size=args.batch_size, seed=args.seed,
+                           truncate=args.truncate)
+    result["method"] = method.name if method else "base"
+    result["adapter"] = args.adapter
+    if args.out:
+        write_json(args.out, result)
+    print(json.dumps(result))
+
+
+def cmd_sample(args) -> None:
+    from .adapters import load_model
+    from .data import collate, encode_prompt
+    from .diffusion import sample
+
+    _threads(args.threads)
+    model, _, config = load_model(args.adapter, base=args.base)
+    instruction = args.instruction if args.instruction is not None else (config and config["task"]["instruction"])
+    length = args.length or (config["response_length"] if config else 32)
+    if length < 1 or args.steps < 1 or args.n < 1:
+        raise UserError("--length, --steps and --n must be positive")
+    tok = model.backbone.tokenizer
+    enc = encode_prompt(tok, instruction or "", args.prompt, length, model.backbone.max_length, n=args.n)
+    batch = collate(enc, list(range(args.n)), model.backbone.pad_id)
+    tokens, _ = sample(model, **batch, steps=args.steps, remasking=args.remasking, temperature=args.temperature,
+                       block_length=args.block_length, generator=torch.Generator().manual_seed(args.seed))
+    for row in range(args.n):
+        ids = tokens[row][batch["response_mask"][row]].tolist()
+        text = tok.decode(ids, skip_special_tokens=False).replace(tok.sep_token, " | ")
+        print(" ".join(text.split()))
+
+
 def cmd_compare(args) -> None:
-    from .compare import learning_rates_from, markdown, run_compare, specs_from
+    from .compare import markdown, run_compare, specs_from
+    from .methods import parse_option_pairs
 
     _threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    specs = specs_from(args.preset, methods, parse_options(args.option))
-    if len(set(args.seed)) != len(args.seed):
-        raise UserError(f"--seed lists a seed twice: {args.seed}")
+    specs = specs_from(args.preset, methods, parse_option_pairs(args.option))
+    _distinct_seeds(args.seed)
     task = _load_task(args, 0)  # one training subset for every row and seed: an equal budget
-    lr_sweep = [float(x) for x in args.lr_sweep.split(",")] if args.lr_sweep else None
-    learning_rates = learning_rates_from(*args.lr_from) if args.lr_from else None
-    log = lambda message: print(message, file=sys.stderr, flush=True)
+    lr_sweep = _floats(args.lr_sweep, "--lr-sweep") if args.lr_sweep else None
     results = run_compare(task, specs, args.seed, _train_config(args), args.out, base=args.base,
                           lr_sweep=lr_sweep, validation_fraction=args.validation_fraction,
                           sampler_steps=args.sampler_steps, profile=not (args.no_profile or args.sweep_only),
-                          progress=not args.quiet, log=log, sweep_only=args.sweep_only,
-                          learning_rates=learning_rates, results_file=args.results, jobs=args.jobs)
+                          progress=not args.quiet, log=_log, sweep_only=args.sweep_only,
+                          learning_rates=_learning_rates(args), results_file=args.results, jobs=args.jobs)
     print(markdown(results))
-    print(f"results: {os.path.join(args.out, 'results.json')}", file=sys.stderr)
+    _log(f"results: {os.path.join(args.out, 'results.json')}")
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} wants comma-separated numbers, not {text!r}") from None
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise UserError(f"{flag} wants positive finite numbers, not {text!r}")
+    return values
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} wants comma-separated integers, not {text!r}") from None
+    if min(values) < 1:
+        raise UserError(f"{flag} wants positive integers, not {text!r}")
+    return values
 
 
 def cmd_profile(args) -> None:
-    from .analysis.profile import profile_training
-    from .io import write_json
+    from .files import write_json
+    from .methods import parse_option_pairs
+    from .profiling import profile_training
 
     names = [m.strip() for m in args.methods.split(",")]
     if args.option and len(names) > 1:
         raise UserError("--option needs a single method in --methods")
     rows = []
     for name in names:
-        rows.append(profile_training(name, parse_options(args.option),
-                                     base=args.base or "shipped", batch_size=args.batch_size,
-                                     prompt_length=args.prompt_length, response_length=args.response_length,
-                                     steps=args.steps, warmup=args.warmup, bf16=args.bf16, device=args.device,
-                                     threads=args.threads))
-        r = rows[-1]
-        print(f"{name}: {r['sec_per_step']:.4f} s/step, peak {r['peak_memory_bytes'] / 2**20:.0f} MB, "
-              f"{r['trainable_parameters']:,} trainable", file=sys.stderr)
+        r = profile_training(name, parse_option_pairs(args.option), base=args.base or "shipped",
+                             batch_size=args.batch_size, prompt_length=args.prompt_length,
+                             response_length=args.response_length, steps=args.steps, warmup=args.warmup,
+                             bf16=args.bf16, device=args.device, threads=args.threads)
+        rows.append(r)
+        _log(f"{name}: {r['sec_per_step']:.4f} s/step, peak {r['peak_memory_bytes'] / 2**20:.0f} MB, "
+             f"{r['trainable_parameters']:,} trainable")
     reference = rows[0]
     ratios = {r["method"]: {"step_time_ratio": reference["sec_per_step"] / r["sec_per_step"],
                             "peak_memory_ratio": reference["peak_memory_bytes"] / r["peak_memory_bytes"]}
               for r in rows[1:]}
-    out = {"reference": reference["method"], "ratios_of_reference_to": ratios, "rows": rows}
     if args.out:
-        write_json(args.out, out)
+        write_json(args.out, {"reference": reference["method"], "ratios_of_reference_to": ratios, "rows": rows})
     print(json.dumps({"reference": reference["method"], "ratios_of_reference_to": ratios,
                       "rows": [{k: r[k] for k in ("method", "sec_per_step", "peak_memory_bytes",
                                                   "trainable_parameters", "device")} for r in rows]}))
 
 
-def cmd_analyze(args) -> None:
-    """Every analysis writes OUT/<name>.json and one HTML page per figure."""
-    from pathlib import Path
-
-    from .io import write_figure, write_json, write_text
-
-    _threads(args.threads)
-    out = Path(args.out)
-    log = lambda message: print(message, file=sys.stderr, flush=True)
-    kind = args.analysis
-    if kind == "effective-rank":
-        from .analysis.rank import effective_rank_figure, effective_rank_report
-
-        report = effective_rank_report(args.adapters, base=args.base, task_name=args.task, data_dir=args.data_dir,
-                                       n_examples=args.examples, steps=args.sampler_steps, seed=args.seed)
-        figures = {"effective_rank": effective_rank_figure(report)}
-        summary = {r["label"]: [round(x, 2) for x in r["effective_rank"]] for r in report["methods"]}
-    elif kind == "tsne":
-        from .analysis.tsne import trajectory_figure, trajectory_map
-
-        report = trajectory_map(args.adapters, base=args.base, task_name=args.task, data_dir=args.data_dir,
-                                n_examples=args.examples, steps=args.sampler_steps, method=args.projection,
-                                seed=args.seed)
-        figures = {f"tsne_{which}_by_{colour}": trajectory_figure(report, which, colour)
-                   for which in ("perturbations", "base") for colour in ("task", "step")}
-        summary = {w: round(report[w]["trustworthiness"], 3) for w in ("perturbations", "base")}
-    elif kind == "forgetting":
-        from .analysis.forgetting import forgetting_figure, forgetting_report
-
-        report = forgetting_report(args.adapters, base=args.base, data_dir=args.data_dir, rows=args.examples,
-                                   seed=args.seed)
-        figures = {"forgetting": forgetting_figure(report)}
-        summary = {m["label"]: {s: round(v["nelbo"], 3) for s, v in m["scores"].items()} for m in report["models"]}
-    elif kind == "composition":
-        from .analysis.composition import (composition_markdown, composition_report, interference_figure,
-                                           router_weights_figure)
-
-        report = composition_report(args.adapters, lora_adapters=args.lora_adapters, base=args.base,
-                                    data_dir=args.data_dir, max_eval=args.examples, sampler_steps=args.sampler_steps,
-                                    router_steps=args.router_steps, seed=args.seed, out_dir=out,
-                                    progress=not args.quiet)
-        figures = {"router_weights": router_weights_figure(report), "interference": interference_figure(report)}
-        write_text(out / "composition.md", composition_markdown(report) + "\n")
-        summary = composition_markdown(report)
-    elif kind == "scaling":
-        from .analysis.scaling import rank_scaling_report, scaling_figures
-
-        ints = lambda text: [int(x) for x in text.split(",")]
-        report = rank_scaling_report(ranks=ints(args.ranks), base=args.base or "shipped", batch_size=args.batch_size,
-                                     gen_ranks=ints(args.gen_ranks), gen_batch_sizes=ints(args.gen_batch_sizes),
-                                     gen_lengths=ints(args.gen_lengths), gen_steps=args.sampler_steps,
-                                     bf16=args.bf16, device=args.device, threads=args.threads,
-                                     isolated=not args.in_process, log=log)
-        figures = scaling_figures(report)
-        summary = {f"{r['method']}{'' if r['rank'] is None else ' r=' + str(r['rank'])}":
-                   {"s/step": round(r["sec_per_step"], 4), "peak MB": round(r["peak_memory_bytes"] / 2**20)}
-                   for r in report["train"]}
-    elif kind == "data-efficiency":
-        from .analysis.data_efficiency import data_efficiency_figure, data_efficiency_report
-        from .compare import learning_rates_from
-
-        if not args.task:
-            raise UserError("data-efficiency needs --task")
-        task = _load_task(args, 0)
-        report = data_efficiency_report(task, [int(x) for x in args.sizes.split(",")],
-                                        methods=[m.strip() for m in args.methods.split(",")], seeds=args.seeds,
-                                        config=_train_config(args), out_dir=out / "runs", base=args.base,
-                                        sampler_steps=args.sampler_steps, progress=not args.quiet, log=log,
-                                        learning_rates=learning_rates_from(*args.lr_from) if args.lr_from else None,
-                                        jobs=args.jobs)
-        figures = {"data_efficiency": data_efficiency_figure(report)}
-        summary = [(p["n_train"], p["method"], round(p.get("accuracy", p.get("rouge_l"))["mean"], 4))
-                   for p in report["points"]]
-    else:  # argparse restricts the choices
-        raise UserError(f"unknown analysis {kind!r}")
-    name = kind.replace("-", "_")
-    write_json(out / f"{name}.json", report)
-    for fig_name, figure in figures.items():
-        write_figure(out / f"{fig_name}.html", figure, png=args.png)
-    print(f"wrote {out / (name + '.json')} and {', '.join(f + '.html' for f in figures)}", file=sys.stderr)
-    print(summary if isinstance(summary, str) else json.dumps(summary))
-
-
 def cmd_report(args) -> None:
-    from .evaluate import markdown_table
-    from .io import read_json
+    from .files import read_json
+    from .runs import markdown_table
 
     print(markdown_table([read_json(path) for path in args.results]))
 
 
 def cmd_app(args) -> None:
-    import runpy
+    from .app.main import main as app_main
 
-    from .backbone import REPO_ROOT
-
-    script = REPO_ROOT / "app" / "main.py"
-    if not script.is_file():
-        raise UserError(f"the app is not in this installation ({script} is missing); run it from a checkout")
-    sys.argv = [str(script), "--port", str(args.port), "--host", args.host, "--workspace", args.workspace]
-    runpy.run_path(str(script), run_name="__main__")
+    argv = ["--port", str(args.port), "--host", args.host, "--workspace", args.workspace]
+    argv += ["--data-dir", args.data_dir] if args.data_dir else []
+    app_main(argv + (["--base", args.base] if args.base else []))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-diffusion", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+# ---------------------------------------------------------------------------------------
+# `analyze NAME`: each analysis writes OUT/<name>.json and one HTML page per figure
+# ---------------------------------------------------------------------------------------
 
-    p = sub.add_parser("prepare-base", help="turn MiniLM-L6 into a masked diffusion LM (writes assets/base)")
-    p.add_argument("--data-dir", help="text data folder (default: ../shared/data)")
-    p.add_argument("--out", help="output folder (default: assets/base)")
-    p.add_argument("--work-dir", help="checkpoints and metrics (default: runs/prepare-base)")
-    p.add_argument("--steps", type=int, default=1600)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    p.add_argument("--threads", type=int)
-    p.set_defaults(func=cmd_prepare_base)
+def analyze_effective_rank(args):
+    from .analysis.rank import effective_rank_report
+    from .plots import effective_rank_figure
 
-    p = sub.add_parser("train", help="fine-tune a method on a task, evaluate on held-out data")
+    report = effective_rank_report(args.adapters, base=args.base, task_name=args.task, data_dir=args.data_dir,
+                                   n_examples=args.examples, steps=args.sampler_steps, seed=args.seed)
+    summary = {r["label"]: [round(x, 2) for x in r["effective_rank"]] for r in report["methods"]}
+    return report, {"effective_rank": effective_rank_figure(report)}, summary
+
+
+def analyze_tsne(args):
+    from .analysis.tsne import trajectory_map
+    from .plots import tsne_figure
+
+    report = trajectory_map(args.adapters, base=args.base, task_name=args.task, data_dir=args.data_dir,
+                            n_examples=args.examples, steps=args.sampler_steps, method=args.projection,
+                            seed=args.seed)
+    figures = {f"tsne_{which}_by_{colour}": tsne_figure(report, which, colour)
+               for which in ("perturbations", "base") for colour in ("task", "step")}
+    return report, figures, {w: round(report[w]["trustworthiness"], 3) for w in ("perturbations", "base")}
+
+
+def analyze_forgetting(args):
+    from .analysis.forgetting import forgetting_report
+    from .plots import forgetting_figure
+
+    report = forgetting_report(args.adapters, base=args.base, data_dir=args.data_dir, rows=args.examples,
+                               seed=args.seed)
+    summary = {m["label"]: {s: round(v["nelbo"], 3) for s, v in m["scores"].items()} for m in report["models"]}
+    return report, {"forgetting": forgetting_figure(report)}, summary
+
+
+def analyze_composition(args):
+    from .analysis.composition import composition_markdown, composition_report
+    from .files import write_text
+    from .plots import interference_figure, router_weights_figure
+
+    report = composition_report(args.adapters, lora_adapters=args.lora_adapters, base=args.base,
+                                data_dir=args.data_dir, max_eval=args.examples, sampler_steps=args.sampler_steps,
+                                router_steps=args.router_steps, seed=args.seed, out_dir=args.out,
+                                progress=not args.quiet)
+    write_text(Path(args.out) / "composition.md", composition_markdown(report) + "\n")
+    figures = {"router_weights": router_weights_figure(report), "interference": interference_figure(report)}
+    return report, figures, composition_markdown(report)
+
+
+def analyze_scaling(args):
+    from .analysis.scaling import rank_scaling_report
+    from .plots import scaling_figures
+
+    report = rank_scaling_report(ranks=_ints(args.ranks, "--ranks"), base=args.base or "shipped",
+                                 batch_size=args.batch_size, gen_ranks=_ints(args.gen_ranks, "--gen-ranks"),
+                                 gen_batch_sizes=_ints(args.gen_batch_sizes, "--gen-batch-sizes"),
+                                 gen_lengths=_ints(args.gen_lengths, "--gen-lengths"), gen_steps=args.sampler_steps,
+                                 bf16=args.bf16, device=args.device, threads=args.threads,
+                                 isolated=not args.in_process, log=_log)
+    summary = {f"{r['method']}{'' if r['rank'] is None else ' r=' + str(r['rank'])}":
+               {"s/step": round(r["sec_per_step"], 4), "peak MB": round(r["peak_memory_bytes"] / 2**20)}
+               for r in report["train"]}
+    return report, scaling_figures(report), summary
+
+
+def analyze_data_efficiency(args):
+    from .analysis.data_efficiency import data_efficiency_report
+    from .metrics import score
+    from .plots import data_efficiency_figure
+
+    _distinct_seeds(args.seeds)
+    report = data_efficiency_report(_load_task(args, 0), _ints(args.sizes, "--sizes"),
+                                    methods=[m.strip() for m in args.methods.split(",")], seeds=args.seeds,
+                                    config=_train_config(args), out_dir=Path(args.out) / "runs", base=args.base,
+                                    sampler_steps=args.sampler_steps, progress=not args.quiet, log=_log,
+                                    learning_rates=_learning_rates(args), jobs=args.jobs)
+    summary = [(p["n_train"], p["method"], round(score(p), 4)) for p in report["points"]]
+    return report, {"data_efficiency": data_efficiency_figure(report)}, summary
+
+
+ANALYSES = {"effective-rank": analyze_effective_rank, "tsne": analyze_tsne, "forgetting": analyze_forgetting,
+            "composition": analyze_composition, "scaling": analyze_scaling,
+            "data-efficiency": analyze_data_efficiency}
+
+
+def cmd_analyze(args) -> None:
+    from .files import write_json
+    from .plots import write_figure
+
+    _threads(args.threads)
+    report, figures, summary = ANALYSES[args.analysis](args)
+    out, name = Path(args.out), args.analysis.replace("-", "_")
+    write_json(out / f"{name}.json", report)
+    for fig_name, figure in figures.items():
+        write_figure(out / f"{fig_name}.html", figure, png=args.png)
+    _log(f"wrote {out / (name + '.json')} and {', '.join(f + '.html' for f in figures)}")
+    print(summary if isinstance(summary, str) else json.dumps(summary))
+
+
+# ---------------------------------------------------------------------------------------
+# The argparse table
+# ---------------------------------------------------------------------------------------
+
+def _task_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("task")
+    g.add_argument("--task", required=required,
+                   help="sst2, agnews, agnews_title, suite_sentiment, suite_topic, suite_struct, "
+                        "csv / tsv / jsonl (with --train-file), or hub:NAME[:CONFIG]")
+    g.add_argument("--data-dir", help="folder with sst2/ and ag_news/ (default: ../shared/data beside a checkout)")
+    g.add_argument("--train-file", help="for --task csv/tsv/jsonl")
+    g.add_argument("--eval-file", help="for --task csv/tsv/jsonl (default: hold out 10%% of --train-file)")
+    g.add_argument("--format", choices=["csv", "tsv", "jsonl"], help="file format if the extension does not say")
+    g.add_argument("--columns", help="column names of a headerless file, comma-separated")
+    g.add_argument("--text-column", default="text")
+    g.add_argument("--label-column", help="classification label column (default: label)")
+    g.add_argument("--response-column", help="makes a generation task: the response text column")
+    g.add_argument("--instruction", help="instruction text (default: derived from the labels)")
+    g.add_argument("--verbalizers", help="label words, e.g. '0=negative,1=positive'")
+    g.add_argument("--max-train-examples", type=int, help="seeded, label-stratified subset of the train split")
+    g.add_argument("--max-eval-examples", type=int, help="seeded subset of the held-out split")
+    g.add_argument("--max-length", type=int, help="sequence length limit (default: the model's)")
+    g.add_argument("--truncate", action="store_true", help="cut inputs that do not fit instead of stopping")
+
+
+def _run_args(p: argparse.ArgumentParser, checkpoint_every: int = 0) -> None:
+    """Flags of the commands that train with a fixed budget (compare, analyze data-efficiency)."""
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU, or a CPU that supports it)")
+    p.add_argument("--eval-every", type=int, help="held-out monitor during training (default: off)")
+    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--lr-from", nargs="+", metavar="RESULTS",
+                   help="results.json of earlier compares (e.g. --sweep-only): each row's lr")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at a time, each in its own process with its share of the threads "
+                        "(default 1; 2 finishes sooner on a 2-core CPU)")
+
+
+def _options_epilog() -> str:
+    """Every method's options, from its config dataclass."""
+    from .methods import METHODS, describe, option_specs
+
+    lines = ["method options (--option KEY=VALUE, repeatable):"]
+    for name in METHODS:
+        specs = option_specs(name)
+        lines.append(f"  {name}:" + ("" if specs else " none"))
+        lines += [f"    {s.name}: {describe(s)}" for s in specs]
+    return "\n".join(lines)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a method on a task, evaluate on held-out data",
+                       epilog=_options_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", help="base model folder (default: the shipped base) or hf:NAME")
     _task_args(p)
     p.add_argument("--method", default="full",
                    help="full, lora_diffusion, lora, dora, adapter, bitfit or prefix (default: full)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="a method option, repeatable: e.g. --option r=8, --option ranks=16,16,16, "
-                        "--option injection=blocks")
+                   help="a method option, repeatable: e.g. --option r=8, --option ranks=16,16,16 (all below)")
     p.add_argument("--out", help="run folder: adapter/, results.json, metrics.jsonl, checkpoints/")
     p.add_argument("--steps", type=int, help="optimiser steps (default 300)")
     p.add_argument("--epochs", type=float, help="instead of --steps")
@@ -430,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval_sample_app(sub) -> None:
     p = sub.add_parser("eval", help="held-out metrics of a base or an adapter; last line is JSON")
     p.add_argument("--adapter", help="adapter folder (or a train --out folder)")
     p.add_argument("--base", help="base model folder (default: the adapter's, or the shipped base)")
@@ -441,12 +460,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("app", help="start the Gradio workbench")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--workspace", default="runs/app", help="folder for the app's runs and adapters")
-    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("sample", help="generate text with the sampler")
     p.add_argument("--base", help="base model folder (default: the shipped base)")
@@ -463,7 +476,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("compare", help="methods x seeds on one task with an equal budget: results.json + table")
+    p = sub.add_parser("app", help="start the Gradio workbench")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--workspace", default="runs/app", help="folder for the app's runs and adapters")
+    p.add_argument("--data-dir", help="folder of the real datasets (default: ../shared/data beside a checkout)")
+    p.add_argument("--base", help="base model folder (default: the shipped base)")
+    p.set_defaults(func=cmd_app)
+
+
+def _add_compare_profile(sub) -> None:
+    p = sub.add_parser("compare", help="methods x seeds on one task with an equal budget: results.json + table",
+                       epilog=_options_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", help="base model folder (default: the shipped base)")
     _task_args(p)
     p.add_argument("--preset", help="methods (= table5/7/9), ranks (= table10), modules (= table11), "
@@ -472,26 +496,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="options for --methods rows")
     p.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr-sweep", help="multipliers of each method's default lr, tried on a validation split "
                                       "carved from the train set, e.g. 0.3,1,3")
     p.add_argument("--validation-fraction", type=float, default=0.1)
     p.add_argument("--sweep-only", action="store_true", help="stop after the lr sweep (its table, one seed)")
-    p.add_argument("--lr-from", nargs="+", metavar="RESULTS",
-                   help="results.json of earlier compares (e.g. --sweep-only): their rows' lr")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--eval-every", type=int, help="held-out monitor during training (default: off)")
-    p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--sampler-steps", type=int, default=64)
     p.add_argument("--no-profile", action="store_true", help="skip the peak-memory measurement per row")
     p.add_argument("--out", required=True, help="folder: results.json, results.md, one run folder per row/seed")
     p.add_argument("--results", help="also write the results JSON here (and the markdown table beside it)")
-    p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs trained at a time, each in its own process with its share of the threads "
-                        "(default 1; 2 finishes sooner on a 2-core CPU)")
+    _run_args(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("profile", help="train step time and peak memory of methods on one synthetic batch")
@@ -510,43 +524,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the JSON here")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("analyze", help="analyses of trained adapters; each writes JSON + HTML figures")
-    p.add_argument("analysis", choices=["effective-rank", "tsne", "forgetting", "composition", "scaling",
-                                        "data-efficiency"])
-    p.add_argument("--adapters", nargs="*", default=[], help="adapter (or run) folders")
-    p.add_argument("--lora-adapters", nargs="*", help="composition: weight-LoRA adapters of the same tasks")
-    p.add_argument("--base", help="base model folder (default: the adapters' / the shipped base)")
-    _task_args(p, required=False)
-    p.add_argument("--examples", type=int, default=64, help="held-out examples (rows of text for forgetting)")
-    p.add_argument("--sampler-steps", type=int, default=16, help="denoising steps")
-    p.add_argument("--projection", choices=["tsne", "pca"], default="tsne")
-    p.add_argument("--router-steps", type=int, default=300)
-    p.add_argument("--png", action="store_true", help="also write each figure as PNG (the figures extra)")
-    p.add_argument("--ranks", default="1,2,4,8,16,32,64,128")
-    p.add_argument("--gen-ranks", default="8,128")
-    p.add_argument("--gen-batch-sizes", default="1,8,32")
-    p.add_argument("--gen-lengths", default="16,64,128")
-    p.add_argument("--sizes", default="100,500,2000,8000", help="data-efficiency: training-set sizes")
-    p.add_argument("--methods", default="lora_diffusion,lora,full", help="data-efficiency: methods")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=300, help="data-efficiency: training steps")
-    p.add_argument("--lr-from", nargs="+", metavar="RESULTS",
-                   help="data-efficiency: each method's lr from earlier compares' results.json (default: its own)")
-    p.add_argument("--jobs", type=int, default=1, help="data-efficiency: runs trained at a time")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--checkpoint-every", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--in-process", action="store_true",
-                   help="scaling: measure in this process instead of a fresh one per point (faster; "
-                        "memory the allocator already holds then hides part of the peak)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=cmd_analyze)
 
+def _add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="analyses of trained adapters; each writes JSON + HTML figures")
+    kinds = p.add_subparsers(dest="analysis", required=True)
+
+    def analysis(name: str, help: str, adapters: bool = True, task: bool = True) -> argparse.ArgumentParser:
+        a = kinds.add_parser(name, help=help)
+        if adapters:
+            a.add_argument("--adapters", nargs="+", required=True, help="adapter (or run) folders")
+        a.add_argument("--base", help="base model folder (default: the adapters' / the shipped base)")
+        if task:
+            _task_args(a, required=False)
+        a.add_argument("--seed", type=int, default=0)
+        a.add_argument("--png", action="store_true", help="also write each figure as PNG (the figures extra)")
+        a.add_argument("--threads", type=int)
+        a.add_argument("--out", required=True, help="output folder")
+        a.set_defaults(func=cmd_analyze)
+        return a
+
+    a = analysis("effective-rank", "effective rank of each adapter's perturbation per denoising step")
+    a.add_argument("--examples", type=int, default=64, help="held-out examples")
+    a.add_argument("--sampler-steps", type=int, default=16, help="denoising steps")
+    a = analysis("tsne", "2-D map of the per-step perturbations (t-SNE or PCA)")
+    a.add_argument("--examples", type=int, default=64, help="held-out examples")
+    a.add_argument("--sampler-steps", type=int, default=16, help="denoising steps")
+    a.add_argument("--projection", choices=["tsne", "pca"], default="tsne")
+    a = analysis("forgetting", "held-out NELBO of generic text under each adapter against the base")
+    a.add_argument("--examples", type=int, default=64, help="rows of 128 tokens per text source")
+    a = analysis("composition", "a router over LoRA-Diffusion adapters, merges of weight-LoRA ones")
+    a.add_argument("--lora-adapters", nargs="*", help="weight-LoRA adapters of the same tasks")
+    a.add_argument("--examples", type=int, default=64, help="held-out examples per task")
+    a.add_argument("--sampler-steps", type=int, default=16, help="denoising steps")
+    a.add_argument("--router-steps", type=int, default=300)
+    a.add_argument("--quiet", action="store_true")
+    a = analysis("scaling", "parameters, memory and speed against rank (fresh process per point)",
+                 adapters=False, task=False)
+    a.add_argument("--ranks", default="1,2,4,8,16,32,64,128")
+    a.add_argument("--gen-ranks", default="8,128")
+    a.add_argument("--gen-batch-sizes", default="1,8,32")
+    a.add_argument("--gen-lengths", default="16,64,128")
+    a.add_argument("--sampler-steps", type=int, default=16, help="denoising steps of the generation timings")
+    a.add_argument("--batch-size", type=int, default=16)
+    a.add_argument("--bf16", action="store_true")
+    a.add_argument("--device", default="auto")
+    a.add_argument("--in-process", action="store_true",
+                   help="measure in this process instead of a fresh one per point (faster; memory the "
+                        "allocator already holds then hides part of the peak)")
+    a = analysis("data-efficiency", "held-out score against training-set size", adapters=False)
+    a.add_argument("--sizes", default="100,500,2000,8000", help="training-set sizes")
+    a.add_argument("--methods", default="lora_diffusion,lora,full")
+    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    a.add_argument("--steps", type=int, default=300, help="training steps")
+    a.add_argument("--sampler-steps", type=int, default=16, help="denoising steps")
+    _run_args(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-diffusion", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare-base", help="turn MiniLM-L6 into a masked diffusion LM (writes assets/base)")
+    p.add_argument("--data-dir", help="text data folder (default: ../shared/data beside a checkout)")
+    p.add_argument("--out", help="output folder (default: assets/base)")
+    p.add_argument("--work-dir", help="checkpoints and metrics (default: runs/prepare-base)")
+    p.add_argument("--steps", type=int, default=1600)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_prepare_base)
+
+    _add_train(sub)
+    _add_eval_sample_app(sub)
+    _add_compare_profile(sub)
+    _add_analyze(sub)
     p = sub.add_parser("report", help="markdown table of results files (train --results, eval --out)")
     p.add_argument("results", nargs="+", help="JSON results files")
     p.set_defaults(func=cmd_report)

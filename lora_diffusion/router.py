@@ -1,4 +1,4 @@
-"""Multi-task composition of LoRA-Diffusion adapters (DESIGN.md section 2, the paper's Algorithm 1).
+"""Multi-task composition of LoRA-Diffusion adapters (the paper's Algorithm 1).
 
 One adapter per task; at every denoising step the composed perturbation is
 
@@ -15,14 +15,23 @@ from the train list of `data.PARAPHRASES`.
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import TENSORS_FILE, adapter_folder, base_for, read_adapter_config
+from .backbone import load_backbone
+from .data import PARAPHRASES, collate, encode, load_task
+from .diffusion import DiffusionLM, StepContext
 from .errors import UserError
-from .methods.base import Method, freeze
-from .methods.trajectory import LoRADiffusion, encode_instruction
-
+from .files import load_tensors, read_json, save_tensors, write_json
+from .methods import Method, make_method
+from .methods.base import freeze
+from .methods.lora_diffusion import LoRADiffusion, encode_instruction
+from .training import TrainConfig, train
 
 COMPOSITION_FORMAT = "lora-diffusion-composition"
 
@@ -41,51 +50,43 @@ class Router(nn.Module):
 class Composition:
     """Several LoRA-Diffusion adapters on one model, mixed per instruction at every step."""
 
-    def __init__(self, model, methods: list[LoRADiffusion], labels: list[str], router: Router | None = None):
+    def __init__(self, model: DiffusionLM, methods: list[LoRADiffusion], labels: list[str],
+                 router: Router | None = None):
         if not methods:
             raise UserError("composition needs at least one adapter")
-        for m in methods:
-            if m.options["injection"] != "final":
-                raise UserError("only LoRA-Diffusion adapters with injection=final can be composed")
+        if any(m.config.injection != "final" for m in methods):
+            raise UserError("only LoRA-Diffusion adapters with injection=final can be composed")
         self.model, self.methods, self.labels = model, methods, labels
         self.router = router
         self.fixed: torch.Tensor | None = None  # [M] weights that override the router
         self.paths: list[str] = []  # the adapters' folders, when loaded from disk
-        model.step_hook = self._hook
+        self.hook = model.add_step_hook(self._hook)
 
     @classmethod
-    def from_adapters(cls, paths, base=None, router_hidden: int = 512):
+    def from_adapters(cls, paths, base=None, router_hidden: int = 512) -> "Composition":
         """Load saved LoRA-Diffusion adapters (all on the same base) into one composed model."""
-        from .backbone import load_backbone
-        from .diffusion import DiffusionLM
-        from .io import load_adapter, read_json
-
-        configs = [read_json(_adapter_folder(p) / "adapter_config.json") for p in paths]
+        configs = [read_adapter_config(p) for p in paths]
         for path, config in zip(paths, configs):
             if config["method"] != "lora_diffusion":
                 raise UserError(f"{path} is a {config['method']} adapter; composition takes lora_diffusion adapters")
         backbone = load_backbone(base)
         model = DiffusionLM(backbone)
         methods = []
-        for j, path in enumerate(paths):
-            _, method, _ = load_adapter(path, base=backbone)  # checks the fingerprint, loads the state
-            method.model = model
-            model.add_module(f"task_{j}", method.adapter)
+        for j, (path, config) in enumerate(zip(paths, configs)):
+            base_for(config, backbone, where=f"adapter {path}")  # the fingerprint must match
+            method = make_method("lora_diffusion", config["options"])
+            method.add_modules(model, f"task_{j}")  # no hook of its own: the composition mixes them
+            method.load_state_dict(load_tensors(adapter_folder(path) / TENSORS_FILE))
             methods.append(method)
-        labels = [c["task"]["name"] for c in configs]
         router = Router(backbone.word_embeddings.embedding_dim, len(methods), router_hidden)
         model.add_module("router", router)
         model.eval()
-        composition = cls(model, methods, labels, router)
-        composition.paths = [str(_adapter_folder(p).resolve()) for p in paths]
+        composition = cls(model, methods, [c["task"]["name"] for c in configs], router)
+        composition.paths = [str(adapter_folder(p).resolve()) for p in paths]
         return composition
 
     def save(self, folder) -> None:
         """The router's weights + which adapters it mixes (safetensors + JSON)."""
-        from pathlib import Path
-
-        from .io import save_tensors, write_json
-
         folder = Path(folder)
         save_tensors(folder / "router.safetensors", {k: v.detach().cpu() for k, v in self.router.state_dict().items()})
         write_json(folder / "composition.json", {
@@ -93,17 +94,13 @@ class Composition:
             "router_hidden": self.router.mlp[0].out_features})
 
     @classmethod
-    def load(cls, folder, base=None):
+    def load(cls, folder, base=None) -> "Composition":
         """A saved composition: its task adapters (from their recorded folders) and its router."""
-        from pathlib import Path
-
-        from .io import load_tensors, read_json
-
         folder = Path(folder)
         spec = read_json(folder / "composition.json")
         if spec.get("format") != COMPOSITION_FORMAT:
             raise UserError(f"{folder} is not a saved lora-diffusion composition")
-        missing = [p for p in spec["adapters"] if not _adapter_folder(p).is_dir()]
+        missing = [p for p in spec["adapters"] if not adapter_folder(p).is_dir()]
         if missing:
             raise UserError(f"the composition in {folder} needs adapters that are gone: {', '.join(missing)}")
         composition = cls.from_adapters(spec["adapters"], base, router_hidden=spec["router_hidden"])
@@ -120,10 +117,9 @@ class Composition:
             raise UserError("the router needs an instruction; set fixed weights for plain text")
         return self.router(encode_instruction(self.model.backbone, instruction))
 
-    def _hook(self, h, t, instruction):
-        positions = self.model.step_context[2]
-        w = self.weights(instruction).to(h.dtype)
-        return sum(w[:, j, None, None] * m.perturbation(0, h, t, instruction, positions)
+    def _hook(self, h, context: StepContext):
+        w = self.weights(context.instruction).to(h.dtype)
+        return sum(w[:, j, None, None] * m.perturbation(0, h, context.t, context.instruction, context.positions)
                    for j, m in enumerate(self.methods))
 
     def use(self, weights=None) -> None:
@@ -145,16 +141,19 @@ class RouterMethod(Method):
     """Trains only the router of a Composition (every task adapter stays frozen)."""
 
     name = "router"
-    default_lr = 1e-3
 
-    def __init__(self, composition: Composition):
-        super().__init__()
-        self.composition = composition
+    def __init__(self, composition: Composition, lr: float = 1e-3):
+        super().__init__(config=None)
+        self.composition, self.lr = composition, lr
+
+    @property
+    def default_lr(self) -> float:
+        return self.lr
 
     def attach(self, model) -> None:
         self.model = model
         for m in self.composition.methods:
-            freeze(m.adapter)
+            freeze(m.trajectory)
         freeze(model.backbone.mlm)
         self.composition.use(None)
 
@@ -162,8 +161,54 @@ class RouterMethod(Method):
         return {f"router.{n}": p for n, p in self.composition.router.named_parameters()}
 
 
-def _adapter_folder(path):
-    from pathlib import Path
+# ---------------------------------------------------------------------------------------
+# Training the router
+# ---------------------------------------------------------------------------------------
 
-    path = Path(path)
-    return path / "adapter" if not (path / "adapter_config.json").is_file() and (path / "adapter").is_dir() else path
+def _paraphrased(examples: list[dict], instructions: list[str], seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{**ex, "instruction": rng.choice(instructions)} for ex in examples]
+
+
+def train_router(composition: Composition, tasks: dict, configs: dict, steps: int = 300, batch_size: int = 16,
+                 lr: float = 1e-3, seed: int = 0, max_train: int = 2000, out_dir=None, progress: bool = True) -> dict:
+    """Train the router on the tasks' training data with paraphrased instructions (train list)."""
+    tok = composition.model.backbone.tokenizer
+    encoded = []
+    for j, name in enumerate(composition.labels):
+        task, config = tasks[name], configs[name]
+        instructions = [task.train[0]["instruction"]] + PARAPHRASES.get(name, {}).get("train", [])
+        examples = _paraphrased(task.train[:max_train], instructions, seed + j)
+        encoded.append(encode(tok, examples, config["response_length"], config["max_length"], truncate=True))
+    order = [list(range(len(e.prompts))) for e in encoded]
+
+    def batch_for_step(step: int, micro: int) -> dict:
+        j = step % len(encoded)  # the tasks take turns
+        rng = random.Random(seed * 7919 + step)
+        return collate(encoded[j], rng.sample(order[j], min(batch_size, len(order[j]))),
+                       composition.model.backbone.pad_id)
+
+    method = RouterMethod(composition, lr)
+    method.attach(composition.model)
+    return train(composition.model, method, batch_for_step, TrainConfig(steps=steps, batch_size=batch_size,
+                 lr=lr, seed=seed, checkpoint_every=0, log_every=10), out_dir=out_dir, progress=progress)
+
+
+def trained_composition(ld_adapters, base=None, data_dir=None, max_train: int | None = None,
+                        max_eval: int | None = None, seed: int = 0, router_steps: int = 300, router_lr: float = 1e-3,
+                        router_batch: int = 16, out_dir=None, progress: bool = True):
+    """A router over LoRA-Diffusion adapters (one per task), trained on their tasks' instructions.
+
+    Returns (composition, tasks, adapter configs, the router's training summary); the
+    tasks are loaded with `max_train` / `max_eval` for the caller to evaluate on.
+    """
+    composition = Composition.from_adapters(ld_adapters, base)
+    names = composition.labels
+    if len(set(names)) != len(names):
+        raise UserError(f"one adapter per task, please; these are for {', '.join(names)}")
+    configs = {name: read_adapter_config(p) for name, p in zip(names, ld_adapters)}
+    tasks = {name: load_task(name, data_dir=data_dir, max_train=max_train, max_eval=max_eval, seed=seed)
+             for name in names}
+    summary = train_router(composition, tasks, configs, steps=router_steps, batch_size=router_batch, lr=router_lr,
+                           seed=seed, out_dir=out_dir, progress=progress)
+    return composition, tasks, configs, summary

@@ -6,12 +6,17 @@ import pytest
 import torch
 
 from conftest import tiny_batch, write_lines
-from lora_diffusion.analysis.profile import profile_generation, profile_training
-from lora_diffusion.analysis.trajectories import effective_rank, perturbation_trajectories, effective_rank_per_step
+from lora_diffusion.adapters import load_adapter, save_adapter
+from lora_diffusion.analysis.composition import score_composition
+from lora_diffusion.analysis.forgetting import forgetting_report
+from lora_diffusion.analysis.trajectories import effective_rank, effective_rank_per_step, perturbation_trajectories
 from lora_diffusion.backbone import tiny_backbone
-from lora_diffusion.data import encode, load_task
+from lora_diffusion.data import Task, collate, encode, load_task
 from lora_diffusion.diffusion import DiffusionLM
+from lora_diffusion.evaluate import evaluate_task
 from lora_diffusion.methods import make_method
+from lora_diffusion.profiling import profile_generation, profile_training
+from lora_diffusion.router import Composition, Router, train_router
 from test_cli import run_cli
 
 
@@ -47,7 +52,7 @@ def test_effective_rank_per_step_recovers_a_planted_rank_r_perturbation(tiny):
     r, d = 4, tiny.hidden_size
     basis, _ = torch.linalg.qr(torch.randn(d, r, generator=torch.Generator().manual_seed(0)))
     model = DiffusionLM(tiny)
-    model.step_hook = lambda h, t, c: torch.randn(*h.shape[:2], r) @ basis.T  # rank r, isotropic inside
+    model.add_step_hook(lambda h, context: torch.randn(*h.shape[:2], r) @ basis.T)  # rank r, isotropic inside
     task = load_task("suite_struct", max_eval=48)
     enc = encode(tiny.tokenizer, task.eval, 16, 128)
     traj = perturbation_trajectories(model, DiffusionLM(tiny), enc, steps=4)
@@ -70,7 +75,7 @@ def test_profiler_counts_equal_the_methods_own_accounting():
     for name, options in (("lora", {"r": 4}), ("lora_diffusion", {"schedule": "uniform", "rank": 2}), ("bitfit", {})):
         row = profile_training(name, options, base="tiny", batch_size=2, prompt_length=8, response_length=4,
                                steps=1, warmup=1, isolated=name == "lora")  # one in a fresh process
-        method = make_method(name, **options)
+        method = make_method(name, options)
         method.attach(DiffusionLM(tiny_backbone(seed=0)))
         own = method.accounting()
         assert row["trainable_parameters"] == own["trainable_parameters"]
@@ -88,38 +93,50 @@ def test_generation_profile_shape_and_merged_lora():
     assert all(r["latency_s"] > 0 and r["tokens_per_s"] > 0 for r in out["rows"])
 
 
-def test_router_weights_sum_to_one_and_pick_the_planted_adapter(tiny):
-    """Two hand-made adapters: adapter j pushes every masked position towards word j. The
-    router, trained on the diffusion loss, must send each task's instruction to its adapter."""
-    from lora_diffusion.analysis.composition import train_router
-    from lora_diffusion.data import Task
-    from lora_diffusion.router import Composition, Router
+WORDS = ("alpha", "beta")
 
+
+def _planted_task(name: str, instruction: str, answers: list[str]) -> Task:
+    rows = [{"instruction": instruction, "input": f"item {i}", "response": a} for i, a in enumerate(answers)]
+    return Task(name, "classification", rows, rows, list(WORDS))
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """Two hand-made LoRA-Diffusion adapters on the tiny base: adapter j answers WORDS[j] to every
+    prompt of the two planted tasks (one-token answers, so one denoising step at t = 1).
+
+    The adapters' delta is a constant shift of h (down = 0 with bias 1, so z = 1; up = the
+    shift), found by gradient descent on the very states the sampler will see.
+    """
     backbone = tiny_backbone(seed=0)
-    words = ["alpha", "beta"]
     with torch.no_grad():  # a random tiny head can barely prefer any word: give the two words reach
-        for word in words:
+        for word in WORDS:
             backbone.word_embeddings.weight[backbone.tokenizer.convert_tokens_to_ids(word)] *= 30.0
-    model = DiffusionLM(backbone)
-    batch = tiny_batch(backbone, n=8)
+    tasks = {"task_a": _planted_task("task_a", "say the first word .", [WORDS[0]] * 5 + [WORDS[1]] * 3),
+             "task_b": _planted_task("task_b", "now give the second one please .", [WORDS[1]] * 8)}
+    configs = {n: {"response_length": 1, "max_length": 64} for n in tasks}  # the word alone
+    prompts = encode(backbone.tokenizer, tasks["task_a"].eval + tasks["task_b"].eval, 1, 64)
+    batch = collate(prompts, range(len(prompts.prompts)), backbone.pad_id, mask_response=backbone.mask_id)
     with torch.no_grad():
         h = backbone.hidden_states(batch["input_ids"], batch["attention_mask"])[batch["response_mask"]]
+    model = DiffusionLM(backbone)
     methods = []
-    for j, word in enumerate(words):
-        method = make_method("lora_diffusion", schedule="uniform", rank=1, k=1, calibrate=False, condition=False)
-        method.attach(model)
-        model.add_module(f"task_{j}", model._modules.pop("trajectory"))
-        # the constant shift of h that makes `word` the prediction (found by gradient descent)
+    for j, word in enumerate(WORDS):
+        method = make_method("lora_diffusion", {"schedule": "uniform", "rank": 1, "k": 1, "calibrate": False,
+                                                "condition": False})
+        method.add_modules(model, f"task_{j}")
         token = backbone.tokenizer.convert_tokens_to_ids(word)
         shift = torch.zeros(backbone.hidden_size, requires_grad=True)
         opt = torch.optim.Adam([shift], lr=0.1)
-        for _ in range(100):
+        for _ in range(200):
             loss = torch.nn.functional.cross_entropy(backbone.logits(h + shift), torch.full((len(h),), token))
             opt.zero_grad()
             loss.backward()
             opt.step()
+        assert (backbone.logits(h + shift).argmax(-1) == token).all()
         with torch.no_grad():
-            for phase in method.adapter.sites[0].phases:
+            for phase in method.trajectory.sites[0].phases:
                 g = phase[0]
                 g.down.weight.zero_()
                 g.down.bias.fill_(1.0)  # z = ReLU(1) = 1 whatever h is
@@ -127,19 +144,65 @@ def test_router_weights_sum_to_one_and_pick_the_planted_adapter(tiny):
         methods.append(method)
     router = Router(backbone.word_embeddings.embedding_dim, 2, hidden=32)
     model.add_module("router", router)
-    composition = Composition(model, methods, ["task_a", "task_b"], router)
+    return Composition(model, methods, ["task_a", "task_b"], router), tasks, configs
 
-    def task(name, instruction, word):
-        rows = [{"instruction": instruction, "input": f"item {i}", "response": word} for i in range(64)]
-        return Task(name, "classification", rows, rows[:8], [word])
 
-    tasks = {"task_a": task("task_a", "say the first word .", "alpha"),
-             "task_b": task("task_b", "now give the second one please .", "beta")}
-    configs = {n: {"response_length": 1, "max_length": 64} for n in tasks}  # the word alone
-    train_router(composition, tasks, configs, steps=60, batch_size=8, lr=1e-2, progress=False)
+def test_composition_scores_equal_the_counts_planted(planted):
+    """task_a has 5 answers alpha and 3 beta, task_b 8 beta: adapter a (always alpha) scores 5/8 on
+    task_a and 0 on task_b, adapter b (always beta) 3/8 and 8/8."""
+    composition, tasks, configs = planted
+    report = score_composition(composition, tasks, configs, sampler_steps=1, seed=0)
+    assert report["interference"]["scores"] == [[5 / 8, 0.0], [3 / 8, 1.0]]
+    assert report["table"]["task_a"]["own"] == 5 / 8 and report["table"]["task_b"]["own"] == 1.0
+    assert report["metric"] == {"task_a": "accuracy", "task_b": "accuracy"}
+
+
+def test_router_weights_sum_to_one_and_pick_the_planted_adapter(planted):
+    """The router, trained on the diffusion loss, sends each task's instruction to its adapter."""
+    composition, tasks, configs = planted
+    train_tasks = {n: _planted_task(n, t.eval[0]["instruction"], [WORDS[j]] * 64)
+                   for j, (n, t) in enumerate(tasks.items())}
+    train_router(composition, train_tasks, configs, steps=60, batch_size=8, lr=1e-2, progress=False)
     w = composition.instruction_weights(["say the first word .", "now give the second one please ."])
     assert torch.allclose(w.sum(1), torch.ones(2), atol=1e-6)
     assert w[0, 0] > 0.9 and w[1, 1] > 0.9
+
+
+def test_one_hot_router_weights_give_exactly_the_adapters_own_outputs(adapters, tiny_base_dir, tiny):
+    paths = [adapters[("lora_diffusion", t)] for t in ("suite_topic", "suite_sentiment")]
+    composition = Composition.from_adapters(paths, base=str(tiny_base_dir))
+    batch = tiny_batch(tiny, padded=True)
+    t = torch.full((len(batch["input_ids"]),), 0.9)
+    for j, path in enumerate(paths):
+        composition.use([1.0 if k == j else 0.0 for k in range(2)])
+        own, _, _ = load_adapter(path, base=str(tiny_base_dir))
+        with torch.no_grad():
+            mixed = composition.model(batch["input_ids"], batch["attention_mask"], t, batch["instruction"],
+                                      positions=batch["response_mask"])
+            alone = own(batch["input_ids"], batch["attention_mask"], t, batch["instruction"],
+                        positions=batch["response_mask"])
+        assert torch.equal(mixed, alone)
+
+
+def test_an_untouched_adapter_forgets_nothing(tmp_path, tiny_base_dir):
+    """Zero-initialised adapters (LoRA-Diffusion's up = 0, weight LoRA's B = 0) change no logit, so
+    their held-out NELBO is the base's to the last bit: a forgetting delta of exactly 0."""
+    data = tmp_path / "data"
+    lines = [f"line {i} of some plain text about the weather and the sea ." for i in range(400)]
+    write_lines((data / "wikitext2").mkdir(parents=True) or data / "wikitext2" / "test.txt", lines)
+    write_lines((data / "tinystories").mkdir() or data / "tinystories" / "TinyStories-valid_head_sample.txt", lines)
+    task = load_task("suite_topic", max_train=8, max_eval=4)
+    paths = []
+    for name in ("lora_diffusion", "lora"):
+        model, method = DiffusionLM(tiny_backbone(seed=0)), make_method(name)
+        fingerprint = model.backbone.fingerprint()  # of the base before the method wraps it
+        method.attach(model)
+        save_adapter(tmp_path / name, method, model.backbone, fingerprint, task, 2, 128)
+        paths.append(tmp_path / name)
+    report = forgetting_report(paths, base=str(tiny_base_dir), data_dir=data, rows=4)
+    for model in report["models"][1:]:
+        assert model["delta_nelbo"] == {"tinystories_valid_tail20": 0.0, "wikitext2_test": 0.0}
+    assert report["models"][0]["scores"]["wikitext2_test"]["nelbo"] > 0
 
 
 # --- every analysis runs from the CLI and writes JSON of the documented shape + HTML -----
@@ -198,12 +261,10 @@ def test_composition_from_the_cli(capsys, tmp_path, adapters, tiny_base_dir):
         assert set(row) >= {"own", "router", "uniform", "lora_own", "lora_linear", "lora_cat", "lora_ties"}
     assert all(abs(sum(w["weights"]) - 1) < 1e-5 for w in report["router_weights"])
     right, total = report["router_accuracy_counts"]["heldout"]
-    assert total > 0 and 0 <= right <= total  # the suite tasks ship held-out paraphrases too
+    assert total == 6  # the suite tasks ship three held-out paraphrases each
     assert report["router_accuracy"]["heldout"] == right / total
     assert "| suite_topic (accuracy) |" in (tmp_path / "c" / "composition.md").read_text()
     # the trained router is saved and loads back to the same weights per instruction
-    from lora_diffusion.router import Composition
-
     loaded = Composition.load(tmp_path / "c" / "composition", base=str(tiny_base_dir))
     assert loaded.labels == list(tasks)
     for w in report["router_weights"][:2]:

@@ -1,7 +1,7 @@
 """The Gradio app as people use it: its API through gradio_client, and its page in headless Chromium.
 
-Both start the app in a subprocess (`python app/main.py`) on a free port, on the tiny random
-base unless APP_TEST_BASE=shipped. The browser test saves a screenshot of every tab in
+Both start the app in a subprocess (`python -m lora_diffusion.app`) on a free port, on the tiny
+random base unless APP_TEST_BASE=shipped. The browser test saves a screenshot of every tab in
 APP_SCREENSHOTS (default: the test's tmp folder); the README's screenshots and the timing of
 the app's default training run (app_timings.json) come from
 `APP_TEST_BASE=shipped APP_SCREENSHOTS=docs/screenshots pytest tests/test_app.py -k browser`.
@@ -36,13 +36,12 @@ def _free_port() -> int:
 def app_url(tiny_base_dir, tmp_path_factory):
     port = _free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    if os.environ.get("APP_TEST_BASE") != "shipped":
-        env["LORA_DIFFUSION_BASE"] = str(tiny_base_dir)
+    base = [] if os.environ.get("APP_TEST_BASE") == "shipped" else ["--base", str(tiny_base_dir)]
     log = tmp_path_factory.mktemp("app") / "app.log"
     workspace = tmp_path_factory.mktemp("workspace")
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, str(ROOT / "app" / "main.py"), "--port", str(port),
-                                    "--workspace", str(workspace)], cwd=ROOT, env=env, stdout=out,
+        process = subprocess.Popen([sys.executable, "-m", "lora_diffusion.app", "--port", str(port),
+                                    "--workspace", str(workspace)] + base, cwd=ROOT, env=env, stdout=out,
                                    stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -66,8 +65,7 @@ def app_url(tiny_base_dir, tmp_path_factory):
 
 
 TRAIN_ARGS = dict(task_name="suite_sentiment", csv_file=None, text_column="text", label_column="label", max_train=64,
-                  method="lora_diffusion", ranks="8,4,2", k=1, lambda_rank=0.01, lambda_orth=0.001, r=4, lr=0,
-                  steps=6, batch_size=8, seed=0)
+                  method="lora_diffusion", options={"ranks": [8, 4, 2], "k": 1}, lr=0, steps=6, batch_size=8, seed=0)
 
 
 def test_api_trains_generates_analyses_and_reports_errors(app_url):
@@ -96,8 +94,8 @@ def test_api_trains_generates_analyses_and_reports_errors(app_url):
         client.predict(path="no/such/results.json", api_name="/show_results")
     assert "file not found" in str(error.value)
     with pytest.raises(Exception) as error:
-        client.predict(**dict(TRAIN_ARGS, ranks="64,32"), api_name="/train")
-    assert "three positive integers" in str(error.value)
+        client.predict(**dict(TRAIN_ARGS, options={"ranks": "64,32"}), api_name="/train")
+    assert "option 'ranks' must be none, or 3 comma-separated values" in str(error.value)
 
 
 def _pick(page, dropdown: str, option, refresh) -> None:

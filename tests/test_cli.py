@@ -34,7 +34,7 @@ def run_cli(capsys, *argv):
     (["--task", "csv", "--train-file", "{reviews}", "--method", "magic"], "unknown method"),
     (["--task", "csv", "--train-file", "{reviews}", "--method", "lora", "--option", "rank=4"], "has no option 'rank'"),
     (["--task", "csv", "--train-file", "{reviews}", "--method", "lora_diffusion", "--option", "injection=middle"],
-     "injection must be 'final' or 'blocks'"),
+     "option 'injection' must be 'final' or 'blocks'"),
     (["--task", "imdb"], "unknown task"),
 ])
 def test_train_errors(capsys, tmp_path, reviews, tiny_base_dir, extra, message):

@@ -131,11 +131,11 @@ def test_frozen_body_runs_without_a_graph(tiny):
         p.requires_grad_(False)
     seen = {}
 
-    def hook(h, t, instruction):
+    def hook(h, context):
         seen["requires_grad"] = h.requires_grad
         return torch.zeros_like(h)
 
-    model.step_hook = hook
+    model.add_step_hook(hook)
     batch = make_batch(tiny)
     model(batch["input_ids"], batch["attention_mask"], torch.ones(4), positions=batch["response_mask"])
     assert seen["requires_grad"] is False
@@ -196,17 +196,32 @@ def test_step_hook_gets_t_and_changes_the_output(tiny):
     batch = make_batch(tiny, n=2, response_len=4)
     seen = []
 
-    def hook(h, t, instruction):
-        seen.append(t[0].item())
-        assert instruction is batch["instruction"]
+    def hook(h, context):
+        seen.append(context.t[0].item())
+        assert context.instruction is batch["instruction"]
+        assert torch.equal(context.positions, (model.step_context.positions))
         return 50.0 * torch.randn(h.shape, generator=torch.Generator().manual_seed(len(seen)))
 
     plain, _ = sample(model, **batch, steps=4)
-    model.step_hook = hook
+    handle = model.add_step_hook(hook)
     hooked, traj = sample(model, **batch, steps=4, record=True)
     assert seen == traj.t == [1.0, 0.75, 0.5, 0.25]
     assert traj.perturbation[0] is not None and traj.perturbation[0].abs().sum() > 0
     assert not torch.equal(plain, hooked)
+    handle.remove()  # the hook is gone: the sampler gives the base's tokens again
+    again, traj = sample(model, **batch, steps=4, record=True)
+    assert torch.equal(again, plain) and traj.perturbation[0] is None
+
+
+def test_step_hooks_add_up(tiny):
+    model = DiffusionLM(tiny)
+    batch = make_batch(tiny, n=2, response_len=4)
+    t = torch.full((2,), 0.5)
+    one = lambda h, context: torch.ones_like(h)
+    model.add_step_hook(one)
+    model.add_step_hook(lambda h, context: 2 * torch.ones_like(h))
+    _, h, delta = model.denoise(batch["input_ids"], batch["attention_mask"], t, positions=batch["response_mask"])
+    assert torch.equal(delta, torch.full_like(h, 3.0))
 
 
 class SurestOfSep(nn.Module):

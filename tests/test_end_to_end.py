@@ -4,9 +4,11 @@ from lora_diffusion.backbone import tiny_backbone
 from lora_diffusion.data import load_task
 from lora_diffusion.diffusion import DiffusionLM
 from lora_diffusion.evaluate import evaluate_task
-from lora_diffusion.io import load_adapter, read_json
+from lora_diffusion.adapters import load_adapter
+from lora_diffusion.files import read_json
 from lora_diffusion.methods import make_method
-from lora_diffusion.train import TrainConfig, fine_tune
+from lora_diffusion.runs import fine_tune
+from lora_diffusion.training import TrainConfig
 
 # One wide layer with 8 heads: from scratch, narrower or deeper tiny models need many more
 # steps to find the topic words (measured: 64x2 stays at chance after 1000 steps).

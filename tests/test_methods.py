@@ -9,11 +9,10 @@ import torch
 from conftest import tiny_batch
 from lora_diffusion.backbone import tiny_backbone
 from lora_diffusion.data import load_task
-from lora_diffusion.diffusion import DiffusionLM, diffusion_loss
+from lora_diffusion.diffusion import DiffusionLM, StepContext, diffusion_loss, phase_of
 from lora_diffusion.errors import UserError
-from lora_diffusion.io import load_adapter, save_adapter
+from lora_diffusion.adapters import load_adapter, save_adapter
 from lora_diffusion.methods import METHODS, make_method
-from lora_diffusion.methods.trajectory import phase_of
 
 ALL = list(METHODS)
 # Every method with its defaults, plus the variants that change what is trained.
@@ -25,7 +24,7 @@ STARTS_AT_BASE = ["full", "lora_diffusion", "lora", "dora", "adapter", "bitfit"]
 
 def attached(name, seed=0, **options):
     model = DiffusionLM(tiny_backbone(seed=seed))
-    method = make_method(name, **options)
+    method = make_method(name, options)
     method.attach(model)
     return model, method
 
@@ -107,12 +106,32 @@ def test_blocks_injection_moves_only_the_positions_being_denoised(tiny):
     perturb(method)
     positions = batch["response_mask"]
     n = positions.shape[0]
-    model.step_context = (torch.full((n,), 0.9), batch["instruction"], positions)
+    model.step_context = StepContext(torch.full((n,), 0.9), batch["instruction"], positions)
     h = torch.randn(*positions.shape, model.backbone.hidden_size)
     with torch.no_grad():
         out = method._block_hook(0)(None, None, (h,))[0]
     assert torch.equal(out[~positions], h[~positions])
     assert (out[positions] - h[positions]).abs().amax(-1).min() > 0
+
+
+@pytest.mark.parametrize("name,options,merged", [(n, o, False) for n, o in VARIANTS]
+                         + [(n, {}, True) for n in ALL if METHODS[n].can_merge])
+def test_detach_gives_back_exactly_the_base(name, options, merged, tiny):
+    """Trained (here: perturbed), maybe merged, then detached: the base's logits, bit for bit."""
+    batch = tiny_batch(tiny, padded=True)
+    base_model = DiffusionLM(tiny_backbone(seed=0))
+    before = logits(base_model, batch)
+    names = {n for n, _ in base_model.named_parameters()}
+    model, method = attached(name, **options)
+    perturb(method)  # for full fine-tuning and BitFit this changes the base's own weights
+    if merged:
+        method.merge()
+    assert not torch.equal(logits(model, batch), before)
+    method.detach()
+    assert torch.equal(logits(model, batch), before)
+    assert {n for n, _ in model.named_parameters()} == names  # nothing of the method is left behind
+    assert all(p.requires_grad for p in model.parameters())  # as the fresh base had them
+    assert not model.step_hooks and not model.grad_through_body
 
 
 @pytest.mark.parametrize("name,options", VARIANTS)
@@ -173,7 +192,7 @@ def test_saved_adapter_reloads_to_the_same_logits(name, options, tmp_path, tiny)
     expected = logits(model, batch)
     save(tmp_path, model, method)
     loaded, loaded_method, config = load_adapter(tmp_path, base=tiny_backbone(seed=0))
-    assert config["method"] == name and loaded_method.config() == method.config()
+    assert config["method"] == name and loaded_method.config == method.config
     assert torch.allclose(logits(loaded, batch), expected, atol=1e-4)
 
 
@@ -190,7 +209,7 @@ def test_a_mismatched_adapter_is_refused(tmp_path):
     with pytest.raises(UserError, match="unknown method"):
         make_method("magic")
     with pytest.raises(UserError, match="has no option 'rank'; its options: r, alpha"):
-        make_method("lora", rank=4)
+        make_method("lora", {"rank": 4})
 
 
 def test_phases_and_step_scales():
@@ -201,7 +220,7 @@ def test_phases_and_step_scales():
     h = torch.randn(2, 5, model.backbone.hidden_size)
     early = method.perturbation(0, h, torch.full((2,), 0.9), None)
     with torch.no_grad():  # changing the late phase leaves an early step alone
-        for g in method.adapter.sites[0].phases[2]:
+        for g in method.trajectory.sites[0].phases[2]:
             g.up.weight.mul_(3.0)
     assert torch.allclose(method.perturbation(0, h, torch.full((2,), 0.9), None), early)
     # a batch that mixes phases gives each row what it would get alone
@@ -211,10 +230,10 @@ def test_phases_and_step_scales():
 
 
 def test_instruction_conditioning_keeps_rank_at_most_r(tiny):
-    """For any instruction c, the map z -> A(c) z has rank <= r (review question 8)."""
+    """For any instruction c, the map z -> A(c) z has rank <= r: the gate never raises the rank."""
     model, method = attached("lora_diffusion", ranks=[3, 3, 3], k=1)
     perturb(method)
-    g = method.adapter.sites[0].phases[0][0]
+    g = method.trajectory.sites[0].phases[0][0]
     for seed in range(3):
         instruction = torch.randint(1000, 5000, (1, 6), generator=torch.Generator().manual_seed(seed))
         c = method.instruction_encoding(instruction)
@@ -225,7 +244,7 @@ def test_instruction_conditioning_keeps_rank_at_most_r(tiny):
 def test_regularisers_are_finite_at_init_and_measure_what_they_say():
     model, method = attached("lora_diffusion", lambda_rank=0.0, lambda_orth=1.0, k=2, ranks=[2, 2, 2])
     assert float(method.regularization().detach()) == 0.0  # W_A = 0: orthogonal trivially
-    g1, g2 = method.adapter.sites[0].phases[0]
+    g1, g2 = method.trajectory.sites[0].phases[0]
     with torch.no_grad():
         g1.up.weight.zero_()
         g2.up.weight.zero_()
@@ -251,7 +270,7 @@ def test_proximal_rank_step_soft_thresholds_the_singular_values():
     model, method = attached("lora_diffusion", lambda_rank=0.5, lambda_orth=0.0)  # rank_penalty="proximal"
     assert method.regularization() is None  # the rank term is not in the loss
     perturb(method)
-    g = method.adapter.sites[0].phases[1][0]
+    g = method.trajectory.sites[0].phases[1][0]
     before = torch.linalg.svdvals(g.down.weight.detach()).clone()
     method.after_step(lr=0.01)  # threshold 0.005
     after = torch.linalg.svdvals(g.down.weight.detach())
@@ -262,15 +281,15 @@ def test_calibration_standardises_h_at_the_read_positions_and_is_saved(tmp_path,
     model, method = attached("lora_diffusion")
     batch = tiny_batch(tiny, padded=True)
     logits(model, batch)  # the first call calibrates on h at the response positions
-    site = method.adapter.sites[0]
+    site = method.trajectory.sites[0]
     with torch.no_grad():
         h = model.backbone.hidden_states(batch["input_ids"], batch["attention_mask"])[batch["response_mask"]]
     assert bool(site.calibrated)
     assert torch.allclose(site.h_mean, h.mean(0), atol=1e-5) and torch.allclose(site.h_std, h.std(0), atol=1e-5)
     save(tmp_path, model, method)
     loaded, loaded_method, _ = load_adapter(tmp_path, base=tiny_backbone(seed=0))
-    assert torch.equal(loaded_method.adapter.sites[0].h_mean, site.h_mean)
-    assert bool(loaded_method.adapter.sites[0].calibrated)
+    assert torch.equal(loaded_method.trajectory.sites[0].h_mean, site.h_mean)
+    assert bool(loaded_method.trajectory.sites[0].calibrated)
     raw = attached("lora_diffusion", calibrate=False)[1]
     assert raw.buffers() == {} and not any("h_mean" in k for k in raw.state_dict())
 
@@ -278,13 +297,12 @@ def test_calibration_standardises_h_at_the_read_positions_and_is_saved(tmp_path,
 def test_final_injection_trains_without_a_graph_through_the_base(tiny):
     model, method = attached("lora_diffusion")
     seen = {}
-    hook = model.step_hook
 
-    def spy(h, t, instruction):
+    def spy(h, context):
         seen["h_requires_grad"] = h.requires_grad
-        return hook(h, t, instruction)
+        return torch.zeros_like(h)
 
-    model.step_hook = spy
+    model.add_step_hook(spy)  # beside the method's own
     model.train()
     batch = tiny_batch(tiny, padded=True)
     diffusion_loss(model, **batch, generator=torch.Generator().manual_seed(0)).backward()
@@ -303,11 +321,11 @@ def test_one_module_per_phase_has_no_orthogonality_term():
 
 def test_prefix_variants_and_their_checks():
     assert make_method("prefix").default_lr == 5e-3
-    assert make_method("prefix", reparam=False).default_lr == 1e-2  # free prefixes: P-tuning v2's range
+    assert make_method("prefix", {"reparam": False}).default_lr == 1e-2  # free prefixes: P-tuning v2's range
     with pytest.raises(UserError, match="reparam"):
-        make_method("prefix", reparam="no")
+        make_method("prefix", {"reparam": "no"})
     with pytest.raises(UserError, match="init"):
-        make_method("prefix", init="zeros")
+        make_method("prefix", {"init": "zeros"})
     # The words start with free prefixes puts them exactly at the base's keys/values of real words.
     _, method = attached("prefix", reparam=False)
     assert torch.count_nonzero(method.encoder.delta) == 0

@@ -27,7 +27,13 @@ def test_notebook_runs_top_to_bottom(path, tiny_base_dir, tmp_path, monkeypatch)
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    # Every lesson ends in at least one plotly figure or a table, made by the library.
+    # Every lesson shows at least one plotly figure or a table, made by the library.
     rich = [o for o in outputs if o.get("output_type") in ("display_data", "execute_result")
             and ("application/vnd.plotly.v1+json" in o.get("data", {}) or "text/markdown" in o.get("data", {}))]
     assert rich, f"{path.name} showed no figure or table"
+    # ... and checks values it computed: its check cells assert, and each one ran to its last line.
+    checks = [cell for cell in notebook.cells if cell.cell_type == "code" and "# Check:" in cell.source]
+    assert checks and all("assert " in cell.source for cell in checks), f"{path.name} has no check cell"
+    for cell in checks:
+        printed = "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+        assert "check passed" in printed, cell.source

@@ -6,9 +6,9 @@ import torch
 from lora_diffusion.backbone import tiny_backbone
 from lora_diffusion.data import batch_schedule, collate, encode, load_task
 from lora_diffusion.diffusion import DiffusionLM
-from lora_diffusion.io import read_json, read_jsonl
+from lora_diffusion.files import read_json, read_jsonl
 from lora_diffusion.methods import FullFineTune
-from lora_diffusion.train import TrainConfig, lr_factor, train
+from lora_diffusion.training import TrainConfig, lr_factor, train
 
 
 def test_lr_warmup_then_cosine_to_zero():

@@ -1,1 +1,1 @@
-"""Analyses that return plain data (and, for the app and notebooks, plotly figures)."""
+"""Analyses of trained adapters: each returns a report of plain data (figures are in `plots.py`)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..compare import Spec, run_compare
 from ..data import Task, subsample
+from ..training import TrainConfig
 
 
 def data_efficiency_report(task: Task, sizes: list[int], methods=("lora_diffusion", "lora", "full"), seeds=(0, 1, 2),
@@ -21,8 +22,6 @@ def data_efficiency_report(task: Task, sizes: list[int], methods=("lora_diffusio
     `learning_rates` (method -> lr, e.g. from a sweep) replaces the methods' default rates;
     `jobs` runs that many trainings at a time (see `run_compare`).
     """
-    from ..train import TrainConfig
-
     config = config or TrainConfig()
     out_dir = Path(out_dir or "runs/data-efficiency")
     points = []
@@ -38,20 +37,3 @@ def data_efficiency_report(task: Task, sizes: list[int], methods=("lora_diffusio
                            **{k: row[k] for k in ("accuracy", "verbalizer_accuracy", "rouge_l") if k in row}})
     return {"analysis": "data_efficiency", "task": task.describe(), "sizes": sorted(sizes), "seeds": list(seeds),
             "steps": config.steps, "batch_size": config.batch_size, "points": points}
-
-
-def data_efficiency_figure(report: dict):
-    import plotly.graph_objects as go
-
-    key = "accuracy" if any("accuracy" in p for p in report["points"]) else "rouge_l"
-    fig = go.Figure()
-    for method in dict.fromkeys(p["method"] for p in report["points"]):
-        pts = [p for p in report["points"] if p["method"] == method]
-        fig.add_trace(go.Scatter(x=[p["n_train"] for p in pts], y=[100 * p[key]["mean"] for p in pts],
-                                 error_y={"type": "data", "array": [100 * p[key]["std"] for p in pts]},
-                                 mode="lines+markers", name=method))
-    fig.update_layout(title=f"Data efficiency on {report['task']['task']} ({report['steps']} steps × "
-                            f"{report['batch_size']}, mean ± std over {len(report['seeds'])} seeds)",
-                      xaxis_type="log", xaxis_title="training examples",
-                      yaxis_title=f"held-out {key.replace('_', '-')} (%)", template="plotly_white")
-    return fig

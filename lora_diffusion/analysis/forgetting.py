@@ -9,19 +9,18 @@ Lower is better; the change against the base is the forgetting.
 
 from __future__ import annotations
 
-from pathlib import Path
+import torch
+
+from ..adapters import adapter_label, load_adapter
+from ..backbone import load_backbone
+from ..data import pack_text, text_batches
+from ..diffusion import DiffusionLM, nelbo
+from ..prepare_base import text_corpus
 
 
-def heldout_text_rows(data_dir=None, seq_len: int = 128, rows: int = 64, seed: int = 0, tokenizer=None) -> dict:
+def heldout_text_rows(data_dir, tokenizer, seq_len: int = 128, rows: int = 64, seed: int = 0) -> dict:
     """source -> [rows, seq_len] token ids of the base's held-out text."""
-    import torch
-
-    from ..backbone import load_backbone
-    from ..data import DEFAULT_DATA, pack_text
-    from ..prepare_base import text_corpus
-
-    _, heldout = text_corpus(Path(data_dir or DEFAULT_DATA))
-    tokenizer = tokenizer or load_backbone().tokenizer
+    _, heldout = text_corpus(data_dir)
     out = {}
     for source, texts in sorted(heldout.items()):
         packed = pack_text(tokenizer, texts, seq_len)
@@ -33,13 +32,8 @@ def heldout_text_rows(data_dir=None, seq_len: int = 128, rows: int = 64, seed: i
 def forgetting_report(adapters, base=None, data_dir=None, seq_len: int = 128, rows: int = 64,
                       samples_per_sequence: int = 4, seed: int = 0) -> dict:
     """NELBO (nats/token) and perplexity bound per text source, for the base and every adapter."""
-    from ..backbone import load_backbone
-    from ..data import text_batches
-    from ..diffusion import DiffusionLM, nelbo
-    from ..io import load_adapter
-
     base_model = DiffusionLM(load_backbone(base)).eval()
-    texts = heldout_text_rows(data_dir, seq_len, rows, seed, base_model.backbone.tokenizer)
+    texts = heldout_text_rows(data_dir, base_model.backbone.tokenizer, seq_len, rows, seed)
 
     def score(model) -> dict:
         return {source: nelbo(model, text_batches(r, 16), samples_per_sequence, seed) for source, r in texts.items()}
@@ -49,22 +43,8 @@ def forgetting_report(adapters, base=None, data_dir=None, seq_len: int = 128, ro
     for path in adapters:
         model, _, config = load_adapter(path, base=base)
         scores = score(model)
-        label = Path(path).parent.name if Path(path).name == "adapter" else Path(path).name
-        models.append({"label": f"{config['method']} ({label})", "method": config["method"],
+        models.append({"label": f"{config['method']} ({adapter_label(path)})", "method": config["method"],
                        "task": config["task"]["name"], "scores": scores,
                        "delta_nelbo": {s: scores[s]["nelbo"] - base_scores[s]["nelbo"] for s in scores}})
     return {"analysis": "forgetting", "seq_len": seq_len, "rows_per_source": rows,
             "samples_per_sequence": samples_per_sequence, "sources": sorted(texts), "models": models}
-
-
-def forgetting_figure(report: dict):
-    """Grouped bars: NELBO per text source for the base and each fine-tuned model."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    for source in report["sources"]:
-        fig.add_trace(go.Bar(name=source, x=[m["label"] for m in report["models"]],
-                             y=[m["scores"][source]["nelbo"] for m in report["models"]]))
-    fig.update_layout(barmode="group", template="plotly_white", yaxis_title="held-out NELBO (nats/token)",
-                      title="Forgetting: generic held-out text under each model (lower is better)")
-    return fig

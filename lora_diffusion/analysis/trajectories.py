@@ -11,6 +11,10 @@ positions:
 The base's own hidden states on those inputs come along, for the trajectory t-SNE.
 `effective_rank` turns a stack of perturbations into exp(entropy of the normalised
 singular values) (Roy & Vetterli, 2007), the measure the paper uses.
+
+`denoising_trajectory` decodes one prompt and returns the unmasking step by step as
+plain data (token strings, their state, the step's perturbation norm), for the app's
+Generate tab and the notebooks.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import Encoded, collate
+from ..data import Encoded, answer_ids, collate, encode_prompt
 from ..diffusion import DiffusionLM, sample
+from ..errors import UserError
 
 
 def effective_rank(matrix: torch.Tensor) -> float:
@@ -50,7 +55,7 @@ def perturbation_trajectories(model: DiffusionLM, base: DiffusionLM, enc: Encode
                               batch_size: int = 32, seed: int = 0) -> PerturbationTrajectory:
     """Sample with `model` on every example of `enc` and collect per-step perturbations."""
     device = next(model.parameters()).device
-    uses_delta = model.step_hook is not None  # only LoRA-Diffusion (final) perturbs through the hook
+    uses_delta = bool(model.step_hooks)  # only LoRA-Diffusion (final) perturbs through a step hook
     generator = torch.Generator().manual_seed(seed)
     per_step_delta, per_step_base, examples, times = None, None, [], None
     for start in range(0, len(enc.prompts), batch_size):
@@ -107,6 +112,35 @@ def per_example(trajectory: PerturbationTrajectory, which: str = "perturbation")
     return torch.cat(vectors), labels
 
 
-def phase_name(t: float) -> str:
-    return "early" if t > 2 / 3 else ("middle" if t > 1 / 3 else "late")
+@torch.no_grad()
+def denoising_trajectory(model: DiffusionLM, instruction: str, text: str, length: int = 8, steps: int = 8,
+                         temperature: float = 0.0, seed: int = 0, remasking: str = "low_confidence") -> dict:
+    """Decode one prompt; per step the response tokens, their state and the perturbation norm.
 
+    state per position: "masked", "new" (revealed at this step) or "settled". The norm is
+    the mean L2 norm over response positions of what the model's step hooks added to h_t
+    (None for a model without any, e.g. the base or a merged weight LoRA).
+    """
+    if not instruction.strip() and not text.strip():
+        raise UserError("type an instruction or an input")
+    if length < 1 or steps < 1:
+        raise UserError("length and steps must be at least 1")
+    backbone = model.backbone
+    tok = backbone.tokenizer
+    enc = encode_prompt(tok, instruction, text, length, backbone.max_length)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate(enc, [0], backbone.pad_id).items()}
+    tokens, trajectory = sample(model, **batch, steps=steps, temperature=temperature, remasking=remasking,
+                                generator=torch.Generator().manual_seed(seed), record=True)
+    response = batch["response_mask"][0]
+    frames = []
+    for t, x, revealed, delta in zip(trajectory.t, trajectory.tokens, trajectory.revealed,
+                                     trajectory.perturbation):
+        ids = x[0][response].tolist()
+        frames.append({"t": t, "tokens": tok.convert_ids_to_tokens(ids),
+                       "state": ["new" if n else "masked" if i == backbone.mask_id else "settled"
+                                 for i, n in zip(ids, revealed[0][response].tolist())],
+                       "perturbation_norm": None if delta is None else float(delta.norm(dim=-1).mean())})
+    answer = answer_ids(tokens[0][response].tolist(), backbone.sep_id)
+    return {"instruction": instruction, "input": text, "steps": frames,
+            "answer": tok.decode(answer, skip_special_tokens=True)}

@@ -10,16 +10,16 @@ keep the original ones, 1 = perfectly).
 from __future__ import annotations
 
 import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE, trustworthiness
 
+from ..diffusion import phase_name
 from .rank import load_for_analysis
-from .trajectories import per_example, perturbation_trajectories, phase_name
+from .trajectories import per_example, perturbation_trajectories
 
 
 def embed(x: np.ndarray, method: str = "tsne", perplexity: float = 30.0, seed: int = 0) -> tuple[np.ndarray, float]:
     """2-D coordinates and their trustworthiness (n_neighbors = 5)."""
-    from sklearn.decomposition import PCA
-    from sklearn.manifold import TSNE, trustworthiness
-
     if method not in ("tsne", "pca"):
         raise ValueError(f"method must be 'tsne' or 'pca', not {method!r}")
     if method == "pca":
@@ -53,22 +53,3 @@ def trajectory_map(adapters, base=None, task_name=None, data_dir=None, n_example
         out[name] = {"trustworthiness": trust,
                      "points": [{**m, "x": float(c[0]), "y": float(c[1])} for m, c in zip(meta, coords)]}
     return out
-
-
-def trajectory_figure(report: dict, which: str = "perturbations", colour: str = "task"):
-    """Scatter of one map, coloured by task (or adapter) or by step."""
-    import plotly.express as px
-
-    data = report[which]
-    points = data["points"]
-    columns = {key: [p.get(key) for p in points] for key in ("x", "y", "task", "adapter", "step", "t", "phase", "example")}
-    columns = {k: v for k, v in columns.items() if any(x is not None for x in v)}
-    fig = px.scatter(columns, x="x", y="y", color=colour, symbol="phase" if colour != "phase" else None,
-                     hover_data=[k for k in ("adapter", "example", "t") if k in columns],
-                     color_continuous_scale="Viridis" if colour in ("step", "t") else None,
-                     title=f"{'Perturbations' if which == 'perturbations' else 'Base hidden states'} per example and "
-                           f"step ({report['method'].upper()}, trustworthiness {data['trustworthiness']:.2f})")
-    fig.update_layout(template="plotly_white", xaxis_title="", yaxis_title="")
-    if colour in ("step", "t"):  # the colour bar takes the right edge: the phase legend goes below the plot
-        fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.08, xanchor="left", x=0))
-    return fig

@@ -1,44 +1,58 @@
-"""Fine-tuning methods behind one small interface.
+"""Fine-tuning methods behind one small interface, each built from its config dataclass.
 
 A method attaches to a `DiffusionLM` (freezing what it does not train, adding its own
-modules or a step hook), names its trainable parameters, and saves / loads exactly
-the state its adapter file holds. The training loop, the evaluator and the CLI only
-see this interface, so a new method is one new module registered in `METHODS`.
+modules or hooks) and detaches again, names its trainable parameters, and saves / loads
+exactly the state its adapter file holds. The training loop, the evaluator, the CLI and
+the app only see this interface, so a new method is one new module registered here.
 """
 
 from __future__ import annotations
 
-import inspect
-
 from ..errors import UserError
-from .adapters import HoulsbyAdapters
-from .base import Method
+from .base import Method, MethodConfig, OptionSpec, describe, option_text
 from .bitfit import BitFit
 from .full import FullFineTune
+from .houlsby import Houlsby
+from .lora_diffusion import LoRADiffusion
 from .prefix import PrefixTuning
-from .trajectory import LoRADiffusion
 from .weight_lora import DoRA, WeightLoRA
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (
-    FullFineTune, LoRADiffusion, WeightLoRA, DoRA, HoulsbyAdapters, BitFit, PrefixTuning)}
+    FullFineTune, LoRADiffusion, WeightLoRA, DoRA, Houlsby, BitFit, PrefixTuning)}
 
 
-def method_options(name: str) -> dict:
-    """Option name -> default value of a method."""
-    params = inspect.signature(METHODS[name].__init__).parameters
-    return {k: p.default for k, p in params.items() if k != "self"}
-
-
-def make_method(name: str, **options) -> Method:
+def method_class(name: str) -> type[Method]:
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}")
-    known = method_options(name)
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise UserError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; "
-                        f"its options: {', '.join(known) or 'none'}")
-    return METHODS[name](**options)
+    return METHODS[name]
 
 
-__all__ = ["Method", "METHODS", "make_method", "method_options", "FullFineTune", "LoRADiffusion", "WeightLoRA", "DoRA",
-           "HoulsbyAdapters", "BitFit", "PrefixTuning"]
+def method_config(name: str, options: dict | None = None) -> MethodConfig:
+    """The validated config of method `name` from {option: value} (values typed or as text)."""
+    return method_class(name).Config.from_options(options)
+
+
+def make_method(name: str, options: dict | None = None) -> Method:
+    """A method ready to attach, from its name and options (see `method_config`)."""
+    return method_class(name)(method_config(name, options))
+
+
+def option_specs(name: str) -> list[OptionSpec]:
+    """The options of method `name`, with their types, defaults, help and allowed values."""
+    return method_class(name).Config.specs()
+
+
+def parse_option_pairs(pairs: list[str] | None) -> dict[str, str]:
+    """['r=8', 'ranks=16,16,16'] -> {'r': '8', 'ranks': '16,16,16'}: text for the config to read."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--option wants KEY=VALUE, got {pair!r}")
+        options[key.strip()] = value.strip()
+    return options
+
+
+__all__ = ["Method", "MethodConfig", "METHODS", "make_method", "method_config", "method_class", "option_specs",
+           "parse_option_pairs", "describe", "option_text", "FullFineTune", "LoRADiffusion", "WeightLoRA", "DoRA", "Houlsby",
+           "BitFit", "PrefixTuning"]

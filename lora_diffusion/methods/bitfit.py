@@ -7,23 +7,36 @@ generative counterpart of a classifier's bias, so it belongs to the method).
 
 from __future__ import annotations
 
-from .base import Method, freeze
+from dataclasses import dataclass
+
+from .base import BaseSnapshot, Method, MethodConfig, freeze
+
+
+@dataclass
+class BitFitConfig(MethodConfig):
+    method = "bitfit"
+
+    def default_lr(self) -> float:
+        return 1.5e-3
 
 
 class BitFit(Method):
     name = "bitfit"
-    default_lr = 1.5e-3
-
-    def __init__(self):
-        super().__init__()
+    Config = BitFitConfig
 
     def attach(self, model) -> None:
         self.model = model
         mlm = model.backbone.mlm
+        self._remember_requires_grad(mlm)
         freeze(mlm)
-        for name, p in mlm.named_parameters():
-            if name.endswith("bias"):
-                p.requires_grad_(True)
+        biases = {name: p for name, p in mlm.named_parameters() if name.endswith("bias")}
+        self.snapshot = BaseSnapshot(biases)
+        for p in biases.values():
+            p.requires_grad_(True)
+
+    def detach(self) -> None:
+        self.snapshot.restore()
+        super().detach()
 
     def trainable_parameters(self):
         return {n: p for n, p in self.model.backbone.mlm.named_parameters() if p.requires_grad}

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
-from .base import Method
+from dataclasses import dataclass
+
+from .base import BaseSnapshot, Method, MethodConfig
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    method = "full"
+
+    def default_lr(self) -> float:
+        return 5e-5
 
 
 class FullFineTune(Method):
     name = "full"
-    default_lr = 5e-5
-
-    def __init__(self):
-        super().__init__()
+    Config = FullConfig
 
     def attach(self, model) -> None:
         self.model = model
+        self._remember_requires_grad(model.backbone.mlm)
+        self.snapshot = BaseSnapshot(dict(model.backbone.mlm.named_parameters()))
         for p in model.backbone.mlm.parameters():
             p.requires_grad_(True)
+
+    def detach(self) -> None:
+        self.snapshot.restore()
+        super().detach()
 
     def trainable_parameters(self):
         # named_parameters() lists a tied weight (input embeddings = LM decoder) once.

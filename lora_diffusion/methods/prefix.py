@@ -27,11 +27,16 @@ computes attention through that interface (BERT, RoBERTa, ModernBERT, ...) works
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..errors import UserError
-from .base import Method, freeze
+from .base import Method, MethodConfig, freeze, option
 
 ATTENTION = "lora_diffusion_prefix"
 # Common words whose keys/values the prefixes start from (init="words").
@@ -39,8 +44,6 @@ INIT_WORDS = "the of and to in is that it was for on as with his they at be this
 
 
 def _attention_with_prefix(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     capture = getattr(module, "_prefix_capture", None)
     if capture is not None:  # recording the base's own keys/values (the "words" init)
         capture.append((key[0].detach().clone(), value[0].detach().clone()))
@@ -58,9 +61,6 @@ def _attention_with_prefix(module, query, key, value, attention_mask, **kwargs):
 
 
 def _register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(ATTENTION, _attention_with_prefix)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
@@ -86,21 +86,23 @@ class PrefixEncoder(nn.Module):
         return self.start + self.mlp(self.embedding).view(self.shape).permute(1, 2, 3, 0, 4)
 
 
+@dataclass
+class PrefixConfig(MethodConfig):
+    method = "prefix"
+    length: int = option(16, "prefix positions added to every attention layer", min=1)
+    hidden: int = option(128, "hidden width of the reparameterisation MLP", min=1)
+    init: str = option("words", "start at the base's keys/values of real words, or at random",
+                       choices=("words", "random"))
+    reparam: bool = option(True, "prefixes from an MLP over an embedding (Li & Liang); false: the "
+                                 "prefixes are the parameters (P-tuning v2)")
+
+    def default_lr(self) -> float:
+        return 5e-3 if self.reparam else 1e-2  # free prefixes take larger steps (P-tuning v2's range)
+
+
 class PrefixTuning(Method):
     name = "prefix"
-    default_lr = 5e-3
-
-    def __init__(self, length: int = 16, hidden: int = 128, init: str = "words", reparam: bool = True):
-        if length < 1 or hidden < 1:
-            raise UserError("prefix length and hidden size must be at least 1")
-        if init not in ("words", "random"):
-            raise UserError(f"prefix init must be 'words' or 'random', not {init!r}")
-        if not isinstance(reparam, bool):
-            raise UserError(f"prefix reparam must be true or false, not {reparam!r}")
-        super().__init__(length=int(length), hidden=int(hidden), init=init, reparam=reparam)
-        if not reparam:
-            self.default_lr = 1e-2  # free prefixes take larger steps (P-tuning v2's range)
-        self.current = None
+    Config = PrefixConfig
 
     def attach(self, model) -> None:
         self.model = model
@@ -108,34 +110,50 @@ class PrefixTuning(Method):
         config = backbone.mlm.config
         if config.hidden_size % config.num_attention_heads:
             raise UserError("prefix tuning needs hidden_size divisible by the number of heads")
+        self._remember_requires_grad(backbone.mlm)
         freeze(backbone.mlm)
-        self.encoder = PrefixEncoder(self.options["length"], config.hidden_size, self.options["hidden"],
-                                     config.num_hidden_layers, config.num_attention_heads, self.options["reparam"])
+        c = self.config
+        self.encoder = PrefixEncoder(c.length, config.hidden_size, c.hidden, config.num_hidden_layers,
+                                     config.num_attention_heads, c.reparam)
         model.add_module("prefix_encoder", self.encoder.to(next(backbone.parameters()).device))
         model.grad_through_body = True  # the prefixes act inside the (frozen) body
-
-        _register_attention()
-        try:
-            backbone.mlm.set_attn_implementation(ATTENTION)
-        except Exception as err:  # a model family outside the attention interface
-            raise UserError(f"prefix tuning needs a model that uses transformers' attention interface; "
-                            f"{config.model_type}: {err}") from None
-        if backbone.mlm.config._attn_implementation != ATTENTION:
-            raise UserError(f"prefix tuning is not supported for model type {config.model_type!r}")
+        self._use_prefix_attention(backbone)
         # Every submodule of block i knows where its prefixes come from; only the
         # attention module ever asks.
         for layer, block in enumerate(backbone.blocks()):
             for module in block.modules():
                 module._prefix_source = (lambda i=layer: self._prefix(i))
         # Compute all prefixes once per forward pass of the body.
-        backbone.body.register_forward_pre_hook(lambda *_: self._compute())
-        if self.options["init"] == "words":
+        self.hooks.append(backbone.body.register_forward_pre_hook(lambda *_: self._compute()))
+        if c.init == "words":
             self._start_at_words(backbone)
+
+    def _use_prefix_attention(self, backbone) -> None:
+        config = backbone.mlm.config
+        self.original_attention = config._attn_implementation
+        _register_attention()
+        try:
+            backbone.mlm.set_attn_implementation(ATTENTION)
+        except Exception as err:  # a model family outside the attention interface
+            raise UserError(f"prefix tuning needs a model that uses transformers' attention interface; "
+                            f"{config.model_type}: {err}") from None
+        if config._attn_implementation != ATTENTION:
+            raise UserError(f"prefix tuning is not supported for model type {config.model_type!r}")
+
+    def detach(self) -> None:
+        backbone = self.model.backbone
+        for block in backbone.blocks():
+            for module in block.modules():
+                del module._prefix_source
+        backbone.mlm.set_attn_implementation(self.original_attention)
+        del self.model.prefix_encoder
+        self.model.grad_through_body = False
+        super().detach()
 
     def _start_at_words(self, backbone) -> None:
         """P0 = the base's keys/values of `length` real words; the MLP starts at zero output."""
         words = backbone.tokenizer(INIT_WORDS, add_special_tokens=False)["input_ids"]
-        length = self.options["length"]
+        length = self.config.length
         words = (words * (length // len(words) + 1))[:length]
         device = next(backbone.parameters()).device
         ids = torch.tensor([[backbone.cls_id] + words + [backbone.sep_id]], device=device)
@@ -155,7 +173,7 @@ class PrefixTuning(Method):
             raise UserError("prefix init: could not read the base's keys and values")
         with torch.no_grad():
             self.encoder.start.copy_(torch.stack([torch.stack([k[:, 1:-1], v[:, 1:-1]]) for k, v in captured]))
-            if self.options["reparam"]:
+            if self.config.reparam:
                 self.encoder.mlp[-1].weight.zero_()
                 self.encoder.mlp[-1].bias.zero_()
             else:
@@ -174,10 +192,10 @@ class PrefixTuning(Method):
         return {f"prefix_encoder.{n}": p for n, p in self.encoder.named_parameters()}
 
     def formula(self) -> dict:
-        hidden = self.options["hidden"]
+        hidden = self.config.hidden
         length, n_layers, _, n_heads, head = self.encoder.shape
         d = n_heads * head
-        if not self.options["reparam"]:
+        if not self.config.reparam:
             return {"formula": "length*2*L*d", "formula_total": length * 2 * n_layers * d,
                     "inference_parameters": length * 2 * n_layers * d}
         return {"formula": "length*d + (d*hidden + hidden) + (hidden*2*L*d + 2*L*d)",

@@ -10,52 +10,71 @@ layout so `peft.PeftModel.from_pretrained` loads it.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+
 from ..errors import UserError
-from .base import Method
+from .base import BaseSnapshot, Method, MethodConfig, option
 
 TARGETS = {"attention": ("q", "k", "v", "o"), "attention+mlp": ("q", "k", "v", "o", "ffn_in", "ffn_out")}
 
 
+@dataclass
+class LoRAConfig(MethodConfig):
+    method = "lora"
+    r: int = option(16, "rank r of the update B A of each adapted weight", min=1)
+    alpha: float | None = option(None, "scale numerator: the update is (alpha / r) B A; none = 2r")
+    dropout: float = option(0.0, "dropout on the adapter's input during training", min=0.0, max=1.0)
+    targets: str = option("attention", "which projections to adapt", choices=tuple(TARGETS))
+
+    def check(self) -> None:
+        if self.alpha is None:
+            self.alpha = 2.0 * self.r  # the common alpha = 2r
+
+    def default_lr(self) -> float:
+        return 2e-3
+
+
+@dataclass
+class DoRAConfig(LoRAConfig):
+    method = "dora"
+
+
 class WeightLoRA(Method):
     name = "lora"
-    default_lr = 2e-3
+    Config = LoRAConfig
     can_merge = True
     use_dora = False
 
-    def __init__(self, r: int = 16, alpha: float | None = None, dropout: float = 0.0,
-                 targets: str = "attention"):
-        if targets not in TARGETS:
-            raise UserError(f"{self.name} targets must be one of {', '.join(TARGETS)}, not {targets!r}")
-        if r < 1:
-            raise UserError(f"{self.name} rank r must be at least 1")
-        alpha = float(alpha) if alpha is not None else 2.0 * r  # the common alpha = 2r
-        super().__init__(r=int(r), alpha=alpha, dropout=float(dropout), targets=targets)
-        self.peft_model = None
-
     def attach(self, model) -> None:
-        from peft import LoraConfig, get_peft_model
-
         self.model = model
         backbone = model.backbone
-        config = LoraConfig(r=self.options["r"], lora_alpha=self.options["alpha"],
-                            lora_dropout=self.options["dropout"], use_dora=self.use_dora,
-                            target_modules=backbone.projection_pattern(*TARGETS[self.options["targets"]]))
+        c = self.config
+        config = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, use_dora=self.use_dora,
+                            target_modules=backbone.projection_pattern(*TARGETS[c.targets]))
+        self._remember_requires_grad(backbone.mlm)
         # Wraps the masked LM in place: the LoRA layers replace the targeted Linear layers
         # inside backbone.body, and every base weight is frozen.
         with warnings.catch_warnings():  # a deprecation inside peft, not ours to act on
             warnings.simplefilter("ignore", FutureWarning)
             self.peft_model = get_peft_model(backbone.mlm, config)
 
+    def detach(self) -> None:
+        """Take the LoRA layers out again (peft's `unload`), unmerging first if merged."""
+        self.unmerge()
+        self.peft_model.unload()
+        self.peft_model = None
+        super().detach()
+
     def trainable_parameters(self):
         return {n: p for n, p in self.model.backbone.mlm.named_parameters() if p.requires_grad}
 
     def formula(self) -> dict:
         """sum over adapted (d_out x d_in) weights of r (d_in + d_out) [+ d_out magnitudes for DoRA]."""
-        from peft.tuners.lora import LoraLayer
-
-        r, terms = self.options["r"], {}
+        r, terms = self.config.r, {}
         for name, module in self.model.backbone.mlm.named_modules():
             if isinstance(module, LoraLayer):
                 base = module.get_base_layer()
@@ -66,12 +85,16 @@ class WeightLoRA(Method):
 
     def merge(self) -> None:
         if not self.merged:
+            # W + BA - BA is not W in floating point: keep the adapted weights to put back exactly.
+            self.premerge = BaseSnapshot({name: module.get_base_layer().weight for name, module in
+                                          self.model.backbone.mlm.named_modules() if isinstance(module, LoraLayer)})
             self.peft_model.merge_adapter()
             self.merged = True
 
     def unmerge(self) -> None:
         if self.merged:
             self.peft_model.unmerge_adapter()
+            self.premerge.restore()
             self.merged = False
 
     def save_peft(self, folder) -> None:
@@ -85,4 +108,5 @@ class DoRA(WeightLoRA):
     """Weight-decomposed LoRA: W' = m * (W + B A) / ||W + B A|| (column norms), m trained."""
 
     name = "dora"
+    Config = DoRAConfig
     use_dora = True

@@ -1,4 +1,4 @@
-"""LoRA-Diffusion: low-rank perturbations of the denoising trajectory (DESIGN.md section 2).
+"""LoRA-Diffusion: low-rank perturbations of the denoising trajectory.
 
 At every denoising step the frozen base gives final hidden states h_t; the logits are
 read from h_t + delta_t with
@@ -7,14 +7,17 @@ read from h_t + delta_t with
     g_i(h, t, c) = A_i(c) ReLU(B_i [h ; e(t)]),   A_i(c) = W_A,i diag(1 + gamma_i(c)),
     gamma_i(c) = W_gamma,i Enc(c)
 
-* B_i: (d + d_t) -> r (the down projection), e(t) a sinusoidal embedding + MLP;
+In code B_i is `down`, W_A,i is `up` and W_gamma,i is `gate` (of a `TrajectoryModule`).
+
+* B_i: (d + d_t) -> r, e(t) a sinusoidal embedding + MLP;
 * W_A,i: r -> d, zero at init, so the adapted model starts equal to the base;
 * Enc(c): mean of the frozen base's word embeddings of the instruction; conditioning
   only rescales the r directions, so rank(A_i(c)) <= r for every c;
-* phases: early t > 2/3, middle 1/3 < t <= 2/3, late t <= 1/3, each with its own k
-  modules shared by the steps inside it; default ranks 64/32/8, scales 1/0.5/0.25;
-* regularisers: lambda_rank * sum(||W_A||_* + ||W_B||_*), lambda_orth * sum_{i != j}
-  ||W_A,i^T W_A,j||_F^2 inside a phase;
+* phases (`diffusion.PHASES`): early t > 2/3, middle 1/3 < t <= 2/3, late t <= 1/3, each
+  with its own k modules shared by the steps inside it; default ranks 64/32/8, scales
+  1/0.5/0.25;
+* regularisers: lambda_rank * sum(||up||_* + ||down||_*), lambda_orth * sum_{i != j}
+  ||up_i^T up_j||_F^2 inside a phase;
 * injection `final` (default): one perturbation after the last block; the base runs
   without a graph, so training has no backward pass through it. `blocks`: one set of
   phase modules after every block (the last one is `final`'s), acting on the positions
@@ -25,21 +28,51 @@ read from h_t + delta_t with
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..diffusion import PHASES, StepContext, phase_of
 from ..errors import UserError
-from .base import Method, freeze
+from .base import Method, MethodConfig, freeze, option
 
-PHASES = ("early", "middle", "late")
 RANK_SCHEDULES = {"adaptive": (64, 32, 8), "inverted": (8, 32, 64)}
 
 
-def phase_of(t: torch.Tensor) -> torch.Tensor:
-    """Phase index per example: 0 early (t > 2/3), 1 middle (1/3 < t <= 2/3), 2 late (t <= 1/3)."""
-    return (t <= 2 / 3).long() + (t <= 1 / 3).long()
+@dataclass
+class LoRADiffusionConfig(MethodConfig):
+    method = "lora_diffusion"
+    schedule: str = option("adaptive", "ranks per phase: adaptive 64/32/8, inverted 8/32/64, or uniform "
+                                       "(every phase at `rank`)", choices=("adaptive", "inverted", "uniform"))
+    ranks: tuple[int, int, int] | None = option(None, "ranks of the early, middle and late phase; none = "
+                                                      "from the schedule", min=1)
+    rank: int = option(32, "the rank of every phase with schedule=uniform", min=1)
+    scales: tuple[float, float, float] = option((1.0, 0.5, 0.25), "scale sigma of the early, middle and late "
+                                                                  "phase's perturbation")
+    k: int = option(2, "modules per phase", min=1)
+    time_dim: int = option(64, "width d_t of the time embedding (even)", min=2)
+    lambda_rank: float = option(0.01, "weight of the nuclear-norm rank penalty", min=0.0)
+    lambda_orth: float = option(0.001, "weight of the orthogonality penalty between a phase's modules", min=0.0)
+    injection: str = option("final", "where delta acts: after the last block, or after every block",
+                            choices=("final", "blocks"))
+    condition: bool = option(True, "gate the rank directions by the instruction")
+    calibrate: bool = option(True, "standardise h with statistics of the first batch (saved)")
+    rank_penalty: str = option("proximal", "apply the rank penalty as a proximal step after each "
+                                           "optimiser step, or as a loss term", choices=("proximal", "loss"))
+
+    def check(self) -> None:
+        if self.time_dim % 2:
+            raise UserError(f"method 'lora_diffusion' option 'time_dim' must be even, not {self.time_dim}")
+        if self.ranks is None:
+            self.ranks = (self.rank,) * 3 if self.schedule == "uniform" else RANK_SCHEDULES[self.schedule]
+
+    def default_lr(self) -> float:
+        # Adam moves every site by ~lr per step, and a perturbation inside the body is
+        # amplified by the blocks after it: 3e-3 diverged and 1e-3 stayed at chance on
+        # 64 SST-2 examples it should memorise; 3e-4 fits them.
+        return 3e-3 if self.injection == "final" else 3e-4
 
 
 @torch.no_grad()
@@ -103,7 +136,7 @@ class PhaseModules(nn.Module):
     around means ten times larger, so B [h ; e(t)] starts out nearly constant; the
     statistics are taken once, from the first batch the site sees (`calibrate`), and
     saved with the adapter. Standardising only rescales B's input: the family of
-    functions is the one of DESIGN.md.
+    functions is the one defined at the top of this module.
     """
 
     def __init__(self, d, d_t, d_c, ranks, k):
@@ -137,61 +170,41 @@ class PhaseModules(nn.Module):
 
 class LoRADiffusion(Method):
     name = "lora_diffusion"
-    default_lr = 3e-3
-
-    def __init__(self, schedule: str = "adaptive", ranks=None, rank: int = 32, scales=(1.0, 0.5, 0.25),
-                 k: int = 2, time_dim: int = 64, lambda_rank: float = 0.01, lambda_orth: float = 0.001,
-                 injection: str = "final", condition: bool = True, calibrate: bool = True,
-                 rank_penalty: str = "proximal"):
-        if ranks is None:
-            if schedule == "uniform":
-                ranks = (rank,) * 3
-            elif schedule in RANK_SCHEDULES:
-                ranks = RANK_SCHEDULES[schedule]
-            else:
-                raise UserError(f"lora_diffusion schedule must be adaptive, inverted or uniform, not {schedule!r}")
-        ranks, scales = [int(r) for r in ranks], [float(s) for s in scales]
-        if len(ranks) != 3 or len(scales) != 3 or min(ranks) < 1:
-            raise UserError("lora_diffusion needs three positive ranks and three scales (early, middle, late)")
-        if injection not in ("final", "blocks"):
-            raise UserError(f"lora_diffusion injection must be 'final' or 'blocks', not {injection!r}")
-        if k < 1 or time_dim < 2 or time_dim % 2:
-            raise UserError("lora_diffusion needs k >= 1 and an even time_dim")
-        if rank_penalty not in ("proximal", "loss"):
-            raise UserError(f"lora_diffusion rank_penalty must be 'proximal' or 'loss', not {rank_penalty!r}")
-        super().__init__(schedule=schedule, ranks=ranks,
-                         scales=scales, k=int(k), time_dim=int(time_dim), lambda_rank=float(lambda_rank),
-                         lambda_orth=float(lambda_orth), injection=injection, condition=bool(condition),
-                         calibrate=bool(calibrate), rank_penalty=rank_penalty)
-        if injection == "blocks":
-            # Adam moves every site by ~lr per step, and a perturbation inside the body is
-            # amplified by the blocks after it: 3e-3 diverged and 1e-3 stayed at chance on
-            # 64 SST-2 examples it should memorise; 3e-4 fits them.
-            self.default_lr = 3e-4
+    Config = LoRADiffusionConfig
 
     def attach(self, model) -> None:
-        self.model = model
-        backbone = model.backbone
-        freeze(backbone.mlm)
-        o = self.options
-        d, d_c = backbone.hidden_size, backbone.word_embeddings.embedding_dim
-        n_sites = 1 if o["injection"] == "final" else len(backbone.blocks())
-        adapter = nn.Module()
-        adapter.time = TimeEmbedding(o["time_dim"])
-        adapter.sites = nn.ModuleList(PhaseModules(d, o["time_dim"], d_c, o["ranks"], o["k"]) for _ in range(n_sites))
-        adapter.register_buffer("scales", torch.tensor(o["scales"]), persistent=False)
-        self.adapter = adapter.to(next(backbone.parameters()).device)
-        model.add_module("trajectory", self.adapter)
-        if o["injection"] == "final":
-            model.step_hook = self._final_hook
+        self.add_modules(model)
+        if self.config.injection == "final":
+            self.hooks.append(model.add_step_hook(self._final_hook))
         else:
             model.grad_through_body = True
-            for i, block in enumerate(backbone.blocks()):
-                block.register_forward_hook(self._block_hook(i))
+            for i, block in enumerate(model.backbone.blocks()):
+                self.hooks.append(block.register_forward_hook(self._block_hook(i)))
+
+    def add_modules(self, model, module_name: str = "trajectory") -> None:
+        """Build the modules under `model.<module_name>`, without hooking them in (a router mixes them)."""
+        self.model, self.module_name = model, module_name
+        backbone = model.backbone
+        self._remember_requires_grad(backbone.mlm)
+        freeze(backbone.mlm)
+        c = self.config
+        d, d_c = backbone.hidden_size, backbone.word_embeddings.embedding_dim
+        n_sites = 1 if c.injection == "final" else len(backbone.blocks())
+        trajectory = nn.Module()
+        trajectory.time = TimeEmbedding(c.time_dim)
+        trajectory.sites = nn.ModuleList(PhaseModules(d, c.time_dim, d_c, c.ranks, c.k) for _ in range(n_sites))
+        trajectory.register_buffer("scales", torch.tensor(c.scales), persistent=False)
+        self.trajectory = trajectory.to(next(backbone.parameters()).device)
+        model.add_module(module_name, self.trajectory)
+
+    def detach(self) -> None:
+        delattr(self.model, self.module_name)
+        self.model.grad_through_body = False
+        super().detach()
 
     def instruction_encoding(self, instruction):
         """Enc(c) when the method is conditioned on the instruction, else None."""
-        if instruction is None or not self.options["condition"]:
+        if instruction is None or not self.config.condition:
             return None
         return encode_instruction(self.model.backbone, instruction)
 
@@ -201,16 +214,16 @@ class LoRADiffusion(Method):
         `positions` [B, L] marks where logits are read; the first call calibrates the
         site's standardisation on h there.
         """
-        modules = self.adapter.sites[site]
-        if self.options["calibrate"] and not bool(modules.calibrated):
+        modules = self.trajectory.sites[site]
+        if self.config.calibrate and not bool(modules.calibrated):
             modules.calibrate(h[positions] if positions is not None and positions.any() else h)
         t = t.to(h.device).float()
-        e = self.adapter.time(t)
+        e = self.trajectory.time(t)
         c = self.instruction_encoding(instruction)
-        return modules(h, e, c, phase_of(t), self.adapter.scales)
+        return modules(h, e, c, phase_of(t), self.trajectory.scales)
 
-    def _final_hook(self, h, t, instruction):
-        return self.perturbation(0, h, t, instruction, self.model.step_context[2])
+    def _final_hook(self, h, context: StepContext):
+        return self.perturbation(0, h, context.t, context.instruction, context.positions)
 
     def _block_hook(self, site: int):
         def hook(module, args, output):
@@ -224,55 +237,52 @@ class LoRADiffusion(Method):
             return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
         return hook
 
+    # Tensor names in the adapter file are "trajectory.<...>", whatever the module is called
+    # on the model (a router holds several, as task_0, task_1, ...).
     def trainable_parameters(self):
-        return {f"trajectory.{n}": p for n, p in self.adapter.named_parameters()}
+        return {f"trajectory.{n}": p for n, p in self.trajectory.named_parameters()}
 
     def buffers(self):
-        if not self.options["calibrate"]:
+        if not self.config.calibrate:
             return {}
-        return {f"trajectory.{n}": b for n, b in self.adapter.named_buffers() if n.split(".")[-1] in
+        return {f"trajectory.{n}": b for n, b in self.trajectory.named_buffers() if n.split(".")[-1] in
                 ("h_mean", "h_std", "calibrated")}
 
     def modules_by_phase(self):
         """[(site, phase, [TrajectoryModule, ...])] for every site and phase."""
-        return [(s, PHASES[p], list(mods)) for s, site in enumerate(self.adapter.sites)
+        return [(s, PHASES[p], list(mods)) for s, site in enumerate(self.trajectory.sites)
                 for p, mods in enumerate(site.phases)]
 
     def regularization(self):
         """The orthogonality term (and the nuclear norms, with rank_penalty="loss") for the loss."""
-        o = self.options
-        in_loss = o["lambda_rank"] if o["rank_penalty"] == "loss" else 0.0
-        if not (in_loss or o["lambda_orth"]):
+        c = self.config
+        in_loss = c.lambda_rank if c.rank_penalty == "loss" else 0.0
+        if not (in_loss or c.lambda_orth):
             return None
-        device_type = next(self.adapter.parameters()).device.type
+        device_type = next(self.trajectory.parameters()).device.type
         with torch.autocast(device_type, enabled=False):  # SVDs in fp32
             total = 0.0
             for _, _, modules in self.modules_by_phase():
                 if in_loss:
-                    # svdvals (behind the nuclear norm) has stable gradients, also at W_A = 0.
-                    total = total + in_loss * sum(
-                        torch.linalg.matrix_norm(g.up.weight.float(), ord="nuc")
-                        + torch.linalg.matrix_norm(g.down.weight.float(), ord="nuc") for g in modules)
-                if o["lambda_orth"] and len(modules) > 1:
-                    for i, gi in enumerate(modules):
-                        for j, gj in enumerate(modules):
-                            if i != j:
-                                total = total + o["lambda_orth"] * (gi.up.weight.float().T @ gj.up.weight.float()).pow(2).sum()
+                    total = total + in_loss * _nuclear_norm(modules)
+                if c.lambda_orth:
+                    for overlap in _pairwise_overlaps(modules):
+                        total = total + c.lambda_orth * overlap
         return total if torch.is_tensor(total) else None  # k = 1: no pair to keep orthogonal
 
     @torch.no_grad()
     def after_step(self, lr: float) -> None:
-        """rank_penalty="proximal": the proximal step of lr * lambda_rank * ||W||_* for W_A and W_B.
+        """rank_penalty="proximal": the proximal step of lr * lambda_rank * ||W||_* for `up` and `down`.
 
         Singular-value soft thresholding, the exact minimiser of the penalty's linearised
         objective (as AdamW decouples weight decay). Put through Adam instead, the
         penalty's gradient U V^T is normalised to steps of size lr whatever lambda is,
         and it drives B to zero within tens of steps while W_A still has no task gradient.
         """
-        o = self.options
-        if o["rank_penalty"] != "proximal" or not o["lambda_rank"]:
+        c = self.config
+        if c.rank_penalty != "proximal" or not c.lambda_rank:
             return
-        threshold = lr * o["lambda_rank"]
+        threshold = lr * c.lambda_rank
         for _, _, modules in self.modules_by_phase():
             for g in modules:
                 for w in (g.up.weight, g.down.weight):
@@ -280,21 +290,33 @@ class LoRADiffusion(Method):
                     w.copy_((u * (s - threshold).clamp(min=0)) @ vh)
 
     def nuclear_norms(self) -> float:
-        """sum over modules of ||W_A||_* + ||W_B||_* (the rank penalty before lambda)."""
+        """sum over modules of ||up||_* + ||down||_* (the rank penalty before lambda)."""
         with torch.no_grad():
-            return float(sum(torch.linalg.matrix_norm(g.up.weight.float(), ord="nuc")
-                             + torch.linalg.matrix_norm(g.down.weight.float(), ord="nuc")
-                             for _, _, mods in self.modules_by_phase() for g in mods))
+            return float(sum(_nuclear_norm(mods) for _, _, mods in self.modules_by_phase()))
 
     def formula(self) -> dict:
         """Per phase k ((d + d_t) r + r d + d_c r + 2 r) per site, plus the time MLP 2 (d_t^2 + d_t)."""
-        o = self.options
+        c = self.config
         backbone = self.model.backbone
-        d, d_c, d_t, k = backbone.hidden_size, backbone.word_embeddings.embedding_dim, o["time_dim"], o["k"]
-        sites = len(self.adapter.sites)
-        per_phase = {phase: k * ((d + d_t) * r + r * d + d_c * r + 2 * r) for phase, r in zip(PHASES, o["ranks"])}
+        d, d_c, d_t, k = backbone.hidden_size, backbone.word_embeddings.embedding_dim, c.time_dim, c.k
+        sites = len(self.trajectory.sites)
+        per_phase = {phase: k * ((d + d_t) * r + r * d + d_c * r + 2 * r) for phase, r in zip(PHASES, c.ranks)}
         time_mlp = 2 * (d_t * d_t + d_t)
         return {"formula": "sites * sum_phases k*((d + d_t)*r + r*d + d_c*r + 2r) + 2*(d_t^2 + d_t)",
-                "terms": {"d": d, "d_t": d_t, "d_c": d_c, "k": k, "ranks": o["ranks"], "sites": sites,
+                "terms": {"d": d, "d_t": d_t, "d_c": d_c, "k": k, "ranks": list(c.ranks), "sites": sites,
                           "per_phase": per_phase, "time_mlp": time_mlp},
                 "formula_total": sites * sum(per_phase.values()) + time_mlp}
+
+
+def _nuclear_norm(modules) -> torch.Tensor:
+    """sum over the modules of ||up||_* + ||down||_* (svdvals has stable gradients, also at up = 0)."""
+    return sum(torch.linalg.matrix_norm(g.up.weight.float(), ord="nuc")
+               + torch.linalg.matrix_norm(g.down.weight.float(), ord="nuc") for g in modules)
+
+
+def _pairwise_overlaps(modules):
+    """||up_i^T up_j||_F^2 for every ordered pair i != j of a phase's modules."""
+    for i, gi in enumerate(modules):
+        for j, gj in enumerate(modules):
+            if i != j:
+                yield (gi.up.weight.float().T @ gj.up.weight.float()).pow(2).sum()

@@ -1,4 +1,4 @@
-"""The engine behind the app and notebooks: background training, adapters in and out, trajectories."""
+"""The app's workspace: background training, adapters in and out; and one decoding, step by step."""
 
 import zipfile
 
@@ -6,15 +6,18 @@ import torch
 
 import pytest
 
-from lora_diffusion import workbench
+from lora_diffusion.adapters import load_model
+from lora_diffusion.analysis.trajectories import denoising_trajectory
 from lora_diffusion.data import load_task
 from lora_diffusion.errors import UserError
-from lora_diffusion.train import TrainConfig
+from lora_diffusion.plots import training_figure
+from lora_diffusion.training import TrainConfig
+from lora_diffusion.workspace import Workspace
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_base_dir):
-    ws = workbench.Workspace(tmp_path_factory.mktemp("ws"))
+    ws = Workspace(tmp_path_factory.mktemp("ws"))
     task = load_task("suite_sentiment", max_train=32, max_eval=8)
     job = ws.start_training(task, "lora_diffusion", {"ranks": [4, 4, 4]},
                             TrainConfig(steps=6, batch_size=4, log_every=2, eval_every=3), base=str(tiny_base_dir),
@@ -33,7 +36,7 @@ def test_background_training_logs_saves_and_lists(trained):
     listed = ws.adapters()
     assert [a["name"] for a in listed] == [job.id]
     assert listed[0]["method"] == "lora_diffusion" and listed[0]["accuracy"] == job.result["accuracy"]
-    fig = workbench.training_figure(job.records)
+    fig = training_figure(job.records)
     assert len(fig.data) == 2 and list(fig.data[0].x) == [2, 4, 6]
 
 
@@ -71,7 +74,7 @@ def test_bad_uploads_are_refused_and_leave_nothing(trained, tmp_path):
 
 
 def test_a_stopped_job_still_saves_what_it_trained(tmp_path, tiny_base_dir):
-    ws = workbench.Workspace(tmp_path)
+    ws = Workspace(tmp_path)
     task = load_task("suite_topic", max_train=16, max_eval=4)
     job = ws.start_training(task, "bitfit", {}, TrainConfig(steps=10_000, batch_size=2, log_every=1),
                             base=str(tiny_base_dir), sampler_steps=1, monitor_examples=2)
@@ -83,8 +86,8 @@ def test_a_stopped_job_still_saves_what_it_trained(tmp_path, tiny_base_dir):
 
 def test_trajectory_states_and_norms(trained, tiny_base_dir):
     ws, job = trained
-    model, method, _ = workbench.load_model(ws.adapter_path(job.id), base=str(tiny_base_dir))
-    report = workbench.denoising_trajectory(model, "is it good ?", "very good", length=4, steps=4)
+    model, method, _ = load_model(ws.adapter_path(job.id), base=str(tiny_base_dir))
+    report = denoising_trajectory(model, "is it good ?", "very good", length=4, steps=4)
     assert len(report["steps"]) == 4
     masked = [s["state"].count("masked") for s in report["steps"]]
     assert masked == [3, 2, 1, 0]  # one position revealed per step, none hidden again
@@ -93,15 +96,15 @@ def test_trajectory_states_and_norms(trained, tiny_base_dir):
             if st_b != "masked":
                 assert tok_a == tok_b and st_a == "settled"
     assert all(s["perturbation_norm"] is not None for s in report["steps"])
-    base_model, _, _ = workbench.load_model(base=str(tiny_base_dir))
-    base_report = workbench.denoising_trajectory(base_model, "is it good ?", "very good", length=4, steps=4)
+    base_model, _, _ = load_model(base=str(tiny_base_dir))
+    base_report = denoising_trajectory(base_model, "is it good ?", "very good", length=4, steps=4)
     assert all(s["perturbation_norm"] is None for s in base_report["steps"])
     with pytest.raises(UserError):
-        workbench.denoising_trajectory(base_model, " ", "", length=4, steps=4)
+        denoising_trajectory(base_model, " ", "", length=4, steps=4)
 
 
 def test_composition_trains_a_router_once_and_reloads_it(tmp_path, tiny_base_dir):
-    ws = workbench.Workspace(tmp_path)
+    ws = Workspace(tmp_path)
     config = TrainConfig(steps=2, batch_size=4, log_every=1, eval_every=0)
     names = []
     for name in ("suite_sentiment", "suite_topic"):
@@ -117,6 +120,6 @@ def test_composition_trains_a_router_once_and_reloads_it(tmp_path, tiny_base_dir
     assert abs(float(weights.sum()) - 1) < 1e-5
     assert ws.composition(list(reversed(names)), router_steps=2, base=str(tiny_base_dir)) is composition  # kept
     assert len(list((tmp_path / "compositions").glob("*/composition.json"))) == 1  # saved, so a restart loads it
-    again = workbench.Workspace(tmp_path).composition(names, router_steps=2, base=str(tiny_base_dir))  # from disk
+    again = Workspace(tmp_path).composition(names, router_steps=2, base=str(tiny_base_dir))  # from disk
     assert again is not composition
     assert torch.allclose(again.instruction_weights(["is this review positive or negative ?"])[0], weights, atol=1e-6)

@@ -25,6 +25,15 @@ import statistics
 import sys
 import time
 
+import torch
+
+from .backbone import load_backbone, tiny_backbone
+from .diffusion import DiffusionLM, sample
+from .errors import UserError
+from .methods import make_method
+from .paths import SHIPPED_BASE
+from .training import make_optimizer, pick_device, step_generator, train_step
+
 
 def _status_kib(field: str) -> int | None:
     try:
@@ -58,8 +67,6 @@ def peak_rss() -> int:
 
 def synthetic_batch(tokenizer, batch_size: int, prompt_length: int, response_length: int, seed: int = 0) -> dict:
     """A batch in the task layout with random word tokens: the same for every method."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     low = 1000  # past the special tokens and [unusedN] of a BERT vocabulary
     length = prompt_length + response_length
@@ -71,46 +78,36 @@ def synthetic_batch(tokenizer, batch_size: int, prompt_length: int, response_len
             "instruction": ids[:, 1:9].clone()}
 
 
+def _load_base(spec: dict):
+    return tiny_backbone(seed=0, **spec.get("tiny", {})) if spec["base"] == "tiny" else load_backbone(spec["base"])
+
+
+def _synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _train_profile(spec: dict) -> dict:
-    """Runs in the child: build everything, time `steps` optimizer steps, read the peak."""
-    import torch
-
-    from ..backbone import load_backbone, tiny_backbone
-    from ..diffusion import DiffusionLM, diffusion_loss
-    from ..methods import make_method
-    from ..train import pick_device, step_generator
-
+    """Runs in the child: build everything, time `steps` training steps (`training.train_step`), read the peak."""
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     device = pick_device(spec.get("device", "auto"))
     rss_before = reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    tiny = spec["base"] == "tiny"
-    backbone = tiny_backbone(seed=0, **spec.get("tiny", {})) if tiny else load_backbone(spec["base"])
+    backbone = _load_base(spec)
     batch = synthetic_batch(backbone.tokenizer, spec["batch_size"], spec["prompt_length"], spec["response_length"])
     batch = {k: v.to(device) for k, v in batch.items()}
     model = DiffusionLM(backbone).to(device)
-    method = make_method(spec["method"], **spec.get("options", {}))
+    method = make_method(spec["method"], spec.get("options", {}))
     method.attach(model)
-    model.to(device)
-    params = list(method.trainable_parameters().values())
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("bf16", False))
-    model.train()
+    model.to(device).train()
+    optimizer = make_optimizer(method, lr=1e-5)
     times = []
     for step in range(spec["warmup"] + spec["steps"]):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
         began = time.perf_counter()
-        with autocast:
-            loss = diffusion_loss(model, **batch, generator=step_generator(0, step))
-            penalty = method.regularization()
-        (loss if penalty is None else loss + penalty).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        method.after_step(1e-5)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        train_step(model, method, optimizer, [batch], [step_generator(0, step)], lr=1e-5, bf16=spec.get("bf16", False))
+        _synchronize(device)
         if step >= spec["warmup"]:
             times.append(time.perf_counter() - began)
     optimizer_state = sum(t.numel() * t.element_size() for s in optimizer.state.values()
@@ -118,15 +115,17 @@ def _train_profile(spec: dict) -> dict:
     out = {"sec_per_step": statistics.median(times), "step_times": times, "device": str(device),
            "dtype": "bf16-autocast" if spec.get("bf16") else str(next(backbone.parameters()).dtype).replace("torch.", ""),
            "threads": torch.get_num_threads(), "optimizer_state_bytes": optimizer_state,
-           **method.accounting()}
-    if device.type == "cuda":
-        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-        out["peak_memory_method"] = "torch.cuda.max_memory_allocated over load + attach + training"
-        out["device_name"] = torch.cuda.get_device_name(device)
-    else:
-        out["peak_memory_bytes"] = peak_rss() - rss_before
-        out["peak_memory_method"] = "resident-memory high-water mark over load + attach + training (VmHWM)"
+           **method.accounting(), **_peak_memory(device, rss_before)}
     return out
+
+
+def _peak_memory(device, rss_before: int) -> dict:
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device),
+                "peak_memory_method": "torch.cuda.max_memory_allocated over load + attach + training",
+                "device_name": torch.cuda.get_device_name(device)}
+    return {"peak_memory_bytes": peak_rss() - rss_before,
+            "peak_memory_method": "resident-memory high-water mark over load + attach + training (VmHWM)"}
 
 
 def profile_training(method: str, options: dict | None = None, base: str = "shipped", batch_size: int = 16,
@@ -137,8 +136,6 @@ def profile_training(method: str, options: dict | None = None, base: str = "ship
 
     `base` is "shipped", a model folder, or "tiny" (a random model, for tests).
     """
-    from ..backbone import SHIPPED_BASE
-
     spec = {"method": method, "options": options or {}, "base": str(SHIPPED_BASE) if base == "shipped" else base,
             "batch_size": batch_size, "prompt_length": prompt_length, "response_length": response_length,
             "steps": steps, "warmup": warmup, "bf16": bf16, "device": device, "threads": threads,
@@ -155,20 +152,13 @@ def profile_training(method: str, options: dict | None = None, base: str = "ship
 
 def _generation_profile(spec: dict) -> dict:
     """Runs in the child: time `sample()` for every (batch size, response length)."""
-    import torch
-
-    from ..backbone import load_backbone, tiny_backbone
-    from ..diffusion import DiffusionLM, sample
-    from ..methods import make_method
-    from ..train import pick_device
-
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     device = pick_device(spec.get("device", "auto"))
-    backbone = tiny_backbone(seed=0, **spec.get("tiny", {})) if spec["base"] == "tiny" else load_backbone(spec["base"])
+    backbone = _load_base(spec)
     model = DiffusionLM(backbone)
     method = None
     if spec["method"] != "base":
-        method = make_method(spec["method"], **spec.get("options", {}))
+        method = make_method(spec["method"], spec.get("options", {}))
         method.attach(model)
         if spec.get("merged"):
             method.merge()
@@ -181,13 +171,11 @@ def _generation_profile(spec: dict) -> dict:
             batch = {k: v.to(device) for k, v in batch.items()}
             times = []
             for repeat in range(spec["warmup"] + spec["repeats"]):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                _synchronize(device)
                 began = time.perf_counter()
                 with autocast:
                     sample(model, **batch, steps=spec["steps"], generator=torch.Generator().manual_seed(repeat))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                _synchronize(device)
                 if repeat >= spec["warmup"]:
                     times.append(time.perf_counter() - began)
             latency = statistics.median(times)
@@ -201,8 +189,6 @@ def _generation_profile(spec: dict) -> dict:
 def _run_child(target, spec) -> dict:
     """`target(spec)` in a fresh spawned process (or here, with spec["isolated"] False: faster,
     but memory the allocator already holds then hides part of the peak)."""
-    from ..errors import UserError
-
     if not spec.get("isolated", True):
         return target(spec)
 
@@ -240,8 +226,6 @@ def profile_generation(method: str = "base", options: dict | None = None, merged
 
     `method="base"` times the base alone; `merged` folds a mergeable method into the weights.
     """
-    from ..backbone import SHIPPED_BASE
-
     spec = {"method": method, "options": options or {}, "merged": merged,
             "base": str(SHIPPED_BASE) if base == "shipped" else base, "batch_sizes": list(batch_sizes),
             "lengths": list(lengths), "steps": steps, "prompt_length": prompt_length, "repeats": repeats,

@@ -1,0 +1,70 @@
+"""Generate: watch the response unmask step by step, base vs adapter vs router-composed."""
+
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+
+from lora_diffusion.adapters import load_model
+from lora_diffusion.analysis.trajectories import denoising_trajectory
+from lora_diffusion.data import SENTIMENT_INSTRUCTION
+from lora_diffusion.plots import perturbation_norm_figure
+
+from .common import BASE_ONLY, Context, adapter_names, handler, readable_errors
+
+COLOURS = {"masked": "#d0d0d0", "new": "#ffb347", "settled": "#8fd18f"}
+LEGEND = ('<p><span style="background:#d0d0d0;padding:1px 4px">masked</span> '
+          '<span style="background:#ffb347;padding:1px 4px">revealed at this step</span> '
+          '<span style="background:#8fd18f;padding:1px 4px">settled</span></p>')
+
+
+def trajectory_html(label: str, report: dict) -> str:
+    """One model's decoding as coloured tokens, a line per step."""
+    rows = []
+    for i, s in enumerate(report["steps"]):
+        cells = "".join(f'<span style="background:{COLOURS[st]};padding:1px 4px;margin:1px;border-radius:3px;'
+                        f'font-family:monospace">{html.escape(tok)}</span>'
+                        for tok, st in zip(s["tokens"], s["state"]))
+        norm = "" if s["perturbation_norm"] is None else f" ‖δ‖={s['perturbation_norm']:.2f}"
+        rows.append(f"<div>step {i + 1} (t={s['t']:.2f}{norm}): {cells}</div>")
+    return f"<h4>{html.escape(label)}: “{html.escape(report['answer'])}”</h4>" + "".join(rows)
+
+
+@readable_errors
+def generate(ctx: Context, adapter_name, composed, instruction, text, length, steps, temperature, seed):
+    """Decode the prompt with the base, the chosen adapter and (optionally) a router over several."""
+    def decode(model) -> dict:
+        return denoising_trajectory(model, instruction, text, int(length), int(steps), float(temperature), int(seed))
+
+    reports = {"base": decode(load_model(base=ctx.base)[0])}
+    if adapter_name and adapter_name != BASE_ONLY:
+        reports[adapter_name] = decode(load_model(ctx.workspace.adapter_path(adapter_name), base=ctx.base)[0])
+    if composed:
+        composition = ctx.workspace.composition(composed, ctx.data_dir, base=ctx.base)
+        reports["router-composed (" + ", ".join(composition.labels) + ")"] = decode(composition.model)
+    return (LEGEND + "<hr>".join(trajectory_html(k, v) for k, v in reports.items()),
+            perturbation_norm_figure(reports))
+
+
+def tab(ctx: Context) -> dict:
+    with gr.Row():
+        gen_adapter = gr.Dropdown([BASE_ONLY] + adapter_names(ctx), value=BASE_ONLY, label="adapter",
+                                  elem_id="gen-adapter", allow_custom_value=True)
+        refresh_btn = gr.Button("Refresh adapters")
+    instruction_in = gr.Textbox(SENTIMENT_INSTRUCTION, label="instruction")
+    input_in = gr.Textbox("the film is not bad at all , i loved it .", label="input")
+    with gr.Row():
+        length_in = gr.Slider(1, 32, value=4, step=1, label="response length (tokens)")
+        steps_in = gr.Slider(1, 64, value=4, step=1, label="denoising steps")
+        temp_in = gr.Slider(0.0, 1.5, value=0.0, step=0.1, label="temperature")
+        seed_in = gr.Number(0, label="seed", precision=0)
+    composed = gr.Dropdown(adapter_names(ctx, "lora_diffusion"), multiselect=True, allow_custom_value=True,
+                           label="also router-composed from these LoRA-Diffusion adapters "
+                                 "(one per task; the router trains once)")
+    gen_btn = gr.Button("Generate", variant="primary")
+    gen_html = gr.HTML(elem_id="trajectory")
+    gen_plot = gr.Plot(label="perturbation norm per step")
+    gen_btn.click(handler(generate, ctx), [gen_adapter, composed, instruction_in, input_in, length_in, steps_in,
+                                           temp_in, seed_in], [gen_html, gen_plot], api_name="generate")
+    return {"adapter": gen_adapter, "composed": composed, "refresh": refresh_btn}

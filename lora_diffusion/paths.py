@@ -1,0 +1,32 @@
+"""Where the project's own files are: the shipped base, the built-in suite, the real data, results.
+
+Installed from a wheel, the assets sit inside the package (`lora_diffusion/assets/`); in a
+checkout they sit beside it (`assets/`). Environment variables override each location:
+LORA_DIFFUSION_BASE (the shipped base), LORA_DIFFUSION_DATA (the real datasets).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+# A checkout has pyproject.toml beside the package; an installed wheel does not.
+CHECKOUT = PACKAGE.parent if (PACKAGE.parent / "pyproject.toml").is_file() else None
+ASSETS = PACKAGE / "assets" if (PACKAGE / "assets").is_dir() else PACKAGE.parent / "assets"
+
+SHIPPED_BASE = Path(os.environ.get("LORA_DIFFUSION_BASE", ASSETS / "base"))
+SUITE_DIR = ASSETS / "suite"
+
+
+def default_data_dir() -> Path | None:
+    """The folder of the real datasets (layout of shared/data): LORA_DIFFUSION_DATA, else the
+    `shared/data` beside a checkout; None for an installed package without one."""
+    if "LORA_DIFFUSION_DATA" in os.environ:
+        return Path(os.environ["LORA_DIFFUSION_DATA"])
+    return CHECKOUT.parent / "shared" / "data" if CHECKOUT else None
+
+
+def results_dir() -> Path | None:
+    """The checkout's results/ (the files behind the README's numbers); None when installed."""
+    return CHECKOUT / "results" if CHECKOUT else None

@@ -1,0 +1,145 @@
+"""A fine-tuning run: a task, a base, a method and a budget in; an adapter and held-out metrics out.
+
+`fine_tune` is what `lora-diffusion train`, `compare`, the app's jobs and the notebooks
+call: it encodes the task, attaches the method, trains (`training.train`), scores the
+held-out split and writes the run folder (`adapter/`, `results.json`, `metrics.jsonl`,
+`checkpoints/`). `aggregate_seeds` and `markdown_table` summarise runs over seeds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .adapters import save_adapter
+from .backbone import Backbone, load_backbone
+from .data import Task, batch_schedule, collate, encode, load_task, response_length_for
+from .diffusion import DiffusionLM
+from .errors import UserError
+from .evaluate import evaluate_task
+from .files import write_json
+from .methods import Method, make_method
+from .metrics import SEED_METRICS, mean_std, metric_of, percent, primary_metric
+from .training import TrainConfig, train
+
+
+def fine_tune(backbone: Backbone, task: Task, method: Method, config: TrainConfig, out_dir=None,
+              max_length: int | None = None, truncate: bool = False, sampler_steps: int = 64,
+              eval_batch_size: int = 64, monitor_examples: int = 200, on_log=None, should_stop=None,
+              progress: bool = True) -> dict:
+    """Train `method` on `task.train`, evaluate on `task.eval`, save adapter + results in `out_dir`.
+
+    During training a fixed slice of the held-out split (`monitor_examples`) is scored every
+    `config.eval_every` steps to show progress; the reported metrics use the whole split.
+    Returns the results (as written to results.json) with the trained model under "model".
+    """
+    max_length = max_length or backbone.max_length
+    if max_length > backbone.max_length:
+        raise UserError(f"--max-length {max_length} is longer than the model's {backbone.max_length} positions")
+    fingerprint = backbone.fingerprint()  # of the base, before any training
+    response_length = response_length_for(backbone.tokenizer, task.train)
+    enc = encode(backbone.tokenizer, task.train, response_length, max_length, truncate, where=f"{task.name} train")
+    model = DiffusionLM(backbone)
+    torch.manual_seed(config.seed)  # the method's own init draws from here
+    method.attach(model)
+    indices_for_step = batch_schedule(len(enc.prompts), config.batch_size, config.seed)
+
+    def batch_for_step(step: int, micro: int) -> dict:
+        return collate(enc, indices_for_step(step * config.grad_accum + micro), backbone.pad_id)
+
+    eval_kwargs = dict(response_length=response_length, max_length=max_length, steps=sampler_steps,
+                       batch_size=eval_batch_size, seed=config.seed, truncate=truncate)
+
+    def monitor(m) -> dict:
+        r = evaluate_task(m, task, max_examples=monitor_examples, **eval_kwargs)
+        keys = ("accuracy", "verbalizer_accuracy") if task.kind == "classification" else ("rouge_l", "token_f1")
+        return {f"monitor_{k}": round(r[k], 4) for k in keys}
+
+    began = time.time()
+    summary = train(model, method, batch_for_step, config, out_dir=out_dir, evaluate=monitor,
+                    on_log=on_log, should_stop=should_stop, progress=progress)
+    summary["train_seconds"] = round(time.time() - began, 1)
+    result = {**_evaluate_as_served(model, method, task, eval_kwargs), "method": method.name,
+              "options": method.options(), "seed": config.seed, "n_train": len(task.train),
+              **method.accounting(), "train": summary, "config": asdict(config), "base": backbone.label,
+              "source": task.source}
+    if enc.n_truncated:
+        result["n_train_truncated"] = enc.n_truncated
+    if out_dir is not None:
+        save_adapter(Path(out_dir) / "adapter", method, backbone, fingerprint, task,
+                     response_length=response_length, max_length=max_length, train_summary=summary)
+        write_json(Path(out_dir) / "results.json", result)
+    result["model"] = model
+    return result
+
+
+def _evaluate_as_served(model, method: Method, task: Task, eval_kwargs: dict) -> dict:
+    """Held-out metrics with the method as it is served: merged into the base where it can be,
+    as `eval --adapter` loads it."""
+    if method.can_merge:
+        method.merge()
+    metrics = evaluate_task(model, task, **eval_kwargs)
+    if method.can_merge:
+        method.unmerge()
+    return metrics
+
+
+def train_adapter(task_name: str, method: str, out_dir=None, steps: int = 150, options: dict | None = None,
+                  data_dir=None, max_eval: int = 200, sampler_steps: int = 8, base=None, **config) -> dict:
+    """The short form the notebooks use: load the task and the base, fine-tune, print the score.
+
+    Extra keyword arguments go to the TrainConfig. Returns `fine_tune`'s results.
+    """
+    task = load_task(task_name, data_dir=data_dir, max_eval=max_eval)
+    result = fine_tune(load_backbone(base), task, make_method(method, options), TrainConfig(steps=steps, **config),
+                       out_dir=out_dir, sampler_steps=sampler_steps, progress=False)
+    print(f"{method} on {task_name}: held-out {primary_metric(task.kind)} {result[primary_metric(task.kind)]:.3f} "
+          f"on {result['n_eval']} examples")
+    return result
+
+
+def aggregate_seeds(results: list[dict]) -> dict:
+    """One summary of the same run repeated over seeds: metrics as mean ± std (sample std)."""
+    first = results[0]
+    summary = {key: first.get(key) for key in ("task", "method", "n_eval", "n_train", "steps", "base", "source")}
+    summary["seeds"] = [r["seed"] for r in results]
+    for key in SEED_METRICS:
+        if key in first:
+            summary[key] = mean_std([r[key] for r in results])
+    summary["train_steps"] = first["train"]["steps"]
+    summary["batch_size"] = first["config"]["batch_size"]
+    summary["trainable_parameters"] = first.get("trainable_parameters")
+    summary["train_seconds"] = mean_std([r["train"]["train_seconds"] for r in results])  # this process only
+    if all("logged_train_seconds" in r["train"] for r in results):  # the whole run, across resumes
+        summary["logged_train_seconds"] = mean_std([r["train"]["logged_train_seconds"] for r in results])
+    if all(r["train"].get("final_train_loss") is not None for r in results):
+        summary["final_train_loss"] = mean_std([r["train"]["final_train_loss"] for r in results])
+    summary["runs"] = [{k: v for k, v in r.items() if k != "predictions"} for r in results]
+    return summary
+
+
+def headline(result: dict) -> str:
+    """One readable line of a run's held-out metrics."""
+    where = f"{result['task']} held-out ({result['n_eval']} examples)"
+    if metric_of(result) == "accuracy":
+        return (f"seed {result.get('seed', 0)}: {where}: generative accuracy {result['accuracy']:.3f}, verbalizer "
+                f"accuracy {result['verbalizer_accuracy']:.3f} (majority class {result['chance']:.3f})")
+    return f"seed {result.get('seed', 0)}: {where}: ROUGE-L {result['rouge_l']:.3f}, token F1 {result['token_f1']:.3f}"
+
+
+def markdown_table(results: list[dict]) -> str:
+    """Results or seed summaries (from `train --results`) as one markdown table."""
+    rows = ["| task | method | seeds | train examples | steps × batch | held-out examples "
+            "| generative acc. % | verbalizer acc. % | ROUGE-L % |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        seeds = r.get("seeds", [r.get("seed")])
+        steps = r.get("train_steps") or r.get("train", {}).get("steps")
+        batch = r.get("batch_size") or r.get("config", {}).get("batch_size")
+        rows.append(f"| {r['task']} | {r['method']} | {','.join(map(str, seeds))} | {r.get('n_train')} "
+                    f"| {steps} × {batch} | {r.get('n_eval')} | {percent(r.get('accuracy'))} "
+                    f"| {percent(r.get('verbalizer_accuracy'))} | {percent(r.get('rouge_l'))} |")
+    return "\n".join(rows)

@@ -1,0 +1,80 @@
+"""The app's handlers called directly, without a browser or a server (they are module-level functions)."""
+
+import gradio as gr
+import pytest
+
+from lora_diffusion.app import compare_tab, generate_tab, train_tab
+from lora_diffusion.app.common import Context
+from lora_diffusion.methods import METHODS, method_config, option_specs
+from lora_diffusion.paths import CHECKOUT
+from lora_diffusion.workspace import Workspace
+
+
+def defaults_of_every_control() -> list:
+    """What the Train tab's option controls hold before anyone touches them."""
+    return [train_tab._control_value(spec) for _, spec in train_tab.OPTION_LAYOUT]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_option_controls_are_generated_from_the_config_and_read_back_as_its_defaults(method):
+    options = train_tab.collect_options(method, *defaults_of_every_control())
+    assert list(options) == [s.name for s in option_specs(method)]
+    assert method_config(method, options) == method_config(method)
+
+
+def test_only_the_chosen_methods_options_are_shown_and_collected():
+    values = defaults_of_every_control()
+    r_index = [i for i, (m, s) in enumerate(train_tab.OPTION_LAYOUT) if (m, s.name) == ("lora", "r")][0]
+    values[r_index] = 4
+    assert train_tab.collect_options("lora", *values)["r"] == 4
+    assert "r" not in train_tab.collect_options("lora_diffusion", *values)
+    shown = train_tab.show_options("dora")
+    assert [u["visible"] for u in shown] == [m == "dora" for m in METHODS]
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory, tiny_base_dir):
+    return Context(Workspace(tmp_path_factory.mktemp("ws")), base=str(tiny_base_dir))
+
+
+def train_run(ctx, **changes):
+    args = dict(task_name="suite_sentiment", csv_file=None, text_column="text", label_column="label", max_train=32,
+                method="lora_diffusion", options={"ranks": "4,2,2", "k": 1}, lr=0, steps=4, batch_size=4, seed=0)
+    args.update(changes)
+    return list(train_tab.train(ctx, **args, progress=lambda *a, **k: None))
+
+
+def test_train_streams_until_the_run_is_done_and_lists_its_adapter(ctx):
+    updates = train_run(ctx)
+    job_id, status, figure, metric, table = updates[-1]
+    assert status.startswith("**done** after 4 steps") and "(generative)" in metric
+    assert table["value"][0][0] == job_id and table["value"][0][1] == "lora_diffusion"
+    assert [u[0] for u in updates] == [job_id] * len(updates)  # one job, reported throughout
+
+
+def test_a_bad_option_is_one_readable_line(ctx):
+    with pytest.raises(gr.Error) as error:
+        train_run(ctx, options={"ranks": "64,32"})
+    assert "method 'lora_diffusion' option 'ranks' must be none, or 3 comma-separated values" in str(error.value)
+    with pytest.raises(gr.Error, match="has no option 'rank'"):
+        train_run(ctx, method="lora", options={"rank": 4})
+
+
+def test_generate_decodes_with_the_base_and_the_adapter(ctx):
+    if not ctx.workspace.adapters():
+        train_run(ctx)
+    name = ctx.workspace.adapters()[0]["name"]
+    page, figure = generate_tab.generate(ctx, name, [], "is it good ?", "a great film .", 2, 2, 0.0, 0)
+    assert page.count("<h4>") == 2 and "step 2" in page and name in page
+    assert len(figure.data) == 1  # the LoRA-Diffusion adapter's perturbation norm; the base has none
+
+
+@pytest.mark.skipif(CHECKOUT is None or not (CHECKOUT / "results" / "compare_sst2.json").is_file(),
+                    reason="needs the checkout's results/")
+def test_compare_reads_a_results_file_of_the_checkout(ctx):
+    table, figure = compare_tab.show_results(ctx, "results/compare_sst2.json")
+    assert "| lora_diffusion |" in table and len(figure.data[0].x) == 7
+    with pytest.raises(gr.Error, match="file not found"):
+        compare_tab.show_results(ctx, "no/such/results.json")
+    with pytest.raises(gr.Error, match="not a rank-scaling results file"):
+        compare_tab.show_scaling(ctx, "results/compare_sst2.json")
