@@ -63,8 +63,12 @@ class Composition:
         self.hook = model.add_step_hook(self._hook)
 
     @classmethod
-    def from_adapters(cls, paths, base=None, router_hidden: int = 512) -> "Composition":
-        """Load saved LoRA-Diffusion adapters (all on the same base) into one composed model."""
+    def from_adapters(cls, paths, base=None, router_hidden: int = 512, seed: int = 0) -> "Composition":
+        """Load saved LoRA-Diffusion adapters (all on the same base) into one composed model.
+
+        The router starts from an initialisation drawn with `seed` (so a trained router is
+        reproducible); the task adapters hold their saved state.
+        """
         configs = [read_adapter_config(p) for p in paths]
         for path, config in zip(paths, configs):
             if config["method"] != "lora_diffusion":
@@ -78,7 +82,9 @@ class Composition:
             method.add_modules(model, f"task_{j}")  # no hook of its own: the composition mixes them
             method.load_state_dict(load_tensors(adapter_folder(path) / TENSORS_FILE))
             methods.append(method)
-        router = Router(backbone.word_embeddings.embedding_dim, len(methods), router_hidden)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            router = Router(backbone.word_embeddings.embedding_dim, len(methods), router_hidden)
         model.add_module("router", router)
         model.eval()
         composition = cls(model, methods, [c["task"]["name"] for c in configs], router)
@@ -202,7 +208,7 @@ def trained_composition(ld_adapters, base=None, data_dir=None, max_train: int | 
     Returns (composition, tasks, adapter configs, the router's training summary); the
     tasks are loaded with `max_train` / `max_eval` for the caller to evaluate on.
     """
-    composition = Composition.from_adapters(ld_adapters, base)
+    composition = Composition.from_adapters(ld_adapters, base, seed=seed)
     names = composition.labels
     if len(set(names)) != len(names):
         raise UserError(f"one adapter per task, please; these are for {', '.join(names)}")
