@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup app demo test clean
+.PHONY: setup app demo test check-wheel clean
 
 $(BIN)/lora-diffusion: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The installed package as a user gets it: wheel -> fresh venv outside the checkout -> sample,
+# train and the app on the shipped base (.ci/run runs it after the tests).
+check-wheel:
+	bash .ci/check_wheel.sh $(PYTHON) "$(TORCH)"
 
 clean:
 	rm -rf $(VENV) runs
