@@ -61,9 +61,12 @@ def adapter_names(ctx: Context, method: str | None = None) -> list[str]:
     return [a["name"] for a in ctx.workspace.adapters() if method is None or a["method"] == method]
 
 
+TABLE_HEADERS = ["name", "method", "task", "held-out score %", "metric", "params"]
+
+
 def adapter_table(ctx: Context) -> list[list]:
-    return [[a["name"], a["method"], a["task"], percent(a["accuracy"]), f"{a['trainable_parameters']:,}"]
-            for a in ctx.workspace.adapters()]
+    return [[a["name"], a["method"], a["task"], percent(a["score"]), a["metric"] or "",
+             f"{a['trainable_parameters']:,}"] for a in ctx.workspace.adapters()]
 
 
 def adapter_paths(ctx: Context, names) -> list:

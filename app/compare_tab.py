@@ -44,13 +44,18 @@ def show_scaling(ctx: Context, path):
     return figures["training"], figures["generation"]
 
 
+def _shipped(relative: str) -> str:
+    """A results file of the checkout as the default path, where there is a checkout."""
+    return relative if CHECKOUT and (CHECKOUT / relative).is_file() else ""
+
+
 def tab(ctx: Context) -> dict:
-    path = gr.Textbox("results/compare_sst2.json", label="results file of `lora-diffusion compare`")
+    path = gr.Textbox(_shipped("results/compare_sst2.json"), label="results file of `lora-diffusion compare`")
     show_btn = gr.Button("Show")
     table = gr.Markdown()
     chart = gr.Plot()
     gr.Markdown("### Memory and speed against rank")
-    scaling_path = gr.Textbox("results/analysis/scaling/scaling.json",
+    scaling_path = gr.Textbox(_shipped("results/analysis/scaling/scaling.json"),
                               label="results file of `lora-diffusion analyze scaling`")
     scaling_btn = gr.Button("Show scaling")
     scaling_train = gr.Plot(label="training")

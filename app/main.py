@@ -58,7 +58,3 @@ def main(argv=None) -> None:
     demo = build(Workspace(args.workspace), str(data_dir) if data_dir else None, args.base)
     demo.queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port,
                                                    max_file_size="200mb", show_error=False)
-
-
-if __name__ == "__main__":
-    main()

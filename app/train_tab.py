@@ -10,11 +10,11 @@ import gradio as gr
 from lora_diffusion.data import SUITE_TASKS, load_task
 from lora_diffusion.errors import UserError
 from lora_diffusion.methods import METHODS, OptionSpec, describe, option_specs, option_text
-from lora_diffusion.metrics import primary_metric
+from lora_diffusion.metrics import metric_of, primary_metric, score
 from lora_diffusion.plots import training_figure
 from lora_diffusion.training import TrainConfig
 
-from .common import Context, adapter_names, adapter_table, handler, readable_errors
+from .common import TABLE_HEADERS, Context, adapter_names, adapter_table, handler, readable_errors
 
 TASKS = list(SUITE_TASKS) + ["sst2", "agnews", "agnews_title", "uploaded CSV"]
 # Every option control of every method, in the order the Train button passes them.
@@ -73,9 +73,9 @@ def _monitor_text(job) -> str:
     points = job.monitor()
     if not points:
         return "held-out score: after the first evaluation"
-    last = points[-1]
-    key = "eval_monitor_accuracy" if "eval_monitor_accuracy" in last else "eval_monitor_rouge_l"
-    return f"held-out {key.split('_')[-1]} at step {last['step']}: **{100 * last[key]:.1f}%** (monitor subset)"
+    last = {k.removeprefix("eval_monitor_"): v for k, v in points[-1].items()}
+    return (f"held-out {metric_of(last)} at step {last['step']}: **{100 * score(last):.1f}%** "
+            "(monitor subset)")
 
 
 @readable_errors
@@ -161,8 +161,7 @@ def tab(ctx: Context) -> dict:
         loss_plot = gr.Plot(label="loss and held-out score", elem_id="loss-plot")
         metric = gr.Markdown("", elem_id="train-metric")
     gr.Markdown("### Adapters in this workspace")
-    adapters = gr.Dataframe(adapter_table(ctx), headers=["name", "method", "task", "held-out acc. %", "params"],
-                            interactive=False)
+    adapters = gr.Dataframe(adapter_table(ctx), headers=TABLE_HEADERS, interactive=False)
     with gr.Row():
         pick = gr.Dropdown(adapter_names(ctx), label="adapter", allow_custom_value=True)
         download_btn = gr.Button("Prepare download")

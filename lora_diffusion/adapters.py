@@ -18,20 +18,21 @@ from .paths import SHIPPED_BASE
 
 ADAPTER_FORMAT = "lora-diffusion-adapter"
 CONFIG_FILE, TENSORS_FILE = "adapter_config.json", "adapter.safetensors"
+RUN_ADAPTER = "adapter"  # a run folder's adapter lives in run/adapter/
 
 
 def adapter_folder(path) -> Path:
     """The folder that holds adapter_config.json: `path` itself, or the `adapter/` of a run folder."""
     path = Path(path)
-    if not (path / CONFIG_FILE).is_file() and (path / "adapter" / CONFIG_FILE).is_file():
-        return path / "adapter"
+    if not (path / CONFIG_FILE).is_file() and (path / RUN_ADAPTER / CONFIG_FILE).is_file():
+        return path / RUN_ADAPTER
     return path
 
 
 def adapter_label(path) -> str:
     """A short name for an adapter in tables and legends: its run folder's name."""
     folder = adapter_folder(path)
-    return folder.parent.name if folder.name == "adapter" else folder.name
+    return folder.parent.name if folder.name == RUN_ADAPTER else folder.name
 
 
 def read_adapter_config(path) -> dict:

@@ -12,12 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from .errors import UserError
 
-# Each command imports what it needs when it runs: `lora-diffusion --help` stays quick,
-# and `app` alone pulls in gradio.
+# Each command imports what it needs when it runs (torch, transformers, peft, gradio take
+# seconds to import): `lora-diffusion --help` stays quick, and only `app` pulls in gradio.
 
 
 # ---------------------------------------------------------------------------------------
@@ -41,6 +39,8 @@ def _load_task(args, seed: int):
 
 def _threads(n: int | None) -> None:
     if n:
+        import torch
+
         torch.set_num_threads(n)
 
 
@@ -110,6 +110,7 @@ def cmd_train(args) -> None:
 
 def _train_seed(args, seed: int, out) -> dict:
     """One seed of `train`: a fresh base (full fine-tuning changes it), the method, the run."""
+    from .adapters import adapter_folder
     from .backbone import load_backbone
     from .methods import make_method, parse_option_pairs
     from .runs import fine_tune
@@ -134,7 +135,7 @@ def _train_seed(args, seed: int, out) -> dict:
                        truncate=args.truncate, sampler_steps=args.sampler_steps)
     result.pop("model")
     if out:
-        _log(f"adapter: {os.path.join(out, 'adapter')}  results: {os.path.join(out, 'results.json')}")
+        _log(f"adapter: {adapter_folder(out)}  results: {os.path.join(out, 'results.json')}")
     return result
 
 
@@ -162,6 +163,8 @@ def cmd_eval(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    import torch
+
     from .adapters import load_model
     from .data import collate, encode_prompt
     from .diffusion import sample
@@ -224,7 +227,7 @@ def _ints(text: str, flag: str) -> list[int]:
 
 def cmd_profile(args) -> None:
     from .files import write_json
-    from .methods import parse_option_pairs
+    from .methods import parse_option_pairs, typed_options
     from .profiling import profile_training
 
     names = [m.strip() for m in args.methods.split(",")]
@@ -232,7 +235,7 @@ def cmd_profile(args) -> None:
         raise UserError("--option needs a single method in --methods")
     rows = []
     for name in names:
-        r = profile_training(name, parse_option_pairs(args.option), base=args.base or "shipped",
+        r = profile_training(name, typed_options(name, parse_option_pairs(args.option)), base=args.base or "shipped",
                              batch_size=args.batch_size, prompt_length=args.prompt_length,
                              response_length=args.response_length, steps=args.steps, warmup=args.warmup,
                              bf16=args.bf16, device=args.device, threads=args.threads)
@@ -310,9 +313,9 @@ def analyze_composition(args):
                                 data_dir=args.data_dir, max_eval=args.examples, sampler_steps=args.sampler_steps,
                                 router_steps=args.router_steps, seed=args.seed, out_dir=args.out,
                                 progress=not args.quiet)
-    write_text(Path(args.out) / "composition.md", composition_markdown(report) + "\n")
-    figures = {"router_weights": router_weights_figure(report), "interference": interference_figure(report)}
-    return report, figures, composition_markdown(report)
+    table = composition_markdown(report)
+    write_text(Path(args.out) / "composition.md", table + "\n")
+    return report, {"router_weights": router_weights_figure(report), "interference": interference_figure(report)}, table
 
 
 def analyze_scaling(args):
@@ -336,6 +339,8 @@ def analyze_data_efficiency(args):
     from .metrics import score
     from .plots import data_efficiency_figure
 
+    if not args.task:
+        raise UserError("data-efficiency needs --task")
     _distinct_seeds(args.seeds)
     report = data_efficiency_report(_load_task(args, 0), _ints(args.sizes, "--sizes"),
                                     methods=[m.strip() for m in args.methods.split(",")], seeds=args.seeds,
@@ -405,21 +410,23 @@ def _run_args(p: argparse.ArgumentParser, checkpoint_every: int = 0) -> None:
                         "(default 1; 2 finishes sooner on a 2-core CPU)")
 
 
-def _options_epilog() -> str:
-    """Every method's options, from its config dataclass."""
-    from .methods import METHODS, describe, option_specs
+class _WithMethodOptions(argparse.HelpFormatter):
+    """Help that ends with every method's options, read from the configs when help is shown."""
 
-    lines = ["method options (--option KEY=VALUE, repeatable):"]
-    for name in METHODS:
-        specs = option_specs(name)
-        lines.append(f"  {name}:" + ("" if specs else " none"))
-        lines += [f"    {s.name}: {describe(s)}" for s in specs]
-    return "\n".join(lines)
+    def format_help(self) -> str:
+        from .methods import METHODS, describe, option_specs
+
+        lines = ["method options (--option KEY=VALUE, repeatable):"]
+        for name in METHODS:
+            specs = option_specs(name)
+            lines.append(f"  {name}:" + ("" if specs else " none"))
+            lines += [f"    {s.name}: {describe(s)}" for s in specs]
+        return super().format_help() + "\n" + "\n".join(lines) + "\n"
 
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a method on a task, evaluate on held-out data",
-                       epilog=_options_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=_WithMethodOptions)
     p.add_argument("--base", help="base model folder (default: the shipped base) or hf:NAME")
     _task_args(p)
     p.add_argument("--method", default="full",
@@ -487,7 +494,7 @@ def _add_eval_sample_app(sub) -> None:
 
 def _add_compare_profile(sub) -> None:
     p = sub.add_parser("compare", help="methods x seeds on one task with an equal budget: results.json + table",
-                       epilog=_options_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=_WithMethodOptions)
     p.add_argument("--base", help="base model folder (default: the shipped base)")
     _task_args(p)
     p.add_argument("--preset", help="methods (= table5/7/9), ranks (= table10), modules (= table11), "

@@ -25,8 +25,8 @@ from .backbone import load_backbone
 from .data import SPLIT_SEED, Task, encode
 from .errors import UserError
 from .files import read_json, write_json, write_text
-from .methods import make_method, method_config
-from .metrics import SEED_METRICS, mean_std, metric_of, percent, score
+from .methods import make_method, method_config, typed_options
+from .metrics import mean_std, metric_of, over_seeds, percent, score
 from .paths import SHIPPED_BASE
 from .profiling import profile_training
 from .runs import fine_tune
@@ -44,7 +44,8 @@ class Spec:
 
 
 def _ld(label, **options):
-    return Spec(label, "lora_diffusion", options)
+    """A LoRA-Diffusion row; its options are checked by the method's config when the module loads."""
+    return Spec(label, "lora_diffusion", typed_options("lora_diffusion", options))
 
 
 # The paper's tables (its Tables 5-11), made honest: equal budget, held-out data, seeds.
@@ -73,7 +74,7 @@ def specs_from(preset: str | None = None, methods: list[str] | None = None, opti
         return PRESETS[name]
     if not methods:
         raise UserError("give --preset or --methods")
-    return [Spec(m, m, dict(options or {})) for m in methods]
+    return [Spec(m, m, typed_options(m, options)) for m in methods]
 
 
 def validation_split(task: Task, fraction: float) -> Task:
@@ -250,9 +251,7 @@ def _write(results: dict, out_dir: Path, results_file=None) -> None:
 def _summarise(runs: list[dict]) -> dict:
     first = runs[0]
     out = {"seeds": [r["seed"] for r in runs]}
-    for key in SEED_METRICS:
-        if key in first:
-            out[key] = mean_std([r[key] for r in runs])
+    out.update(over_seeds(runs))
     out["final_train_loss"] = mean_std([r["train"]["final_train_loss"] for r in runs])
     out["sec_per_step"] = sorted(r["train"]["sec_per_step"] for r in runs)[len(runs) // 2]
     out["device"] = first["train"]["device"]
@@ -320,5 +319,5 @@ def markdown(results: dict) -> str:
         lines.append(f"| {row['label']} | {metrics} | {full} | {row['trainable_parameters']:,} "
                      f"| {row['percent_of_base']:.2f} | {row['adapter_bytes']:,} | {row['lr']:g} "
                      f"| {row['sec_per_step']:.3f} | {'' if memory is None else f'{memory / 2**20:.0f}'} "
-                     f"| {percent(row['final_train_loss'], digits=3, scale=1.0)} |")
+                     f"| {row['final_train_loss']['mean']:.3f} ± {row['final_train_loss']['std']:.3f} |")
     return "\n".join(lines)

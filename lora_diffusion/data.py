@@ -44,7 +44,7 @@ SUITE_TOPIC_INSTRUCTION = "what is the topic of this text ? answer sports , food
 SUITE_TOPIC_LABELS = ("sports", "food", "weather", "music")
 SUITE_STRUCT_INSTRUCTION = "extract the colour , the object and the place ."
 SUITE_TASKS = ("suite_sentiment", "suite_topic", "suite_struct")
-# Other wordings of the built-in instructions, for the router (analysis/composition.py):
+# Other wordings of the built-in instructions, for the router (router.train_router):
 # it trains on the "train" ones and is scored on the "heldout" ones, never seen in training.
 PARAPHRASES = {
     "sst2": {
@@ -398,9 +398,17 @@ def response_length_for(tokenizer, examples: list[dict], cap: int = 32) -> int:
     return min(longest + 1, cap)
 
 
+PROMPT_SPECIAL_TOKENS = 3  # [CLS], [SEP], [SEP]
+
+
 def prompt_ids(tokenizer, instruction: list[int], text: list[int]) -> list[int]:
-    """The prompt layout: [CLS] instruction [SEP] input [SEP]."""
+    """The prompt layout: [CLS] instruction [SEP] input [SEP] (PROMPT_SPECIAL_TOKENS of them)."""
     return [tokenizer.cls_token_id] + instruction + [tokenizer.sep_token_id] + text + [tokenizer.sep_token_id]
+
+
+def response_ids(answer: list[int], sep_id: int, length: int) -> list[int]:
+    """A response of fixed `length`: the answer, then [SEP] filler (cut at `length`)."""
+    return (answer + [sep_id] * length)[:length]
 
 
 def answer_ids(ids: list[int], sep_id: int) -> list[int]:
@@ -417,32 +425,37 @@ def encode(tokenizer, examples: list[dict], response_length: int, max_length: in
     out = tokenizer([ex["response"] for ex in examples], add_special_tokens=False)["input_ids"]
     prompts, responses, n_truncated = [], [], 0
     for i, (a, b, r) in enumerate(zip(ins, inp, out)):
-        room = max_length - response_length - len(a) - 3
+        room = max_length - response_length - len(a) - PROMPT_SPECIAL_TOKENS
         if room < 1:
             raise UserError(f"example {i} of {where}: the instruction and response alone need "
-                            f"{len(a) + 3 + response_length} positions, the model has {max_length}")
+                            f"{len(a) + PROMPT_SPECIAL_TOKENS + response_length} positions, the model has {max_length}")
         if len(b) > room:
             if not truncate:
-                raise UserError(f"example {i} of {where} is {len(a) + len(b) + 3 + response_length} tokens, "
+                raise UserError(f"example {i} of {where} is "
+                                f"{len(a) + len(b) + PROMPT_SPECIAL_TOKENS + response_length} tokens, "
                                 f"longer than the model's {max_length} positions; pass --truncate to cut "
                                 "long inputs")
             b, n_truncated = b[:room], n_truncated + 1
         prompts.append(prompt_ids(tokenizer, a, b))
-        responses.append((r + [sep] * response_length)[:response_length])
+        responses.append(response_ids(r, sep, response_length))
     return Encoded(prompts, responses, ins, response_length, n_truncated)
 
 
 def encode_prompt(tokenizer, instruction: str, text: str | None, response_length: int, max_length: int,
-                  n: int = 1) -> Encoded:
+                  n: int = 1, truncate: bool = False) -> Encoded:
     """`n` copies of one free-form prompt with an all-[MASK] response, for the sampler.
 
     With neither an instruction nor an input the prompt is [CLS] alone (unconditional text).
+    An input too long for the model is an error, or cut to fit with `truncate`.
     """
     ins = tokenizer(instruction or "", add_special_tokens=False)["input_ids"]
     if text is None and not ins:
         prompt = [tokenizer.cls_token_id]
     else:
-        prompt = prompt_ids(tokenizer, ins, tokenizer(text or "", add_special_tokens=False)["input_ids"])
+        body = tokenizer(text or "", add_special_tokens=False)["input_ids"]
+        if truncate:
+            body = body[:max(0, max_length - response_length - len(ins) - PROMPT_SPECIAL_TOKENS)]
+        prompt = prompt_ids(tokenizer, ins, body)
     if len(prompt) + response_length > max_length:
         raise UserError(f"prompt + {response_length} response tokens = {len(prompt) + response_length} tokens, "
                         f"longer than the model's {max_length} positions")
@@ -484,7 +497,56 @@ def batch_schedule(n_examples: int, batch_size: int, seed: int):
 
 
 # ---------------------------------------------------------------------------------------
-# Plain text (for the base and for forgetting): packed rows, every token a response token
+# Plain text (for the base and for forgetting)
+# ---------------------------------------------------------------------------------------
+
+def _read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def text_corpus(data_dir: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(train texts, held-out texts) of generic text, each a dict source -> list of lines.
+
+    What `prepare-base` trains the base on and holds out (the forgetting analysis scores
+    the held-out part): TinyStories and WikiText-2 samples, and the sentences of SST-2 and
+    AG News train without their labels.
+    """
+    data_dir = data_folder(data_dir, "generic text (the base's training and held-out text)")
+    if not data_dir.is_dir():
+        raise UserError(f"data folder not found: {data_dir}")
+    train, heldout = {}, {}
+    ts = data_dir / "tinystories"
+    if (ts / "TinyStories-train_head_sample.txt").is_file():
+        train["tinystories_train"] = _read_lines(ts / "TinyStories-train_head_sample.txt")
+    if (ts / "TinyStories-valid_head_sample.txt").is_file():
+        valid = _read_lines(ts / "TinyStories-valid_head_sample.txt")
+        cut = int(len(valid) * 0.8)
+        train["tinystories_valid_head80"] = valid[:cut]
+        heldout["tinystories_valid_tail20"] = valid[cut:]
+    wt = data_dir / "wikitext2"
+    if (wt / "valid.txt").is_file():
+        train["wikitext2_valid"] = _read_lines(wt / "valid.txt")
+    if (wt / "test.txt").is_file():
+        heldout["wikitext2_test"] = _read_lines(wt / "test.txt")
+    sst = data_dir / "sst2" / "train.tsv"
+    if sst.is_file():  # sentences only: the labels are never seen here
+        with open(sst, newline="", encoding="utf-8") as f:
+            train["sst2_train_sentences"] = [row["sentence"].strip() for row in csv.DictReader(f, delimiter="\t")]
+    ag = data_dir / "ag_news"
+    if (ag / "train_subset_10k.tsv").is_file():
+        with open(ag / "train_subset_10k.tsv", newline="", encoding="utf-8") as f:
+            train["agnews_train_descriptions"] = [row[0].strip() for row in csv.reader(f, delimiter="\t") if row]
+    if (ag / "train_head_2000.csv").is_file():
+        with open(ag / "train_head_2000.csv", newline="", encoding="utf-8") as f:
+            train["agnews_train_head_titles_descriptions"] = [
+                f"{row[1].strip()}. {row[2].strip()}" for row in csv.reader(f) if len(row) >= 3]
+    if not train or not heldout:
+        raise UserError(f"{data_dir} has none of the expected text files (tinystories/, wikitext2/, sst2/, ag_news/)")
+    return train, heldout
+
+
+# ---------------------------------------------------------------------------------------
+# Packing plain text: packed rows, every token a response token
 # ---------------------------------------------------------------------------------------
 
 def pack_text(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:

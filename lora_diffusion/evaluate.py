@@ -14,7 +14,7 @@ from collections import Counter
 
 import torch
 
-from .data import Encoded, Task, answer_ids, collate, encode, response_length_for
+from .data import Encoded, Task, answer_ids, collate, encode, response_ids, response_length_for
 from .diffusion import DiffusionLM, sample
 from .metrics import rouge_l, token_f1
 
@@ -29,7 +29,7 @@ def verbalizer_predictions(model: DiffusionLM, enc: Encoded, labels: list[str], 
     """Label with the highest likelihood under one t=1 denoiser call, per example."""
     backbone = model.backbone
     tok, sep = backbone.tokenizer, backbone.sep_id
-    label_ids = [(tok(w, add_special_tokens=False)["input_ids"] + [sep] * enc.response_length)[:enc.response_length]
+    label_ids = [response_ids(tok(w, add_special_tokens=False)["input_ids"], sep, enc.response_length)
                  for w in labels]
     label_ids = torch.tensor(label_ids)  # [C, R]
     device = next(model.parameters()).device

@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 

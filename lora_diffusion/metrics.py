@@ -17,6 +17,12 @@ def primary_metric(kind: str) -> str:
     return "accuracy" if kind == "classification" else "rouge_l"
 
 
+def reported_metrics(kind: str) -> tuple[str, str]:
+    """The headline metric of a task kind and the one shown beside it."""
+    primary = primary_metric(kind)
+    return primary, {"accuracy": "verbalizer_accuracy", "rouge_l": "token_f1"}[primary]
+
+
 def metric_of(result: dict) -> str:
     """The primary metric a result (or a row of seed summaries) carries."""
     return primary_metric("classification" if "accuracy" in result else "generation")
@@ -67,9 +73,13 @@ def mean_std(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "n": n, "values": values}
 
 
-def percent(value, digits: int = 1, scale: float = 100.0) -> str:
-    """A metric as text, in percent by default: mean ± std for a summary over seeds, else the
-    value ('' for None)."""
+def over_seeds(results: list[dict]) -> dict:
+    """Every held-out metric the runs of one configuration report, as mean ± std over them."""
+    return {key: mean_std([r[key] for r in results]) for key in SEED_METRICS if key in results[0]}
+
+
+def percent(value, digits: int = 1) -> str:
+    """A metric as text in percent: mean ± std for a summary over seeds, else the value ('' for None)."""
     if isinstance(value, dict):
-        return f"{scale * value['mean']:.{digits}f} ± {scale * value['std']:.{digits}f}"
-    return "" if value is None else f"{scale * value:.{digits}f}"
+        return f"{100 * value['mean']:.{digits}f} ± {100 * value['std']:.{digits}f}"
+    return "" if value is None else f"{100 * value:.{digits}f}"

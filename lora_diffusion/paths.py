@@ -26,7 +26,3 @@ def default_data_dir() -> Path | None:
         return Path(os.environ["LORA_DIFFUSION_DATA"])
     return CHECKOUT.parent / "shared" / "data" if CHECKOUT else None
 
-
-def results_dir() -> Path | None:
-    """The checkout's results/ (the files behind the README's numbers); None when installed."""
-    return CHECKOUT / "results" if CHECKOUT else None

@@ -166,7 +166,7 @@ def data_efficiency_figure(report: dict):
 
 def comparison_figure(results: dict):
     """Held-out score per row (mean ± std over seeds) as a plotly bar chart."""
-    rows = [r for r in results["rows"] if "accuracy" in r or "rouge_l" in r]
+    rows = [r for r in results["rows"] if metric_of(r) in r]  # a --sweep-only run has none
     if not rows:
         raise UserError("the results have no evaluated rows yet (a --sweep-only run?)")
     key = metric_of(rows[0])

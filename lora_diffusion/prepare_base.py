@@ -14,7 +14,6 @@ bound exp(NELBO) before (untrained head) and after.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import shutil
 import time
@@ -26,53 +25,13 @@ import transformers
 from transformers import AutoTokenizer, BertForMaskedLM
 
 from .backbone import Backbone
-from .data import batch_schedule, data_folder, pack_text, text_batch, text_batches
+from .data import batch_schedule, data_folder, pack_text, text_batch, text_batches, text_corpus
 from .diffusion import DiffusionLM, nelbo
 from .errors import UserError
 from .files import write_json
 from .methods import FullFineTune
 from .paths import SHIPPED_BASE
 from .training import TrainConfig, train
-
-
-def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def text_corpus(data_dir: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """(train texts, held-out texts), each a dict source -> list of lines, from the data folder."""
-    data_dir = data_folder(data_dir, "generic text (the base's training and held-out text)")
-    if not data_dir.is_dir():
-        raise UserError(f"data folder not found: {data_dir}")
-    train, heldout = {}, {}
-    ts = data_dir / "tinystories"
-    if (ts / "TinyStories-train_head_sample.txt").is_file():
-        train["tinystories_train"] = _read_lines(ts / "TinyStories-train_head_sample.txt")
-    if (ts / "TinyStories-valid_head_sample.txt").is_file():
-        valid = _read_lines(ts / "TinyStories-valid_head_sample.txt")
-        cut = int(len(valid) * 0.8)
-        train["tinystories_valid_head80"] = valid[:cut]
-        heldout["tinystories_valid_tail20"] = valid[cut:]
-    wt = data_dir / "wikitext2"
-    if (wt / "valid.txt").is_file():
-        train["wikitext2_valid"] = _read_lines(wt / "valid.txt")
-    if (wt / "test.txt").is_file():
-        heldout["wikitext2_test"] = _read_lines(wt / "test.txt")
-    sst = data_dir / "sst2" / "train.tsv"
-    if sst.is_file():  # sentences only: the labels are never seen here
-        with open(sst, newline="", encoding="utf-8") as f:
-            train["sst2_train_sentences"] = [row["sentence"].strip() for row in csv.DictReader(f, delimiter="\t")]
-    ag = data_dir / "ag_news"
-    if (ag / "train_subset_10k.tsv").is_file():
-        with open(ag / "train_subset_10k.tsv", newline="", encoding="utf-8") as f:
-            train["agnews_train_descriptions"] = [row[0].strip() for row in csv.reader(f, delimiter="\t") if row]
-    if (ag / "train_head_2000.csv").is_file():
-        with open(ag / "train_head_2000.csv", newline="", encoding="utf-8") as f:
-            train["agnews_train_head_titles_descriptions"] = [
-                f"{row[1].strip()}. {row[2].strip()}" for row in csv.reader(f) if len(row) >= 3]
-    if not train or not heldout:
-        raise UserError(f"{data_dir} has none of the expected text files (tinystories/, wikitext2/, sst2/, ag_news/)")
-    return train, heldout
 
 
 def _fingerprint_files(data_dir: Path) -> list[dict]:

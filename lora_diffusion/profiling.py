@@ -13,7 +13,9 @@ Peak memory:
   holds, so it is an upper bound of the live peak. Elsewhere `ru_maxrss` stands in (an
   import-time peak can then hide a smaller training peak).
 
-Step time: median over `steps` measured steps after `warmup` steps that are not timed.
+Step time: median over `steps` measured steps after `warmup` steps that are not timed; a
+step is `training.train_step`, the very step the training loop takes (loss, backward,
+gradient clipping, AdamW, the method's proximal update).
 """
 
 from __future__ import annotations
@@ -102,11 +104,13 @@ def _train_profile(spec: dict) -> dict:
     method.attach(model)
     model.to(device).train()
     optimizer = make_optimizer(method, lr=1e-5)
+    params = list(method.trainable_parameters().values())
     times = []
     for step in range(spec["warmup"] + spec["steps"]):
         _synchronize(device)
         began = time.perf_counter()
-        train_step(model, method, optimizer, [batch], [step_generator(0, step)], lr=1e-5, bf16=spec.get("bf16", False))
+        train_step(model, method, optimizer, params, [batch], [step_generator(0, step)], lr=1e-5,
+                   bf16=spec.get("bf16", False))
         _synchronize(device)
         if step >= spec["warmup"]:
             times.append(time.perf_counter() - began)

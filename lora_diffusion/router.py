@@ -16,6 +16,7 @@ from the train list of `data.PARAPHRASES`.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from .data import PARAPHRASES, collate, encode, load_task
 from .diffusion import DiffusionLM, StepContext
 from .errors import UserError
 from .files import load_tensors, read_json, save_tensors, write_json
-from .methods import Method, make_method
+from .methods import Method, MethodConfig, make_method
 from .methods.base import freeze
 from .methods.lora_diffusion import LoRADiffusion, encode_instruction
 from .training import TrainConfig, train
@@ -60,6 +61,7 @@ class Composition:
         self.router = router
         self.fixed: torch.Tensor | None = None  # [M] weights that override the router
         self.paths: list[str] = []  # the adapters' folders, when loaded from disk
+        self.configs: list[dict] = []  # and their adapter configs
         self.hook = model.add_step_hook(self._hook)
 
     @classmethod
@@ -89,6 +91,7 @@ class Composition:
         model.eval()
         composition = cls(model, methods, [c["task"]["name"] for c in configs], router)
         composition.paths = [str(adapter_folder(p).resolve()) for p in paths]
+        composition.configs = configs
         return composition
 
     def save(self, folder) -> None:
@@ -143,18 +146,23 @@ class Composition:
             return self.router(encode_instruction(self.model.backbone, batch.to(next(self.router.parameters()).device)))
 
 
+@dataclass
+class RouterConfig(MethodConfig):
+    method = "router"
+
+    def default_lr(self) -> float:
+        return 1e-3
+
+
 class RouterMethod(Method):
     """Trains only the router of a Composition (every task adapter stays frozen)."""
 
     name = "router"
+    Config = RouterConfig
 
-    def __init__(self, composition: Composition, lr: float = 1e-3):
-        super().__init__(config=None)
-        self.composition, self.lr = composition, lr
-
-    @property
-    def default_lr(self) -> float:
-        return self.lr
+    def __init__(self, composition: Composition):
+        super().__init__()
+        self.composition = composition
 
     def attach(self, model) -> None:
         self.model = model
@@ -179,6 +187,7 @@ def _paraphrased(examples: list[dict], instructions: list[str], seed: int) -> li
 def train_router(composition: Composition, tasks: dict, configs: dict, steps: int = 300, batch_size: int = 16,
                  lr: float = 1e-3, seed: int = 0, max_train: int = 2000, out_dir=None, progress: bool = True) -> dict:
     """Train the router on the tasks' training data with paraphrased instructions (train list)."""
+    torch.manual_seed(seed)  # the base's dropout in training mode draws from here
     tok = composition.model.backbone.tokenizer
     encoded = []
     for j, name in enumerate(composition.labels):
@@ -194,7 +203,7 @@ def train_router(composition: Composition, tasks: dict, configs: dict, steps: in
         return collate(encoded[j], rng.sample(order[j], min(batch_size, len(order[j]))),
                        composition.model.backbone.pad_id)
 
-    method = RouterMethod(composition, lr)
+    method = RouterMethod(composition)
     method.attach(composition.model)
     return train(composition.model, method, batch_for_step, TrainConfig(steps=steps, batch_size=batch_size,
                  lr=lr, seed=seed, checkpoint_every=0, log_every=10), out_dir=out_dir, progress=progress)
@@ -212,7 +221,7 @@ def trained_composition(ld_adapters, base=None, data_dir=None, max_train: int | 
     names = composition.labels
     if len(set(names)) != len(names):
         raise UserError(f"one adapter per task, please; these are for {', '.join(names)}")
-    configs = {name: read_adapter_config(p) for name, p in zip(names, ld_adapters)}
+    configs = dict(zip(names, composition.configs))
     tasks = {name: load_task(name, data_dir=data_dir, max_train=max_train, max_eval=max_eval, seed=seed)
              for name in names}
     summary = train_router(composition, tasks, configs, steps=router_steps, batch_size=router_batch, lr=router_lr,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import save_adapter
+from .adapters import RUN_ADAPTER, save_adapter
 from .backbone import Backbone, load_backbone
 from .data import Task, batch_schedule, collate, encode, load_task, response_length_for
 from .diffusion import DiffusionLM
@@ -22,7 +22,7 @@ from .errors import UserError
 from .evaluate import evaluate_task
 from .files import write_json
 from .methods import Method, make_method
-from .metrics import SEED_METRICS, mean_std, metric_of, percent, primary_metric
+from .metrics import mean_std, metric_of, over_seeds, percent, primary_metric, reported_metrics
 from .training import TrainConfig, train
 
 
@@ -55,8 +55,7 @@ def fine_tune(backbone: Backbone, task: Task, method: Method, config: TrainConfi
 
     def monitor(m) -> dict:
         r = evaluate_task(m, task, max_examples=monitor_examples, **eval_kwargs)
-        keys = ("accuracy", "verbalizer_accuracy") if task.kind == "classification" else ("rouge_l", "token_f1")
-        return {f"monitor_{k}": round(r[k], 4) for k in keys}
+        return {f"monitor_{k}": round(r[k], 4) for k in reported_metrics(task.kind)}
 
     began = time.time()
     summary = train(model, method, batch_for_step, config, out_dir=out_dir, evaluate=monitor,
@@ -69,7 +68,7 @@ def fine_tune(backbone: Backbone, task: Task, method: Method, config: TrainConfi
     if enc.n_truncated:
         result["n_train_truncated"] = enc.n_truncated
     if out_dir is not None:
-        save_adapter(Path(out_dir) / "adapter", method, backbone, fingerprint, task,
+        save_adapter(Path(out_dir) / RUN_ADAPTER, method, backbone, fingerprint, task,
                      response_length=response_length, max_length=max_length, train_summary=summary)
         write_json(Path(out_dir) / "results.json", result)
     result["model"] = model
@@ -106,9 +105,7 @@ def aggregate_seeds(results: list[dict]) -> dict:
     first = results[0]
     summary = {key: first.get(key) for key in ("task", "method", "n_eval", "n_train", "steps", "base", "source")}
     summary["seeds"] = [r["seed"] for r in results]
-    for key in SEED_METRICS:
-        if key in first:
-            summary[key] = mean_std([r[key] for r in results])
+    summary.update(over_seeds(results))
     summary["train_steps"] = first["train"]["steps"]
     summary["batch_size"] = first["config"]["batch_size"]
     summary["trainable_parameters"] = first.get("trainable_parameters")

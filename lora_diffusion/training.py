@@ -72,12 +72,13 @@ def make_optimizer(method: Method, lr: float, weight_decay: float = 0.0) -> torc
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
-def train_step(model: DiffusionLM, method: Method, optimizer, micro_batches: list[dict], generators: list,
-               lr: float, clip: float = 1.0, bf16: bool = False, loss_fn=diffusion_loss) -> dict:
+def train_step(model: DiffusionLM, method: Method, optimizer, params: list, micro_batches: list[dict],
+               generators: list, lr: float, clip: float = 1.0, bf16: bool = False, loss_fn=diffusion_loss) -> dict:
     """One optimiser step over gradient-accumulated micro-batches (already on the model's device).
 
-    Returns the step's diffusion loss (what is reported), the methods' penalty and the
-    gradient norm before clipping.
+    `params` are the method's trainable parameters, in its order (the gradient norm is
+    clipped over them). Returns the step's diffusion loss (what is reported), the method's
+    penalty and the gradient norm before clipping.
     """
     device_type = next(model.parameters()).device.type
     for group in optimizer.param_groups:
@@ -91,7 +92,6 @@ def train_step(model: DiffusionLM, method: Method, optimizer, micro_batches: lis
         (total / len(micro_batches)).backward()
         step_loss += loss.item() / len(micro_batches)
         step_penalty += (0.0 if penalty is None else penalty.item()) / len(micro_batches)
-    params = list(method.trainable_parameters().values())
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -184,6 +184,7 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     device = pick_device(config.device)
     model.to(device)
     lr = config.lr or method.default_lr
+    params = list(method.trainable_parameters().values())
     optimizer = make_optimizer(method, lr, config.weight_decay)
     run = RunFolder(out_dir, on_log)
     start = run.resume(method, optimizer)
@@ -200,7 +201,7 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
             break
         began = time.perf_counter()
         micro = range(config.grad_accum)
-        stats = train_step(model, method, optimizer,
+        stats = train_step(model, method, optimizer, params,
                            [_to(batch_for_step(step, m), device) for m in micro],
                            [step_generator(config.seed, step, m) for m in micro],
                            lr * lr_factor(step, config.steps, config.warmup), config.clip, config.bf16, loss_fn)

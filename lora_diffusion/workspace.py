@@ -20,11 +20,12 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import ADAPTER_FORMAT, CONFIG_FILE, TENSORS_FILE
+from .adapters import CONFIG_FILE, RUN_ADAPTER, TENSORS_FILE, read_adapter_config
 from .backbone import load_backbone
 from .errors import UserError
 from .files import atomic_write, load_tensors, read_json, write_json, write_text
 from .methods import make_method
+from .metrics import metric_of, score
 from .router import Composition, trained_composition
 from .runs import fine_tune
 from .training import TrainConfig
@@ -64,10 +65,6 @@ class TrainJob:
     @property
     def step(self) -> int:
         return max((r.get("step", 0) for r in self.records), default=0)
-
-    def losses(self) -> tuple[list[int], list[float]]:
-        rows = [r for r in self.records if "loss" in r]
-        return [r["step"] for r in rows], [r["loss"] for r in rows]
 
     def monitor(self) -> list[dict]:
         """The periodic held-out scores logged during training (step + eval_monitor_* keys)."""
@@ -140,18 +137,18 @@ class Workspace:
     def adapters(self) -> list[dict]:
         """Every complete adapter in the workspace, newest first."""
         found = []
-        for config_path in self.root.glob(f"*/adapter/{CONFIG_FILE}"):
+        for config_path in self.root.glob(f"*/{RUN_ADAPTER}/{CONFIG_FILE}"):
             run = config_path.parent.parent
             config = read_json(config_path)
             results = read_json(run / "results.json") if (run / "results.json").is_file() else {}
             found.append({"name": run.name, "path": str(config_path.parent), "method": config["method"],
-                          "task": config["task"]["name"], "accuracy": results.get("accuracy"),
-                          "rouge_l": results.get("rouge_l"),
+                          "task": config["task"]["name"], "metric": metric_of(results) if results else None,
+                          "score": score(results) if results else None,
                           "trainable_parameters": config["accounting"]["trainable_parameters"]})
         return sorted(found, key=lambda a: a["name"], reverse=True)
 
     def adapter_path(self, name: str) -> Path:
-        path = self.root / name / "adapter"
+        path = self.root / name / RUN_ADAPTER
         if not (path / CONFIG_FILE).is_file():
             raise UserError(f"no adapter named {name!r} in this workspace")
         return path
@@ -181,7 +178,7 @@ class Workspace:
             if p.stat().st_size > MAX_UPLOAD_BYTES:
                 raise UserError(f"{p.name} is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
         run_id, folder = self._new_folder("imported")
-        target = folder / "adapter"
+        target = folder / RUN_ADAPTER
         target.mkdir()
         try:
             if len(paths) == 1 and paths[0].suffix == ".zip":
@@ -250,9 +247,8 @@ def _check_adapter_files(target: Path) -> None:
     for needed in ADAPTER_FILES:
         if not (target / needed).is_file():
             raise UserError(f"the upload has no {needed}")
-    if read_json(target / CONFIG_FILE).get("format") != ADAPTER_FORMAT:
-        raise UserError(f"{CONFIG_FILE} is not a lora-diffusion adapter config")
+    read_adapter_config(target)
     try:
         load_tensors(target / TENSORS_FILE)
-    except Exception as e:
-        raise UserError(f"{TENSORS_FILE} does not load as safetensors: {e}") from None
+    except UserError:
+        raise UserError(f"{TENSORS_FILE} does not load as safetensors") from None

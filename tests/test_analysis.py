@@ -13,7 +13,6 @@ from lora_diffusion.analysis.trajectories import effective_rank, effective_rank_
 from lora_diffusion.backbone import tiny_backbone
 from lora_diffusion.data import Task, collate, encode, load_task
 from lora_diffusion.diffusion import DiffusionLM
-from lora_diffusion.evaluate import evaluate_task
 from lora_diffusion.methods import make_method
 from lora_diffusion.profiling import profile_generation, profile_training
 from lora_diffusion.router import Composition, Router, train_router

@@ -12,7 +12,7 @@ from lora_diffusion.workspace import Workspace
 
 def defaults_of_every_control() -> list:
     """What the Train tab's option controls hold before anyone touches them."""
-    return [train_tab._control_value(spec) for _, spec in train_tab.OPTION_LAYOUT]
+    return [train_tab.option_control(spec).value for _, spec in train_tab.OPTION_LAYOUT]
 
 
 @pytest.mark.parametrize("method", list(METHODS))

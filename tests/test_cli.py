@@ -52,6 +52,11 @@ def test_train_errors(capsys, tmp_path, reviews, tiny_base_dir, extra, message):
     assert "Traceback" not in err
 
 
+def test_data_efficiency_without_a_task_is_refused(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "analyze", "data-efficiency", "--out", tmp_path / "d")
+    assert code == 2 and err.strip().splitlines()[-1] == "error: data-efficiency needs --task"
+
+
 def test_error_exit_from_a_real_process_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lora_diffusion.cli", "eval", "--adapter", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)

@@ -25,10 +25,12 @@ def test_text_from_the_command_line_is_read_by_type():
 
 
 def test_derived_options_are_resolved_once_in_the_config():
-    assert method_config("lora_diffusion").ranks == (64, 32, 8)
-    assert method_config("lora_diffusion", {"schedule": "inverted"}).ranks == (8, 32, 64)
-    assert method_config("lora_diffusion", {"schedule": "uniform", "rank": 4}).ranks == (4, 4, 4)
-    assert method_config("lora", {"r": 4}).alpha == 8.0 and method_config("lora", {"r": 4, "alpha": "none"}).alpha == 8.0
+    assert method_config("lora_diffusion").phase_ranks() == (64, 32, 8)
+    assert method_config("lora_diffusion", {"schedule": "inverted"}).phase_ranks() == (8, 32, 64)
+    assert method_config("lora_diffusion", {"schedule": "uniform", "rank": 4}).phase_ranks() == (4, 4, 4)
+    assert method_config("lora_diffusion", {"ranks": "2,3,4", "schedule": "uniform"}).phase_ranks() == (2, 3, 4)
+    assert method_config("lora", {"r": 4}).lora_alpha() == 8.0 and method_config("lora", {"r": 4, "alpha": 3}).lora_alpha() == 3.0
+    assert method_config("lora", {"r": 4}).alpha is None  # derived, not stored: a config with r = 8 has alpha 16
     assert method_config("lora_diffusion", {"injection": "blocks"}).default_lr() == 3e-4
     assert method_config("prefix", {"reparam": False}).default_lr() == 1e-2
 

@@ -122,7 +122,9 @@ def test_detach_gives_back_exactly_the_base(name, options, merged, tiny):
     base_model = DiffusionLM(tiny_backbone(seed=0))
     before = logits(base_model, batch)
     names = {n for n, _ in base_model.named_parameters()}
-    model, method = attached(name, **options)
+    model, method = DiffusionLM(tiny_backbone(seed=0)), make_method(name, options)
+    method.keep_base = True  # full fine-tuning keeps a copy of the base only when asked
+    method.attach(model)
     perturb(method)  # for full fine-tuning and BitFit this changes the base's own weights
     if merged:
         method.merge()
@@ -132,6 +134,13 @@ def test_detach_gives_back_exactly_the_base(name, options, merged, tiny):
     assert {n for n, _ in model.named_parameters()} == names  # nothing of the method is left behind
     assert all(p.requires_grad for p in model.parameters())  # as the fresh base had them
     assert not model.step_hooks and not model.grad_through_body
+
+
+def test_full_fine_tuning_without_a_copy_of_the_base_refuses_to_detach():
+    model, method = attached("full")
+    assert method.snapshot is None  # no second copy of the model unless asked
+    with pytest.raises(UserError, match="kept no copy"):
+        method.detach()
 
 
 @pytest.mark.parametrize("name,options", VARIANTS)

@@ -1,6 +1,5 @@
 """Every teaching notebook runs top to bottom (nbclient) on a tiny random base with a few steps."""
 
-import os
 from pathlib import Path
 
 import pytest

@@ -29,13 +29,14 @@ def trained(tmp_path_factory, tiny_base_dir):
 def test_background_training_logs_saves_and_lists(trained):
     ws, job = trained
     assert job.status == "done", job.error
-    steps, losses = job.losses()
-    assert steps == [2, 4, 6] and all(loss > 0 for loss in losses)
+    losses = [r for r in job.records if "loss" in r]
+    assert [r["step"] for r in losses] == [2, 4, 6] and all(r["loss"] > 0 for r in losses)
     assert [r["step"] for r in job.monitor()] == [3, 6]  # periodic held-out score, then the final one
     assert job.result["n_eval"] == 8 and 0.0 <= job.result["accuracy"] <= 1.0
     listed = ws.adapters()
     assert [a["name"] for a in listed] == [job.id]
-    assert listed[0]["method"] == "lora_diffusion" and listed[0]["accuracy"] == job.result["accuracy"]
+    assert listed[0]["method"] == "lora_diffusion" and listed[0]["score"] == job.result["accuracy"]
+    assert listed[0]["metric"] == "accuracy"
     fig = training_figure(job.records)
     assert len(fig.data) == 2 and list(fig.data[0].x) == [2, 4, 6]
 

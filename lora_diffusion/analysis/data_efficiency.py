@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..compare import Spec, run_compare
 from ..data import Task, subsample
+from ..metrics import SEED_METRICS
 from ..training import TrainConfig
 
 
@@ -34,6 +35,6 @@ def data_efficiency_report(task: Task, sizes: list[int], methods=("lora_diffusio
                              jobs=jobs)
         for row in result["rows"]:
             points.append({"n_train": len(sub.train), "method": row["method"], "lr": row["lr"],
-                           **{k: row[k] for k in ("accuracy", "verbalizer_accuracy", "rouge_l") if k in row}})
+                           **{k: row[k] for k in SEED_METRICS if k in row}})
     return {"analysis": "data_efficiency", "task": task.describe(), "sizes": sorted(sizes), "seeds": list(seeds),
             "steps": config.steps, "batch_size": config.batch_size, "points": points}

@@ -13,9 +13,8 @@ import torch
 
 from ..adapters import adapter_label, load_adapter
 from ..backbone import load_backbone
-from ..data import pack_text, text_batches
+from ..data import pack_text, text_batches, text_corpus
 from ..diffusion import DiffusionLM, nelbo
-from ..prepare_base import text_corpus
 
 
 def heldout_text_rows(data_dir, tokenizer, seq_len: int = 128, rows: int = 64, seed: int = 0) -> dict:

@@ -2,9 +2,9 @@
 
 For weight LoRA and LoRA-Diffusion (uniform rank r) at every rank, and for full
 fine-tuning, adapters, BitFit and prefix tuning: trainable parameters, optimizer-state
-bytes, peak training memory and train step time (`profile.profile_training`), then
+bytes, peak training memory and train step time (`profiling.profile_training`), then
 sampler latency and throughput over batch sizes and response lengths, merged and
-unmerged where merging exists (`profile.profile_generation`). Every point is measured
+unmerged where merging exists (`profiling.profile_generation`). Every point is measured
 in a fresh process; medians over repeats with warm-up excluded; device and dtype are
 recorded with each row.
 """

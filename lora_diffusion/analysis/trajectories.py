@@ -127,7 +127,7 @@ def denoising_trajectory(model: DiffusionLM, instruction: str, text: str, length
         raise UserError("length and steps must be at least 1")
     backbone = model.backbone
     tok = backbone.tokenizer
-    enc = encode_prompt(tok, instruction, text, length, backbone.max_length)
+    enc = encode_prompt(tok, instruction, text, length, backbone.max_length, truncate=True)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate(enc, [0], backbone.pad_id).items()}
     tokens, trajectory = sample(model, **batch, steps=steps, temperature=temperature, remasking=remasking,

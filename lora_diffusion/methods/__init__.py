@@ -32,6 +32,12 @@ def method_config(name: str, options: dict | None = None) -> MethodConfig:
     return method_class(name).Config.from_options(options)
 
 
+def typed_options(name: str, options: dict | None) -> dict:
+    """Just the options given, checked and typed by the method's config (JSON values: true, not "true")."""
+    values = method_config(name, options).to_dict()
+    return {key: values[key] for key in options or {}}
+
+
 def make_method(name: str, options: dict | None = None) -> Method:
     """A method ready to attach, from its name and options (see `method_config`)."""
     return method_class(name)(method_config(name, options))
@@ -54,5 +60,6 @@ def parse_option_pairs(pairs: list[str] | None) -> dict[str, str]:
 
 
 __all__ = ["Method", "MethodConfig", "METHODS", "make_method", "method_config", "method_class", "option_specs",
+           "typed_options",
            "parse_option_pairs", "describe", "option_text", "FullFineTune", "LoRADiffusion", "WeightLoRA", "DoRA", "Houlsby",
            "BitFit", "PrefixTuning"]

@@ -6,8 +6,10 @@ A method is two things, as in PEFT's tuners:
   with `option(default, help, ...)`: its type (from the annotation), its help text and
   its allowed values live there and nowhere else. The CLI's `--option` parsing and
   help, the app's controls, the saved `adapter_config.json` and the compare presets
-  all read it. Values may come typed (from code or the app) or as text (from the CLI);
-  `from_options` coerces and checks both the same way.
+  are checked against it. Values may come typed (from code or the app) or as text (from
+  the CLI); `from_options` coerces and checks both the same way. A value that follows
+  from others (LoRA's alpha = 2r, LoRA-Diffusion's ranks from the schedule) is left as
+  none and derived by a method of the config, never stored twice.
 * the method itself: `attach` to a `DiffusionLM` (freeze what it does not train, add its
   modules and hooks), `detach` (remove all of it: the base computes exactly what it
   computed before), its trainable parameters, and the state its adapter file holds.
@@ -200,8 +202,9 @@ class Method:
     A method owns what it adds to the model. `attach` freezes what the method does not
     train, registers new modules under the `DiffusionLM` (so `.to(device)` and `.train()`
     reach them) and adds its hooks through `self.hooks` (handles); `detach` undoes all of
-    it. Methods that change the base's own tensors (full fine-tuning, BitFit) keep a copy
-    of what they change and put it back.
+    it. Methods that train some of the base's own tensors (BitFit's biases, Houlsby's
+    LayerNorms) keep a copy of them and put it back; full fine-tuning keeps one only when
+    asked (`keep_base`), since it is a second copy of the whole model.
     """
 
     name: ClassVar[str] = "method"
@@ -315,3 +318,4 @@ class BaseSnapshot:
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(self.saved[name])
+        self.saved = {}  # restored once; the copy is not kept

@@ -65,8 +65,12 @@ class LoRADiffusionConfig(MethodConfig):
     def check(self) -> None:
         if self.time_dim % 2:
             raise UserError(f"method 'lora_diffusion' option 'time_dim' must be even, not {self.time_dim}")
-        if self.ranks is None:
-            self.ranks = (self.rank,) * 3 if self.schedule == "uniform" else RANK_SCHEDULES[self.schedule]
+
+    def phase_ranks(self) -> tuple[int, int, int]:
+        """The ranks of the early, middle and late phase: `ranks`, else the schedule's."""
+        if self.ranks is not None:
+            return self.ranks
+        return (self.rank,) * 3 if self.schedule == "uniform" else RANK_SCHEDULES[self.schedule]
 
     def default_lr(self) -> float:
         # Adam moves every site by ~lr per step, and a perturbation inside the body is
@@ -192,7 +196,7 @@ class LoRADiffusion(Method):
         n_sites = 1 if c.injection == "final" else len(backbone.blocks())
         trajectory = nn.Module()
         trajectory.time = TimeEmbedding(c.time_dim)
-        trajectory.sites = nn.ModuleList(PhaseModules(d, c.time_dim, d_c, c.ranks, c.k) for _ in range(n_sites))
+        trajectory.sites = nn.ModuleList(PhaseModules(d, c.time_dim, d_c, c.phase_ranks(), c.k) for _ in range(n_sites))
         trajectory.register_buffer("scales", torch.tensor(c.scales), persistent=False)
         self.trajectory = trajectory.to(next(backbone.parameters()).device)
         model.add_module(module_name, self.trajectory)
@@ -300,10 +304,10 @@ class LoRADiffusion(Method):
         backbone = self.model.backbone
         d, d_c, d_t, k = backbone.hidden_size, backbone.word_embeddings.embedding_dim, c.time_dim, c.k
         sites = len(self.trajectory.sites)
-        per_phase = {phase: k * ((d + d_t) * r + r * d + d_c * r + 2 * r) for phase, r in zip(PHASES, c.ranks)}
+        per_phase = {phase: k * ((d + d_t) * r + r * d + d_c * r + 2 * r) for phase, r in zip(PHASES, c.phase_ranks())}
         time_mlp = 2 * (d_t * d_t + d_t)
         return {"formula": "sites * sum_phases k*((d + d_t)*r + r*d + d_c*r + 2r) + 2*(d_t^2 + d_t)",
-                "terms": {"d": d, "d_t": d_t, "d_c": d_c, "k": k, "ranks": list(c.ranks), "sites": sites,
+                "terms": {"d": d, "d_t": d_t, "d_c": d_c, "k": k, "ranks": list(c.phase_ranks()), "sites": sites,
                           "per_phase": per_phase, "time_mlp": time_mlp},
                 "formula_total": sites * sum(per_phase.values()) + time_mlp}
 

@@ -30,9 +30,8 @@ class LoRAConfig(MethodConfig):
     dropout: float = option(0.0, "dropout on the adapter's input during training", min=0.0, max=1.0)
     targets: str = option("attention", "which projections to adapt", choices=tuple(TARGETS))
 
-    def check(self) -> None:
-        if self.alpha is None:
-            self.alpha = 2.0 * self.r  # the common alpha = 2r
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.r  # the common alpha = 2r
 
     def default_lr(self) -> float:
         return 2e-3
@@ -53,7 +52,7 @@ class WeightLoRA(Method):
         self.model = model
         backbone = model.backbone
         c = self.config
-        config = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, use_dora=self.use_dora,
+        config = LoraConfig(r=c.r, lora_alpha=c.lora_alpha(), lora_dropout=c.dropout, use_dora=self.use_dora,
                             target_modules=backbone.projection_pattern(*TARGETS[c.targets]))
         self._remember_requires_grad(backbone.mlm)
         # Wraps the masked LM in place: the LoRA layers replace the targeted Linear layers
@@ -95,6 +94,7 @@ class WeightLoRA(Method):
         if self.merged:
             self.peft_model.unmerge_adapter()
             self.premerge.restore()
+            self.premerge = None
             self.merged = False
 
     def save_peft(self, folder) -> None:
