@@ -31,7 +31,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # The installed package as a user gets it: wheel -> fresh venv outside the checkout -> sample,
-# train and the app on the shipped base (.ci/run runs it after the tests).
+# train and the app on the shipped base (.ci/run runs it before the tests).
 check-wheel:
 	bash .ci/check_wheel.sh $(PYTHON) "$(TORCH)"
 

@@ -31,12 +31,14 @@ cd "$WORK"  # nothing of the checkout is reachable from here
 echo "== lora-diffusion sample"
 "$LD" sample --length 12 --steps 12 --n 2 --seed 0 > sample.txt
 cat sample.txt
-[ "$(grep -c . sample.txt)" = 2 ] && ! grep -q "\[MASK\]" sample.txt
+[ "$(grep -c . sample.txt)" = 2 ] || { echo "sample did not print two samples"; exit 1; }
+if grep -q "\[MASK\]" sample.txt; then echo "a sample kept a [MASK]"; exit 1; fi
 
 echo "== lora-diffusion train (a few steps on the built-in suite)"
 "$LD" train --task suite_sentiment --method lora --steps 2 --batch-size 4 --max-train-examples 16 \
     --max-eval-examples 8 --sampler-steps 2 --out run > train.json
-[ -f run/adapter/adapter.safetensors ] && grep -q '"base": "shipped"' train.json
+[ -f run/adapter/adapter.safetensors ] || { echo "train saved no adapter"; exit 1; }
+grep -q '"base": "shipped"' train.json || { echo "train did not run on the shipped base"; exit 1; }
 
 echo "== lora-diffusion app"
 PORT=$("$WORK/venv/bin/python" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
