@@ -21,11 +21,14 @@ so the sampler knows how many positions to generate (LLaDA pads with EOS the sam
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
 import random
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -123,65 +126,285 @@ class Task:
 # Reading files
 # ---------------------------------------------------------------------------------------
 
-def read_table(path, columns: list[str] | None = None, fmt: str | None = None) -> list[dict]:
-    """Rows of a CSV / TSV / JSONL file as dicts. `columns` names a headerless file's columns."""
+CSV_FIELD_LIMIT = 1_000_000  # characters in one CSV field; the csv module's own default is 131,072
+csv.field_size_limit(CSV_FIELD_LIMIT)  # once, for the process: a per-read change would race between threads
+MISSING_LABELS = {"", "nan", "null"}  # compared lowercased: what spreadsheets and pandas write for "no value"
+
+
+class Row(dict):
+    """A row of a data file that remembers where it was read, for error messages."""
+
+    __slots__ = ("path", "line")
+
+    def __init__(self, values, path, line: int):
+        super().__init__(values)
+        self.path, self.line = path, line
+
+
+def _cut(value, limit: int = 40) -> str:
+    """A user's value, cut short: a message never shows more of the data than needed."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _quoted(value) -> str:
+    return repr(_cut(value))
+
+
+def _listing(words, limit: int = 12) -> str:
+    """'a, b, c' of at most `limit` names (each cut short), then how many there are."""
+    words = [w if w.isprintable() else repr(w) for w in map(_cut, words)]  # one line, always
+    more = f", ... ({len(words)} in all)" if len(words) > limit else ""
+    return ", ".join(words[:limit]) + more
+
+
+def _at(path, line: int | None) -> str:
+    """'file line N': where a message points."""
+    return f"{path} line {line}" if line else str(path)
+
+
+def _place(row, index: int, where) -> str:
+    """Where a row came from: its file and line, else its position in `where` (hub rows)."""
+    if isinstance(row, Row):
+        return _at(row.path, row.line)
+    return f"row {index + 1} of {where}"
+
+
+def _first_bad_byte(path: Path) -> int:
+    """Offset of the first byte of `path` that is not valid UTF-8 (read in chunks)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                return offset - pending + err.start
+            offset += len(chunk)
+        pending = len(decoder.getstate()[0])
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as err:
+            return offset - pending + err.start
+    return offset
+
+
+@contextmanager
+def _utf8_text(path: Path):
+    """`path` opened as UTF-8 text (a BOM is dropped); unreadable or non-UTF-8 files are a UserError."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            yield f
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text (first bad byte at offset {_first_bad_byte(path)}); "
+                        "save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def _no_nul(text: str, path, line: int) -> None:
+    if "\x00" in text:  # valid UTF-8, yet not text: UTF-16 without a BOM, or a binary file
+        raise UserError(f"{_at(path, line)} contains a NUL byte: a binary or UTF-16 file? save it as UTF-8 text")
+
+
+def _csv_records(path: Path, fmt: str):
+    """(first line, fields) of each CSV / TSV record that is not blank."""
+    with _utf8_text(path) as f:
+        if fmt == "tsv":  # PTB-style text (SST-2) contains bare quotes: no quoting in TSV
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        else:
+            reader = csv.reader(f)
+        start = 1
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                if "field limit" in str(err):
+                    raise UserError(f"{_at(path, reader.line_num)} has a field longer than {CSV_FIELD_LIMIT:,} "
+                                    "characters; shorten it (or close a quote left open)") from None
+                raise UserError(f"{_at(path, reader.line_num)} is not valid {fmt.upper()} ({err})") from None
+            text = "".join(fields)
+            if text.strip():  # skip blank lines and rows of empty cells
+                _no_nul(text, path, start)
+                yield start, fields, reader.line_num
+            start = reader.line_num + 1
+
+
+def _check_names(names: list[str], where: str) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise UserError(f"{where} names column {_quoted(name)} twice; column names must be distinct")
+        seen.add(name)
+
+
+def _csv_rows(path: Path, fmt: str, columns: list[str] | None):
+    """Rows of a CSV / TSV file; each must have one field per column of the header (or `columns`)."""
+    records = _csv_records(path, fmt)
+    if columns:
+        header, expected = columns, f"{len(columns)} columns were given ({_listing(columns)})"
+    else:
+        first = next(records, None)
+        if first is None:
+            return
+        header = [name.strip() for name in first[1]]
+        expected = f"the header has {len(header)}"
+    _check_names(header, f"the header of {path}" if not columns else "the column list")
+    for start, fields, end in records:
+        if len(fields) != len(header):
+            hint = ("values cannot contain tabs" if fmt == "tsv" else
+                    f"a quoted value runs on to line {end}: is a closing quote missing?" if end > start else
+                    "put double quotes around values that contain a comma")
+            count = f"{len(fields)} field" + ("s" if len(fields) != 1 else "")
+            raise UserError(f"{_at(path, start)} has {count} but {expected}; {hint}")
+        yield Row(zip(header, fields), path, start)
+
+
+JSON_TYPES = {"list": "list", "str": "string", "int": "number", "float": "number", "bool": "true/false",
+              "NoneType": "null"}
+
+
+def _json_rows(path: Path):
+    """Rows of a JSONL file: one JSON object per line."""
+    with _utf8_text(path) as f:
+        for line, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{_at(path, line)} is not valid JSON ({err.msg})") from None
+            except RecursionError:
+                raise UserError(f"{_at(path, line)} is JSON nested too deeply") from None
+            if not isinstance(row, dict):
+                kind = JSON_TYPES.get(type(row).__name__, type(row).__name__)
+                raise UserError(f"{_at(path, line)} is a JSON {kind}, not an object; JSONL needs one object "
+                                'per line, like {"text": ..., "label": ...}')
+            yield Row(row, path, line)
+
+
+def read_table(path, columns: list[str] | None = None, fmt: str | None = None,
+               max_rows: int | None = None) -> list[dict]:
+    """Rows of a CSV / TSV / JSONL file as dicts. `columns` names a headerless file's columns.
+
+    Each row is a `Row`: a dict that knows its file and line. Reading stops with a UserError
+    at the first row past `max_rows`, so a huge file is never held in memory.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     fmt = (fmt or path.suffix.lstrip(".")).lower()
     if fmt in ("jsonl", "json"):
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path} line {n} is not valid JSON ({err.msg})") from None
-        return rows
-    if fmt not in ("csv", "tsv"):
+        rows = _json_rows(path)
+    elif fmt in ("csv", "tsv"):
+        rows = _csv_rows(path, fmt, columns)
+    else:
         raise UserError(f"cannot read {path}: format {fmt!r} is not csv, tsv or jsonl (use --format)")
-    with open(path, newline="", encoding="utf-8") as f:
-        if fmt == "tsv":  # PTB-style text (SST-2) contains bare quotes: no quoting in TSV
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        else:
-            reader = csv.reader(f)
-        raw = [row for row in reader if row]
-    if not raw:
-        return []
-    header, body = (columns, raw) if columns else (raw[0], raw[1:])
-    header = [h.strip() for h in header]
-    return [dict(zip(header, row)) for row in body]
-
-
-def _column(rows: list[dict], column: str, path) -> list[str]:
-    if rows and column not in rows[0]:
-        raise UserError(f"column {column!r} not in {path}; it has: {', '.join(map(str, rows[0].keys()))}")
-    return [str(r[column]).strip() for r in rows]
-
-
-def parse_verbalizers(spec: str | None) -> dict[str, str] | None:
-    """'0=negative,1=positive' -> {'0': 'negative', '1': 'positive'}; 'neg,pos' -> identity map."""
-    if not spec:
-        return None
-    out = {}
-    for part in spec.split(","):
-        raw, _, word = part.partition("=")
-        out[raw.strip()] = (word or raw).strip().lower()
+    with closing(rows):  # closes the file at once when reading stops early
+        out = list(islice(rows, None if max_rows is None else max_rows + 1))
+    if max_rows is not None and len(out) > max_rows:
+        raise UserError(f"{path} has more than {max_rows:,} rows; the limit here is {max_rows:,}")
+    if not out:
+        raise UserError(f"{path} is empty" if path.stat().st_size == 0 else f"{path} has no data rows")
     return out
 
 
-def classification_examples(texts, raw_labels, instruction, verbalizers: dict | None, where) -> tuple[list[dict], list[str]]:
-    """Turn (text, raw label) pairs into examples; unknown labels are an error, not skipped."""
+def _column_names(columns) -> list[str] | None:
+    """--columns 'label,title,text' (or a list) -> the names of a headerless file's columns."""
+    if isinstance(columns, str):
+        columns = [c.strip() for c in columns.split(",")]
+    return columns or None
+
+
+def _column(rows: list[dict], column: str, where) -> list[str]:
+    """The stripped values of `column`: every row must have it, not null."""
+    values = []
+    for i, row in enumerate(rows):
+        value = row.get(column)
+        if value is None:
+            if not any(column in other for other in rows):  # a wrong name, not one incomplete row
+                raise UserError(f"column {_quoted(column)} not in {getattr(row, 'path', where)}; "
+                                f"it has: {_listing(row.keys())}")
+            what = "has no" if column not in row else "has a null"
+            raise UserError(f"{_place(row, i, where)} {what} value in column {_quoted(column)}; "
+                            "fill it in or drop the row")
+        values.append(str(value).strip())
+    return values
+
+
+def _label_column(rows: list[dict], column: str, where) -> list[str]:
+    """The raw labels of `column`; a missing label ('', 'nan', 'null', 'none') is an error, not a class."""
+    labels = _column(rows, column, where)
+    for i, label in enumerate(labels):
+        if label.lower() in MISSING_LABELS:
+            raise UserError(f"{_place(rows[i], i, where)} has no label ({_quoted(label)} in column "
+                            f"{_quoted(column)}); give every row a label or drop the row")
+    return labels
+
+
+VERBALIZER_FORMAT = "write LABEL=WORD,LABEL=WORD (e.g. 0=negative,1=positive) or WORD,WORD"
+
+
+def parse_verbalizers(spec: str | None) -> dict[str, str] | None:
+    """'0=negative,1=positive' -> {'0': 'negative', '1': 'positive'}; 'neg,pos' -> identity map.
+
+    Every part needs a label and a word; a label is mapped once, and no two labels share a
+    word (the classifier could not tell them apart).
+    """
+    if not spec:
+        return None
+    out: dict[str, str] = {}
+    for part in spec.split(","):
+        raw, eq, word = (piece.strip() for piece in part.partition("="))
+        word = (word if eq else raw).lower()
+        if not raw or not word:
+            raise UserError(f"--verbalizers part {_quoted(part.strip())} needs a label and a word; {VERBALIZER_FORMAT}")
+        if raw in out:
+            raise UserError(f"--verbalizers maps label {_quoted(raw)} twice; map each label once")
+        same = next((label for label, w in out.items() if w == word), None)
+        if same is not None:
+            raise UserError(f"labels {_quoted(same)} and {_quoted(raw)} both map to {_quoted(word)}; "
+                            "verbalizer words must be distinct")
+        out[raw] = word
+    return out
+
+
+def classification_examples(texts, raw_labels, instruction, verbalizers: dict | None, where,
+                            rows: list[dict] | None = None) -> tuple[list[dict], list[str]]:
+    """Turn (text, raw label) pairs into examples; unknown labels are an error, not skipped.
+
+    `rows`, the rows the pairs came from, lets a message name the line of a bad label.
+    """
     if verbalizers is None:  # derive: the label values themselves, lowercased, become the words
         verbalizers = {v: v.lower() for v in sorted(set(raw_labels))}
     examples = []
-    for text, raw in zip(texts, raw_labels):
+    for i, (text, raw) in enumerate(zip(texts, raw_labels)):
         if raw not in verbalizers:
-            raise UserError(f"label {raw!r} in {where} is not among the verbalizers "
-                            f"{sorted(verbalizers)}; pass --verbalizers to map it")
+            place = _place(rows[i], i, where) if rows else where
+            raise UserError(f"label {_quoted(raw)} in {place} is not among the verbalizers "
+                            f"({_listing(verbalizers)}); pass --verbalizers to map it")
         examples.append({"instruction": instruction, "input": text, "response": verbalizers[raw]})
     labels = sorted(set(verbalizers.values()), key=list(verbalizers.values()).index)
     return examples, labels
+
+
+def _check_two_labels(train: list[dict]) -> None:
+    words = {ex["response"] for ex in train}
+    if len(words) == 1:  # none at all is load_task's "no training examples"
+        raise UserError(f"the train data has only one label ({_quoted(words.pop())}); a classifier needs at least two")
+
+
+def _check_eval_labels_seen(evals: list[dict], eval_rows: list[dict], raw_eval: list[str], train: list[dict]) -> None:
+    """With derived verbalizers, a label only the eval data has could never be learned."""
+    seen = {ex["response"] for ex in train}
+    for i, ex in enumerate(evals):
+        if ex["response"] not in seen:
+            place = _place(eval_rows[i], i, "the eval data")
+            raise UserError(f"the eval data has label {_quoted(raw_eval[i])} ({place}) that the train data never has; "
+                            "give the train data examples of every label")
 
 
 # ---------------------------------------------------------------------------------------
@@ -230,8 +453,8 @@ def _agnews(data_dir: Path) -> Task:
     path = _need(data_dir / "ag_news" / "train_subset_10k.tsv", "agnews")
     # Some descriptions contain tabs; the label is always the last field.
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+    with closing(_csv_records(path, "tsv")) as records:
+        for _, row, _ in records:
             if len(row) >= 2 and row[-1].strip().lower() in AGNEWS_LABELS:
                 rows.append({"description": " ".join(row[:-1]).strip(), "label": row[-1].strip().lower()})
     train, labels = classification_examples([r["description"] for r in rows], [r["label"] for r in rows],
@@ -288,23 +511,37 @@ def _hub_task(spec: str, text_column: str, label_column: str | None, response_co
                       source=f"hub dataset {name} ({config or 'default'}): train / {eval_split}")
 
 
+GENERATION_INSTRUCTION = "respond to this text ."
+
+
+def _generation_examples(rows: list[dict], text_column: str, response_column: str, instruction: str,
+                         where) -> list[dict]:
+    return [{"instruction": instruction, "input": t, "response": r.lower()}
+            for t, r in zip(_column(rows, text_column, where), _column(rows, response_column, where))]
+
+
 def _rows_task(name, train_rows, eval_rows, text_column, label_column, response_column,
                instruction, verbalizers, source) -> Task:
     if response_column:  # generation
-        make = lambda rows, where: [{"instruction": instruction or "respond to this text .", "input": t,
-                                     "response": r.lower()} for t, r in zip(_column(rows, text_column, where),
-                                                                            _column(rows, response_column, where))]
-        return Task(name, "generation", make(train_rows, "train"), make(eval_rows, "eval"), source=source)
+        instruction = instruction or GENERATION_INSTRUCTION
+        return Task(name, "generation",
+                    _generation_examples(train_rows, text_column, response_column, instruction, "the train data"),
+                    _generation_examples(eval_rows, text_column, response_column, instruction, "the eval data"),
+                    source=source)
     label_column = label_column or "label"
-    raw_train = _column(train_rows, label_column, "the train data")
-    raw_eval = _column(eval_rows, label_column, "the eval data")
+    raw_train = _label_column(train_rows, label_column, "the train data")
+    raw_eval = _label_column(eval_rows, label_column, "the eval data")
+    derived = verbalizers is None
     verbalizers = verbalizers or {v: v.lower() for v in sorted(set(raw_train) | set(raw_eval))}
     labels_text = " , ".join(sorted(set(verbalizers.values())))
     instruction = instruction or f"classify this text . answer {labels_text} ."
     train, labels = classification_examples(_column(train_rows, text_column, "the train data"), raw_train,
-                                            instruction, verbalizers, "the train data")
+                                            instruction, verbalizers, "the train data", train_rows)
     evals, _ = classification_examples(_column(eval_rows, text_column, "the eval data"), raw_eval,
-                                       instruction, verbalizers, "the eval data")
+                                       instruction, verbalizers, "the eval data", eval_rows)
+    _check_two_labels(train)
+    if derived:
+        _check_eval_labels_seen(evals, eval_rows, raw_eval, train)
     return Task(name, "classification", train, evals, labels, source=source)
 
 
@@ -312,14 +549,15 @@ def load_task(name: str, data_dir=None, train_file=None, eval_file=None, fmt: st
               text_column: str = "text", label_column: str | None = None, response_column: str | None = None,
               columns: str | None = None, instruction: str | None = None, verbalizers: str | None = None,
               max_train: int | None = None, max_eval: int | None = None, eval_fraction: float = 0.1,
-              seed: int = 0) -> Task:
+              seed: int = 0, max_rows: int | None = None, max_heldout: int | None = None) -> Task:
     """Load a task by name (see TASK_NAMES), from files, or from the hub (`hub:NAME`).
 
     `max_train` keeps a random, label-stratified subset drawn with `seed` (each training
     seed may see other examples). The held-out side never depends on `seed`: a file task
-    without `eval_file` holds out `eval_fraction` of the train file and `max_eval` keeps a
-    subset, both drawn with SPLIT_SEED, so every seed and method is scored on the same
-    examples and an adapter is never evaluated on what it was trained on.
+    without `eval_file` holds out `eval_fraction` of the train file (at most `max_heldout`
+    rows; the rest stay for training) and `max_eval` keeps a subset, both drawn with
+    SPLIT_SEED, so every seed and method is scored on the same examples and an adapter is
+    never evaluated on what it was trained on. A file with more than `max_rows` rows is an error.
     """
     verbal = parse_verbalizers(verbalizers)
     if name in BUILTIN:
@@ -329,16 +567,16 @@ def load_task(name: str, data_dir=None, train_file=None, eval_file=None, fmt: st
     elif name in FILE_TASKS:
         if not train_file:
             raise UserError(f"--task {name} needs --train-file (and optionally --eval-file)")
-        names = [c.strip() for c in columns.split(",")] if columns else None
-        train_rows = read_table(train_file, names, fmt or name)
-        if not train_rows:
-            raise UserError(f"{train_file} has no data rows")
+        names = _column_names(columns)
+        train_rows = read_table(train_file, names, fmt or name, max_rows)
         if eval_file:
-            eval_rows = read_table(eval_file, names, fmt or name)
+            eval_rows = read_table(eval_file, names, fmt or name, max_rows)
         else:  # hold out a seeded slice of the train file
             shuffled = train_rows[:]
             random.Random(SPLIT_SEED).shuffle(shuffled)
             cut = max(1, int(len(shuffled) * eval_fraction))
+            if max_heldout is not None:
+                cut = min(cut, max_heldout)
             eval_rows, train_rows = shuffled[:cut], shuffled[cut:]
         if not eval_rows or not train_rows:
             raise UserError(f"{eval_file or train_file} leaves no examples to train or evaluate on")
@@ -357,6 +595,63 @@ def load_task(name: str, data_dir=None, train_file=None, eval_file=None, fmt: st
     return task
 
 
+def load_eval_task(fmt: str | None, eval_file, adapter_task: dict, text_column: str = "text",
+                   label_column: str | None = None, response_column: str | None = None, columns=None,
+                   verbalizers: str | None = None, max_eval: int | None = None, max_rows: int | None = None) -> Task:
+    """An eval-only Task from one file, posed as the adapter's task (its saved config "task").
+
+    No train file is needed: the adapter carries its kind, instruction and label words. Raw
+    labels are mapped with `verbalizers`, else lowercased, and must be words the adapter
+    knows; a generation adapter needs the file's `response_column` (the reference answers).
+    """
+    if not adapter_task:
+        raise UserError("evaluating a file without --train-file needs --adapter (its task says what to answer)")
+    if not eval_file:
+        raise UserError("evaluating an adapter on a file needs --eval-file")
+    kind, known = adapter_task.get("kind"), adapter_task.get("labels") or []
+    instruction = adapter_task.get("instruction")
+    if not instruction or kind not in ("classification", "generation") or (kind == "classification" and not known):
+        raise UserError(f"the adapter's saved task has no {'instruction' if not instruction else 'kind or labels'}; "
+                        "evaluate it with its --train-file instead")
+    rows = read_table(eval_file, _column_names(columns), fmt, max_rows)
+    if kind == "generation":
+        if not response_column:
+            raise UserError(f"the adapter writes text (a generation task): pass --response-column naming the column "
+                            f"of {eval_file} with the reference answers")
+        examples = _generation_examples(rows, text_column, response_column, instruction, eval_file)
+    else:
+        if response_column:
+            raise UserError(f"the adapter is a classifier ({_listing(known)}): name the labels with --label-column, "
+                            "not --response-column")
+        raw = _label_column(rows, label_column or "label", eval_file)
+        words = parse_verbalizers(verbalizers) or {label: label.lower() for label in set(raw)}
+        examples, _ = classification_examples(_column(rows, text_column, eval_file), raw, instruction, words,
+                                              eval_file, rows)
+        for i, ex in enumerate(examples):
+            if ex["response"] not in known:
+                raise UserError(f"label {_quoted(raw[i])} in {_place(rows[i], i, eval_file)} is not one the adapter "
+                                f"knows ({_listing(known)}); pass --verbalizers to map it")
+    task = Task(Path(eval_file).stem, kind, [], examples, list(known) if kind == "classification" else None,
+                source=f"{eval_file}, posed as the adapter's task {adapter_task.get('name')}")
+    task.info["full_train"], task.info["full_eval"] = 0, len(examples)
+    task.eval = subsample(examples, max_eval, SPLIT_SEED)
+    return task
+
+
+def check_task_fits_adapter(task: Task, adapter_task: dict, adapter_name: str) -> None:
+    """An adapter can only be scored on a task of its kind whose labels it was trained to answer."""
+    kind = adapter_task.get("kind")
+    if kind != task.kind:
+        raise UserError(f"adapter {adapter_name} was trained for {kind} and task {task.name} is {task.kind}; "
+                        f"evaluate it on a {kind} task")
+    if kind == "classification":
+        known = adapter_task.get("labels") or []
+        needed = list(dict.fromkeys((task.labels or []) + [ex["response"] for ex in task.eval]))
+        if any(word not in known for word in needed):
+            raise UserError(f"adapter {adapter_name} answers {_listing(known)}; "
+                            f"task {task.name} needs {_listing(needed)}")
+
+
 def subsample(examples: list[dict], n: int | None, seed: int) -> list[dict]:
     """A seeded random subset of n examples, stratified by response (keeps label balance)."""
     if n is None or n >= len(examples):
@@ -371,7 +666,8 @@ def subsample(examples: list[dict], n: int | None, seed: int) -> list[dict]:
         keep = []
         for idx in by_response.values():
             keep += rng.sample(idx, round(n * len(idx) / len(examples)))
-        rest = [i for i in range(len(examples)) if i not in set(keep)]
+        chosen = set(keep)  # built once: a set per element is quadratic on large files
+        rest = [i for i in range(len(examples)) if i not in chosen]
         keep += rng.sample(rest, max(0, n - len(keep)))
         keep = keep[:n]
     return [examples[i] for i in sorted(keep)]
