@@ -172,11 +172,18 @@ def test_train_data_needs_two_labels(tmp_path):
         load_task("csv", train_file=labelled(tmp_path / "one.csv", ["pos"] * 10))
 
 
-@pytest.mark.parametrize("missing", ["", "nan", "NaN", "null", "none", "None"])
+@pytest.mark.parametrize("missing", ["", "nan", "NaN", "null"])
 def test_missing_labels_are_errors(tmp_path, missing):
     path = labelled(tmp_path / "m.csv", two_classes(6) + [missing])
     with pytest.raises(UserError, match=f"m.csv line 8 has no label \\('{missing}' in column 'label'\\)"):
         load_task("csv", train_file=path)
+
+
+def test_none_is_a_class_name_not_a_missing_label(tmp_path):
+    """Emotion and intent datasets have a real 'none' class; only empty, NaN and null mean no label."""
+    path = labelled(tmp_path / "m.csv", (["joy", "anger", "none"] * 10))
+    task = load_task("csv", train_file=path)
+    assert sorted(task.labels) == ["anger", "joy", "none"]
 
 
 def test_eval_label_unseen_in_training(tmp_path):
