@@ -177,8 +177,10 @@ def load_backbone(path: str | os.PathLike | None = None, dtype=torch.float32) ->
         name, local_only = path, True
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
-        mlm = AutoModelForMaskedLM.from_pretrained(name, local_files_only=local_only, dtype=dtype)
-    except (OSError, ValueError, KeyError) as err:
+        # safetensors only: a pytorch_model.bin would be unpickled, and a model folder comes from anyone
+        mlm = AutoModelForMaskedLM.from_pretrained(name, local_files_only=local_only, dtype=dtype,
+                                                   use_safetensors=True)
+    except Exception as err:  # a corrupt file raises whatever its parser raises (safetensors, json, tokenizers)
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"could not load a masked LM from {path}: {first_line}") from None
     mlm.eval()

@@ -25,10 +25,6 @@ from .errors import UserError
 def _load_task(args, seed: int):
     from .data import load_task
 
-    for flag in ("max_train_examples", "max_eval_examples", "max_length"):
-        value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     return load_task(args.task, data_dir=args.data_dir, train_file=args.train_file, eval_file=args.eval_file,
                      fmt=args.format, text_column=args.text_column, label_column=args.label_column,
                      response_column=args.response_column, columns=args.columns,
@@ -57,8 +53,6 @@ def _train_config(args, seed: int = 0):
     """The TrainConfig of `compare` and `analyze data-efficiency` (a fixed budget, no lr)."""
     from .training import TrainConfig
 
-    if args.steps < 1 or args.batch_size < 1:
-        raise UserError("--steps and --batch-size must be positive")
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=1, seed=seed, bf16=args.bf16,
                        eval_every=args.eval_every or 0, checkpoint_every=args.checkpoint_every,
                        device=args.device)
@@ -87,13 +81,13 @@ def cmd_prepare_base(args) -> None:
 
 def cmd_train(args) -> None:
     from .files import write_json
+    from .methods import method_config, parse_option_pairs
     from .runs import aggregate_seeds, headline
 
     _threads(args.threads)
     if args.steps is not None and args.epochs is not None:
         raise UserError("give --steps or --epochs, not both")
-    if args.batch_size < 1 or args.grad_accum < 1:
-        raise UserError("--batch-size and --grad-accum must be positive")
+    method_config(args.method, parse_option_pairs(args.option))  # a bad option fails before any work
     _distinct_seeds(args.seed)
     several = len(args.seed) > 1
     results = [_train_seed(args, seed, Path(args.out) / f"seed-{seed}" if (args.out and several) else args.out)
@@ -117,18 +111,16 @@ def _train_seed(args, seed: int, out) -> dict:
     from .training import TrainConfig
 
     task = _load_task(args, seed)
-    backbone = load_backbone(args.base)
-    method = make_method(args.method, parse_option_pairs(args.option))
     if args.epochs is not None:
-        steps = math.ceil(args.epochs * len(task.train) / (args.batch_size * args.grad_accum))
+        steps = max(1, math.ceil(args.epochs * len(task.train) / (args.batch_size * args.grad_accum)))
     else:
         steps = args.steps if args.steps is not None else 300
-    if steps < 1:
-        raise UserError("--steps/--epochs must be positive")
     config = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                          weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, seed=seed,
                          bf16=args.bf16, eval_every=args.eval_every if args.eval_every is not None else max(steps // 4, 1),
                          checkpoint_every=args.checkpoint_every, device=args.device)
+    backbone = load_backbone(args.base)
+    method = make_method(args.method, parse_option_pairs(args.option))
     _log(f"task {task.name}: {len(task.train)} train / {len(task.eval)} held-out examples; method {method.name}; "
          f"seed {seed}; {steps} steps of {args.batch_size * args.grad_accum}")
     result = fine_tune(backbone, task, method, config, out_dir=out, max_length=args.max_length,
@@ -140,7 +132,8 @@ def _train_seed(args, seed: int, out) -> dict:
 
 
 def cmd_eval(args) -> None:
-    from .adapters import load_model
+    from .adapters import adapter_label, load_model
+    from .data import check_task_fits_adapter
     from .evaluate import evaluate_task
     from .files import write_json
 
@@ -149,8 +142,10 @@ def cmd_eval(args) -> None:
         raise UserError("give --task (or --adapter, whose task is used)")
     model, method, config = load_model(args.adapter, base=args.base)
     if args.task is None:
-        args.task = config["task"]["name"]
-    task = _load_task(args, args.seed)
+        args.task = _adapter_task_name(config)
+    task = _eval_task(args, config)
+    if config is not None:
+        check_task_fits_adapter(task, config["task"], adapter_label(args.adapter))
     result = evaluate_task(model, task, response_length=config and config["response_length"],
                            max_length=args.max_length or (config and config["max_length"]), steps=args.steps,
                            remasking=args.remasking, batch_size=args.batch_size, seed=args.seed,
@@ -160,6 +155,28 @@ def cmd_eval(args) -> None:
     if args.out:
         write_json(args.out, result)
     print(json.dumps(result))
+
+
+def _adapter_task_name(config: dict) -> str:
+    """The task an adapter was trained on, where it can be loaded by name again."""
+    from .data import TASK_NAMES
+
+    name = config["task"]["name"]
+    if name not in TASK_NAMES and not name.startswith("hub:"):
+        raise UserError(f"the adapter was trained on files ({name}); give --task csv/tsv/jsonl with --eval-file")
+    return name
+
+
+def _eval_task(args, adapter_config: dict | None):
+    """The task to score: as for training, or, for an adapter and only an --eval-file, from that file
+    read with the labels and instruction the adapter was trained with (no train file needed)."""
+    from .data import FILE_TASKS, load_eval_task
+
+    if adapter_config is None or args.task not in FILE_TASKS or args.train_file or not args.eval_file:
+        return _load_task(args, args.seed)
+    return load_eval_task(args.format or args.task, args.eval_file, adapter_config["task"], text_column=args.text_column,
+                          label_column=args.label_column, response_column=args.response_column,
+                          columns=args.columns, verbalizers=args.verbalizers, max_eval=args.max_eval_examples)
 
 
 def cmd_sample(args) -> None:
@@ -173,8 +190,6 @@ def cmd_sample(args) -> None:
     model, _, config = load_model(args.adapter, base=args.base)
     instruction = args.instruction if args.instruction is not None else (config and config["task"]["instruction"])
     length = args.length or (config["response_length"] if config else 32)
-    if length < 1 or args.steps < 1 or args.n < 1:
-        raise UserError("--length, --steps and --n must be positive")
     tok = model.backbone.tokenizer
     enc = encode_prompt(tok, instruction or "", args.prompt, length, model.backbone.max_length, n=args.n)
     batch = collate(enc, list(range(args.n)), model.backbone.pad_id)
@@ -194,35 +209,14 @@ def cmd_compare(args) -> None:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     specs = specs_from(args.preset, methods, parse_option_pairs(args.option))
     _distinct_seeds(args.seed)
+    config = _train_config(args)
     task = _load_task(args, 0)  # one training subset for every row and seed: an equal budget
-    lr_sweep = _floats(args.lr_sweep, "--lr-sweep") if args.lr_sweep else None
-    results = run_compare(task, specs, args.seed, _train_config(args), args.out, base=args.base,
-                          lr_sweep=lr_sweep, validation_fraction=args.validation_fraction,
+    results = run_compare(task, specs, args.seed, config, args.out, base=args.base, lr_sweep=args.lr_sweep, validation_fraction=args.validation_fraction,
                           sampler_steps=args.sampler_steps, profile=not (args.no_profile or args.sweep_only),
                           progress=not args.quiet, log=_log, sweep_only=args.sweep_only,
                           learning_rates=_learning_rates(args), results_file=args.results, jobs=args.jobs)
     print(markdown(results))
     _log(f"results: {os.path.join(args.out, 'results.json')}")
-
-
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise UserError(f"{flag} wants comma-separated numbers, not {text!r}") from None
-    if not all(math.isfinite(v) and v > 0 for v in values):
-        raise UserError(f"{flag} wants positive finite numbers, not {text!r}")
-    return values
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise UserError(f"{flag} wants comma-separated integers, not {text!r}") from None
-    if min(values) < 1:
-        raise UserError(f"{flag} wants positive integers, not {text!r}")
-    return values
 
 
 def cmd_profile(args) -> None:
@@ -322,10 +316,10 @@ def analyze_scaling(args):
     from .analysis.scaling import rank_scaling_report
     from .plots import scaling_figures
 
-    report = rank_scaling_report(ranks=_ints(args.ranks, "--ranks"), base=args.base or "shipped",
-                                 batch_size=args.batch_size, gen_ranks=_ints(args.gen_ranks, "--gen-ranks"),
-                                 gen_batch_sizes=_ints(args.gen_batch_sizes, "--gen-batch-sizes"),
-                                 gen_lengths=_ints(args.gen_lengths, "--gen-lengths"), gen_steps=args.sampler_steps,
+    report = rank_scaling_report(ranks=args.ranks, base=args.base or "shipped",
+                                 batch_size=args.batch_size, gen_ranks=args.gen_ranks,
+                                 gen_batch_sizes=args.gen_batch_sizes,
+                                 gen_lengths=args.gen_lengths, gen_steps=args.sampler_steps,
                                  bf16=args.bf16, device=args.device, threads=args.threads,
                                  isolated=not args.in_process, log=_log)
     summary = {f"{r['method']}{'' if r['rank'] is None else ' r=' + str(r['rank'])}":
@@ -342,7 +336,7 @@ def analyze_data_efficiency(args):
     if not args.task:
         raise UserError("data-efficiency needs --task")
     _distinct_seeds(args.seeds)
-    report = data_efficiency_report(_load_task(args, 0), _ints(args.sizes, "--sizes"),
+    report = data_efficiency_report(_load_task(args, 0), args.sizes,
                                     methods=[m.strip() for m in args.methods.split(",")], seeds=args.seeds,
                                     config=_train_config(args), out_dir=Path(args.out) / "runs", base=args.base,
                                     sampler_steps=args.sampler_steps, progress=not args.quiet, log=_log,
@@ -371,6 +365,101 @@ def cmd_analyze(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Flag types: every number and output path is checked when the command line is parsed,
+# before any work starts (argparse turns ArgumentTypeError into "argument --x: ..." + exit 2)
+# ---------------------------------------------------------------------------------------
+
+def _number(text: str, kind: type, least: float, strictly: bool = False, most: float | None = None):
+    """`text` as an int or a finite float >= least (> least if `strictly`, <= most if given)."""
+    words = "a whole number" if kind is int else "a finite number"
+    bound = f"{'>' if strictly else '>='} {least:g}" + (f" and <= {most:g}" if most is not None else "")
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants {words} {bound}, not {text!r}") from None
+    if not math.isfinite(value) or value < least or (strictly and value == least) or (
+            most is not None and value > most):
+        raise argparse.ArgumentTypeError(f"wants {words} {bound}, not {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    return _number(text, int, 1, most=65535)
+
+
+def count(text: str) -> int:
+    """1, 2, 3, ...: steps, batch sizes, examples, lengths."""
+    return _number(text, int, 1)
+
+
+def count_or_zero(text: str) -> int:
+    """0 (off), 1, 2, ...: intervals such as --eval-every."""
+    return _number(text, int, 0)
+
+
+def seed(text: str) -> int:
+    return _number(text, int, 0, most=2**31 - 1)
+
+
+def positive(text: str) -> float:
+    """A finite number > 0: learning rates, epochs."""
+    return _number(text, float, 0, strictly=True)
+
+
+def non_negative(text: str) -> float:
+    return _number(text, float, 0)
+
+
+def fraction(text: str) -> float:
+    return _number(text, float, 0, most=1)
+
+
+def open_fraction(text: str) -> float:
+    """Strictly between 0 and 1: a share of the data carved off."""
+    value = _number(text, float, 0, strictly=True)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"wants a number > 0 and < 1, not {text!r}")
+    return value
+
+
+def counts(text: str) -> list[int]:
+    """'1,2,4': a comma-separated list of counts."""
+    return [count(x.strip()) for x in text.split(",")]
+
+
+def positives(text: str) -> list[float]:
+    """'0.3,1,3': a comma-separated list of positive numbers."""
+    return [positive(x.strip()) for x in text.split(",")]
+
+
+def out_folder(text: str) -> str:
+    """A folder the command may write into (it may not exist yet)."""
+    check_writable(Path(text), folder=True)
+    return text
+
+
+def out_file(text: str) -> str:
+    """A file the command may write (it may not exist yet)."""
+    check_writable(Path(text), folder=False)
+    return text
+
+
+def check_writable(path: Path, folder: bool) -> None:
+    """Refuse an output path that cannot be written, before a long run finds out at its end."""
+    want = "folder" if folder else "file"
+    if path.exists():
+        if path.is_dir() != folder:
+            raise argparse.ArgumentTypeError(f"{path} exists and is not a {want}")
+        target = path if folder else path.parent
+    else:
+        target = next(p for p in path.parents if p.exists())  # ends at '.' or '/'
+        if not target.is_dir():
+            raise argparse.ArgumentTypeError(f"cannot write {path}: {target} is a file, not a folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {path}: no permission to write in {target}")
+
+
+# ---------------------------------------------------------------------------------------
 # The argparse table
 # ---------------------------------------------------------------------------------------
 
@@ -389,23 +478,23 @@ def _task_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--response-column", help="makes a generation task: the response text column")
     g.add_argument("--instruction", help="instruction text (default: derived from the labels)")
     g.add_argument("--verbalizers", help="label words, e.g. '0=negative,1=positive'")
-    g.add_argument("--max-train-examples", type=int, help="seeded, label-stratified subset of the train split")
-    g.add_argument("--max-eval-examples", type=int, help="seeded subset of the held-out split")
-    g.add_argument("--max-length", type=int, help="sequence length limit (default: the model's)")
+    g.add_argument("--max-train-examples", type=count, help="seeded, label-stratified subset of the train split")
+    g.add_argument("--max-eval-examples", type=count, help="seeded subset of the held-out split")
+    g.add_argument("--max-length", type=count, help="sequence length limit (default: the model's)")
     g.add_argument("--truncate", action="store_true", help="cut inputs that do not fit instead of stopping")
 
 
 def _run_args(p: argparse.ArgumentParser, checkpoint_every: int = 0) -> None:
     """Flags of the commands that train with a fixed budget (compare, analyze data-efficiency)."""
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=count, default=16)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU, or a CPU that supports it)")
-    p.add_argument("--eval-every", type=int, help="held-out monitor during training (default: off)")
-    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
+    p.add_argument("--eval-every", type=count_or_zero, help="held-out monitor during training (default: off)")
+    p.add_argument("--checkpoint-every", type=count_or_zero, default=checkpoint_every)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--lr-from", nargs="+", metavar="RESULTS",
                    help="results.json of earlier compares (e.g. --sweep-only): each row's lr")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=count, default=1,
                    help="runs trained at a time, each in its own process with its share of the threads "
                         "(default 1; 2 finishes sooner on a 2-core CPU)")
 
@@ -433,25 +522,25 @@ def _add_train(sub) -> None:
                    help="full, lora_diffusion, lora, dora, adapter, bitfit or prefix (default: full)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="a method option, repeatable: e.g. --option r=8, --option ranks=16,16,16 (all below)")
-    p.add_argument("--out", help="run folder: adapter/, results.json, metrics.jsonl, checkpoints/")
-    p.add_argument("--steps", type=int, help="optimiser steps (default 300)")
-    p.add_argument("--epochs", type=float, help="instead of --steps")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, help="default: the method's own")
-    p.add_argument("--warmup", type=float, default=0.06)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, nargs="+", default=[0],
+    p.add_argument("--out", type=out_folder, help="run folder: adapter/, results.json, metrics.jsonl, checkpoints/")
+    p.add_argument("--steps", type=count, help="optimiser steps (default 300)")
+    p.add_argument("--epochs", type=positive, help="instead of --steps")
+    p.add_argument("--batch-size", type=count, default=16)
+    p.add_argument("--grad-accum", type=count, default=1)
+    p.add_argument("--lr", type=positive, help="default: the method's own")
+    p.add_argument("--warmup", type=fraction, default=0.06)
+    p.add_argument("--weight-decay", type=non_negative, default=0.0)
+    p.add_argument("--clip", type=non_negative, default=1.0)
+    p.add_argument("--seed", type=seed, nargs="+", default=[0],
                    help="one or more seeds; with several, each run goes to OUT/seed-N and the "
                         "summary (mean ± std) to OUT/summary.json")
-    p.add_argument("--results", help="also write the result (or the summary over seeds) to this JSON file")
+    p.add_argument("--results", type=out_file, help="also write the result (or the summary over seeds) to this JSON file")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU, or a CPU that supports it)")
-    p.add_argument("--eval-every", type=int, help="steps between held-out checks (default: steps/4)")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--sampler-steps", type=int, default=64, help="denoising steps T at evaluation")
+    p.add_argument("--eval-every", type=count_or_zero, help="steps between held-out checks (default: steps/4)")
+    p.add_argument("--checkpoint-every", type=count_or_zero, default=100)
+    p.add_argument("--sampler-steps", type=count, default=64, help="denoising steps T at evaluation")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=count)
     p.set_defaults(func=cmd_train)
 
 
@@ -460,12 +549,12 @@ def _add_eval_sample_app(sub) -> None:
     p.add_argument("--adapter", help="adapter folder (or a train --out folder)")
     p.add_argument("--base", help="base model folder (default: the adapter's, or the shipped base)")
     _task_args(p, required=False)
-    p.add_argument("--steps", type=int, default=64, help="denoising steps T")
+    p.add_argument("--steps", type=count, default=64, help="denoising steps T")
     p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="also write the JSON here")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--batch-size", type=count, default=64)
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--out", type=out_file, help="also write the JSON here")
+    p.add_argument("--threads", type=count)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="generate text with the sampler")
@@ -473,20 +562,20 @@ def _add_eval_sample_app(sub) -> None:
     p.add_argument("--adapter", help="adapter folder")
     p.add_argument("--prompt", help="input text (default: none, an all-[MASK] start)")
     p.add_argument("--instruction", help="instruction (default: the adapter's task instruction)")
-    p.add_argument("--length", type=int, help="response tokens (default: 32, or the adapter's)")
-    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--length", type=count, help="response tokens (default: 32, or the adapter's)")
+    p.add_argument("--steps", type=count, default=64)
     p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--block-length", type=int, help="semi-autoregressive block length")
-    p.add_argument("--n", type=int, default=1, help="number of samples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int)
+    p.add_argument("--temperature", type=non_negative, default=0.0)
+    p.add_argument("--block-length", type=count, help="semi-autoregressive block length")
+    p.add_argument("--n", type=count, default=1, help="number of samples")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--threads", type=count)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("app", help="start the Gradio workbench")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=port, default=7860)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--workspace", default="runs/app", help="folder for the app's runs and adapters")
+    p.add_argument("--workspace", type=out_folder, default="runs/app", help="folder for the app's runs and adapters")
     p.add_argument("--data-dir", help="folder of the real datasets (default: ../shared/data beside a checkout)")
     p.add_argument("--base", help="base model folder (default: the shipped base)")
     p.set_defaults(func=cmd_app)
@@ -501,17 +590,17 @@ def _add_compare_profile(sub) -> None:
                                     "regularizers, schedule, injection")
     p.add_argument("--methods", help="comma-separated method names instead of a preset")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="options for --methods rows")
-    p.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr-sweep", help="multipliers of each method's default lr, tried on a validation split "
+    p.add_argument("--seed", type=seed, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=count, default=300)
+    p.add_argument("--lr-sweep", type=positives, help="multipliers of each method's default lr, tried on a validation split "
                                       "carved from the train set, e.g. 0.3,1,3")
-    p.add_argument("--validation-fraction", type=float, default=0.1)
+    p.add_argument("--validation-fraction", type=open_fraction, default=0.1)
     p.add_argument("--sweep-only", action="store_true", help="stop after the lr sweep (its table, one seed)")
-    p.add_argument("--sampler-steps", type=int, default=64)
+    p.add_argument("--sampler-steps", type=count, default=64)
     p.add_argument("--no-profile", action="store_true", help="skip the peak-memory measurement per row")
-    p.add_argument("--out", required=True, help="folder: results.json, results.md, one run folder per row/seed")
-    p.add_argument("--results", help="also write the results JSON here (and the markdown table beside it)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--out", type=out_folder, required=True, help="folder: results.json, results.md, one run folder per row/seed")
+    p.add_argument("--results", type=out_file, help="also write the results JSON here (and the markdown table beside it)")
+    p.add_argument("--threads", type=count)
     _run_args(p)
     p.set_defaults(func=cmd_compare)
 
@@ -520,15 +609,15 @@ def _add_compare_profile(sub) -> None:
                    help="comma-separated; ratios are given relative to the first")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="options (with a single method)")
     p.add_argument("--base", help="base model folder (default: the shipped base)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--prompt-length", type=int, default=48)
-    p.add_argument("--response-length", type=int, default=16)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch-size", type=count, default=16)
+    p.add_argument("--prompt-length", type=count, default=48)
+    p.add_argument("--response-length", type=count, default=16)
+    p.add_argument("--steps", type=count, default=10)
+    p.add_argument("--warmup", type=count_or_zero, default=3, help="untimed steps first")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--out", help="write the JSON here")
+    p.add_argument("--threads", type=count)
+    p.add_argument("--out", type=out_file, help="write the JSON here")
     p.set_defaults(func=cmd_profile)
 
 
@@ -543,47 +632,47 @@ def _add_analyze(sub) -> None:
         a.add_argument("--base", help="base model folder (default: the adapters' / the shipped base)")
         if task:
             _task_args(a, required=False)
-        a.add_argument("--seed", type=int, default=0)
+        a.add_argument("--seed", type=seed, default=0)
         a.add_argument("--png", action="store_true", help="also write each figure as PNG (the figures extra)")
-        a.add_argument("--threads", type=int)
-        a.add_argument("--out", required=True, help="output folder")
+        a.add_argument("--threads", type=count)
+        a.add_argument("--out", type=out_folder, required=True, help="output folder")
         a.set_defaults(func=cmd_analyze)
         return a
 
     a = analysis("effective-rank", "effective rank of each adapter's perturbation per denoising step")
-    a.add_argument("--examples", type=int, default=64, help="held-out examples")
-    a.add_argument("--sampler-steps", type=int, default=16, help="denoising steps")
+    a.add_argument("--examples", type=count, default=64, help="held-out examples")
+    a.add_argument("--sampler-steps", type=count, default=16, help="denoising steps")
     a = analysis("tsne", "2-D map of the per-step perturbations (t-SNE or PCA)")
-    a.add_argument("--examples", type=int, default=64, help="held-out examples")
-    a.add_argument("--sampler-steps", type=int, default=16, help="denoising steps")
+    a.add_argument("--examples", type=count, default=64, help="held-out examples")
+    a.add_argument("--sampler-steps", type=count, default=16, help="denoising steps")
     a.add_argument("--projection", choices=["tsne", "pca"], default="tsne")
     a = analysis("forgetting", "held-out NELBO of generic text under each adapter against the base")
-    a.add_argument("--examples", type=int, default=64, help="rows of 128 tokens per text source")
+    a.add_argument("--examples", type=count, default=64, help="rows of 128 tokens per text source")
     a = analysis("composition", "a router over LoRA-Diffusion adapters, merges of weight-LoRA ones")
     a.add_argument("--lora-adapters", nargs="*", help="weight-LoRA adapters of the same tasks")
-    a.add_argument("--examples", type=int, default=64, help="held-out examples per task")
-    a.add_argument("--sampler-steps", type=int, default=16, help="denoising steps")
-    a.add_argument("--router-steps", type=int, default=300)
+    a.add_argument("--examples", type=count, default=64, help="held-out examples per task")
+    a.add_argument("--sampler-steps", type=count, default=16, help="denoising steps")
+    a.add_argument("--router-steps", type=count, default=300)
     a.add_argument("--quiet", action="store_true")
     a = analysis("scaling", "parameters, memory and speed against rank (fresh process per point)",
                  adapters=False, task=False)
-    a.add_argument("--ranks", default="1,2,4,8,16,32,64,128")
-    a.add_argument("--gen-ranks", default="8,128")
-    a.add_argument("--gen-batch-sizes", default="1,8,32")
-    a.add_argument("--gen-lengths", default="16,64,128")
-    a.add_argument("--sampler-steps", type=int, default=16, help="denoising steps of the generation timings")
-    a.add_argument("--batch-size", type=int, default=16)
+    a.add_argument("--ranks", type=counts, default="1,2,4,8,16,32,64,128")
+    a.add_argument("--gen-ranks", type=counts, default="8,128")
+    a.add_argument("--gen-batch-sizes", type=counts, default="1,8,32")
+    a.add_argument("--gen-lengths", type=counts, default="16,64,128")
+    a.add_argument("--sampler-steps", type=count, default=16, help="denoising steps of the generation timings")
+    a.add_argument("--batch-size", type=count, default=16)
     a.add_argument("--bf16", action="store_true")
     a.add_argument("--device", default="auto")
     a.add_argument("--in-process", action="store_true",
                    help="measure in this process instead of a fresh one per point (faster; memory the "
                         "allocator already holds then hides part of the peak)")
     a = analysis("data-efficiency", "held-out score against training-set size", adapters=False)
-    a.add_argument("--sizes", default="100,500,2000,8000", help="training-set sizes")
+    a.add_argument("--sizes", type=counts, default="100,500,2000,8000", help="training-set sizes")
     a.add_argument("--methods", default="lora_diffusion,lora,full")
-    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    a.add_argument("--steps", type=int, default=300, help="training steps")
-    a.add_argument("--sampler-steps", type=int, default=16, help="denoising steps")
+    a.add_argument("--seeds", type=seed, nargs="+", default=[0, 1, 2])
+    a.add_argument("--steps", type=count, default=300, help="training steps")
+    a.add_argument("--sampler-steps", type=count, default=16, help="denoising steps")
     _run_args(a)
 
 
@@ -593,15 +682,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare-base", help="turn MiniLM-L6 into a masked diffusion LM (writes assets/base)")
     p.add_argument("--data-dir", help="text data folder (default: ../shared/data beside a checkout)")
-    p.add_argument("--out", help="output folder (default: assets/base)")
-    p.add_argument("--work-dir", help="checkpoints and metrics (default: runs/prepare-base)")
-    p.add_argument("--steps", type=int, default=1600)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=out_folder, help="output folder (default: assets/base)")
+    p.add_argument("--work-dir", type=out_folder, help="checkpoints and metrics (default: runs/prepare-base)")
+    p.add_argument("--steps", type=count, default=1600)
+    p.add_argument("--batch-size", type=count, default=32)
+    p.add_argument("--seq-len", type=count, default=128)
+    p.add_argument("--lr", type=positive, default=2e-4)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=count)
     p.set_defaults(func=cmd_prepare_base)
 
     _add_train(sub)

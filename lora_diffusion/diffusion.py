@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .backbone import Backbone
+from .errors import UserError
 
 EPS = 1e-3  # smallest mask rate, so the 1/t weight stays finite
 
@@ -269,6 +270,17 @@ def _reveal_counts(n_candidates: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _check_sampler(steps, remasking, block_length, temperature) -> None:
+    if remasking not in ("low_confidence", "random"):
+        raise UserError(f"remasking must be 'low_confidence' or 'random', not {remasking!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise UserError(f"the sampler needs at least one denoising step, not {steps!r}")
+    if block_length is not None and block_length < 1:
+        raise UserError(f"the block length must be at least 1, not {block_length!r}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"the temperature must be a finite number >= 0, not {temperature!r}")
+
+
 def sample(model: DiffusionLM, input_ids, attention_mask, response_mask, instruction=None,
            steps: int = 64, remasking: str = "low_confidence", block_length: int | None = None,
            temperature: float = 0.0, generator=None, record: bool = False, sep_last: bool = True, **_unused):
@@ -286,8 +298,7 @@ def sample(model: DiffusionLM, input_ids, attention_mask, response_mask, instruc
     everywhere, and plain low-confidence remasking fills the response with [SEP] from the
     end inwards, down to an empty answer (measured: AG News titles, all empty).
     """
-    if remasking not in ("low_confidence", "random"):
-        raise ValueError(f"remasking must be 'low_confidence' or 'random', not {remasking!r}")
+    _check_sampler(steps, remasking, block_length, temperature)
     mask_id = model.backbone.mask_id
     x = input_ids.masked_fill(response_mask, mask_id)
     # Ordinal of each response position inside its example's response (0, 1, 2, ...).

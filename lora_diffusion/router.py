@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import TENSORS_FILE, adapter_folder, base_for, read_adapter_config
+from .adapters import adapter_folder, adapter_label, base_for, check_adapter
 from .backbone import load_backbone
 from .data import PARAPHRASES, collate, encode, load_task
 from .diffusion import DiffusionLM, StepContext
@@ -71,18 +71,19 @@ class Composition:
         The router starts from an initialisation drawn with `seed` (so a trained router is
         reproducible); the task adapters hold their saved state.
         """
-        configs = [read_adapter_config(p) for p in paths]
+        checked = [check_adapter(p) for p in paths]
+        configs = [config for config, _ in checked]
         for path, config in zip(paths, configs):
             if config["method"] != "lora_diffusion":
                 raise UserError(f"{path} is a {config['method']} adapter; composition takes lora_diffusion adapters")
         backbone = load_backbone(base)
         model = DiffusionLM(backbone)
         methods = []
-        for j, (path, config) in enumerate(zip(paths, configs)):
-            base_for(config, backbone, where=f"adapter {path}")  # the fingerprint must match
+        for j, (path, (config, tensors)) in enumerate(zip(paths, checked)):
+            base_for(config, backbone, where=f"adapter {adapter_label(path)}")  # the fingerprint must match
             method = make_method("lora_diffusion", config["options"])
             method.add_modules(model, f"task_{j}")  # no hook of its own: the composition mixes them
-            method.load_state_dict(load_tensors(adapter_folder(path) / TENSORS_FILE))
+            method.load_state_dict(tensors)
             methods.append(method)
         with torch.random.fork_rng():
             torch.manual_seed(seed)

@@ -18,7 +18,10 @@ def reviews(tmp_path):
 
 
 def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse refuses a flag's value before the command runs
+        code = exit_.code
     out, err = capsys.readouterr()
     return code, out, err
 

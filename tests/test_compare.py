@@ -76,4 +76,4 @@ def test_compare_with_two_jobs_gives_the_sequential_results(capsys, tmp_path, ti
         assert abs(seq["final_train_loss"]["mean"] - par["final_train_loss"]["mean"]) < 1e-3
     assert "2 runs at a time" in (tmp_path / "2" / "results.md").read_text()
     code, _, err = run_cli(capsys, "compare", *common, "--jobs", "0", "--out", str(tmp_path / "bad"))
-    assert code != 0 and "--jobs must be at least 1" in err
+    assert code == 2 and "--jobs: wants a whole number >= 1" in err

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from ..adapters import adapter_folder, base_for, read_adapter_config
+from ..adapters import adapter_folder, base_for, check_adapter
 from ..backbone import load_backbone
 from ..data import PARAPHRASES, Task
 from ..diffusion import DiffusionLM
@@ -101,12 +101,15 @@ def router_choices(composition: Composition, tasks: dict[str, Task]) -> dict:
 
 def weight_lora_merges(paths, base, tasks: dict, sampler_steps: int, seed: int) -> dict:
     """task -> {lora_own, lora_linear, lora_cat, lora_ties} with peft's add_weighted_adapter."""
-    configs = [read_adapter_config(p) for p in paths]
+    configs = [check_adapter(p)[0] for p in paths]
     backbone = load_backbone(base)
     for path, config in zip(paths, configs):
         if config["method"] != "lora":
             raise UserError(f"{path}: weight-LoRA merges need lora adapters trained on this base")
         base_for(config, backbone, where=f"adapter {path}")
+        # peft falls back to unpickling adapter_model.bin when there is no safetensors file
+        if not (adapter_folder(path) / "peft" / "adapter_model.safetensors").is_file():
+            raise UserError(f"{path} has no peft/adapter_model.safetensors to merge")
     peft_model = None
     for j, path in enumerate(paths):
         folder = str(adapter_folder(path) / "peft")
