@@ -8,7 +8,6 @@ held-out split and writes the run folder (`adapter/`, `results.json`, `metrics.j
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -57,10 +56,9 @@ def fine_tune(backbone: Backbone, task: Task, method: Method, config: TrainConfi
         r = evaluate_task(m, task, max_examples=monitor_examples, **eval_kwargs)
         return {f"monitor_{k}": round(r[k], 4) for k in reported_metrics(task.kind)}
 
-    began = time.time()
+    # summary["train_seconds"]: the whole run's, summed over the processes a resumed run took
     summary = train(model, method, batch_for_step, config, out_dir=out_dir, evaluate=monitor,
                     on_log=on_log, should_stop=should_stop, progress=progress)
-    summary["train_seconds"] = round(time.time() - began, 1)
     result = {**_evaluate_as_served(model, method, task, eval_kwargs), "method": method.name,
               "options": method.options(), "seed": config.seed, "n_train": len(task.train),
               **method.accounting(), "train": summary, "config": asdict(config), "base": backbone.label,
@@ -109,8 +107,9 @@ def aggregate_seeds(results: list[dict]) -> dict:
     summary["train_steps"] = first["train"]["steps"]
     summary["batch_size"] = first["config"]["batch_size"]
     summary["trainable_parameters"] = first.get("trainable_parameters")
-    summary["train_seconds"] = mean_std([r["train"]["train_seconds"] for r in results])  # this process only
-    if all("logged_train_seconds" in r["train"] for r in results):  # the whole run, across resumes
+    # Both the whole run's, across resumes: measured (evaluations and checkpoints included) and logged steps.
+    summary["train_seconds"] = mean_std([r["train"]["train_seconds"] for r in results])
+    if all("logged_train_seconds" in r["train"] for r in results):
         summary["logged_train_seconds"] = mean_std([r["train"]["logged_train_seconds"] for r in results])
     if all(r["train"].get("final_train_loss") is not None for r in results):
         summary["final_train_loss"] = mean_std([r["train"]["final_train_loss"] for r in results])

@@ -2,26 +2,33 @@
 
 AdamW, linear warmup then cosine decay, gradient accumulation and clipping, optional
 bf16 autocast, periodic held-out evaluation, a JSONL metrics log, and atomic
-checkpoints (safetensors + JSON) from which a killed run resumes exactly: the batch
-and the noise of every step are functions of (seed, step), so a resumed run sees the
-same data it would have seen. The loop does steps; what a run is (data, evaluation,
-saving the adapter) is `runs.py`'s business.
+checkpoints (safetensors + JSON) from which a run killed at any moment resumes
+exactly: the batch and the noise of every step are functions of (seed, step), and a
+checkpoint keeps everything else a later step depends on (weights, optimiser state,
+every random generator, the log's length). A resumed run ends with the same tensors
+and the same log as an uninterrupted one. The loop does steps; what a run is (data,
+evaluation, saving the adapter) is `runs.py`'s business.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import random
+import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .diffusion import DiffusionLM, diffusion_loss
+from .errors import UserError
 from .files import append_jsonl, load_tensors, read_json, read_jsonl, save_tensors, write_json, write_jsonl
 from .methods import Method
 
@@ -42,8 +49,60 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"
 
+    def __post_init__(self):
+        """Refuse, naming the flag as the CLI spells it, a value the loop cannot run with."""
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("eval_every", "checkpoint_every"):
+            _check_int(name, getattr(self, name), minimum=0)
+        _check_int("seed", self.seed)
+        if self.lr is not None:  # None: the method's default (0 is refused, not read as the default)
+            _check_number("lr", self.lr, "a positive finite number", lambda x: x > 0)
+        _check_number("warmup", self.warmup, "a finite number from 0 to 1", lambda x: 0 <= x <= 1)
+        _check_number("weight_decay", self.weight_decay, "a finite number >= 0", lambda x: x >= 0)
+        _check_number("clip", self.clip, "a finite number >= 0 (0 = off)", lambda x: x >= 0)
+        check_device(self.device)
+
+
+def _check_int(name: str, value, minimum: int | None = None) -> None:
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+            or (minimum is not None and value < minimum)):
+        wanted = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise UserError(f"--{name.replace('_', '-')} must be {wanted}, not {value!r}")
+
+
+def _check_number(name: str, value, wanted: str, ok: Callable[[float], bool]) -> None:
+    # NaN fails every comparison (`nan < 0` too), so it is caught by isfinite, not by `ok`
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or not ok(value)):
+        raise UserError(f"--{name.replace('_', '-')} must be {wanted}, not {value!r}")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device name torch does not know, or one this machine does not have."""
+    if device in ("auto", "cpu"):
+        return
+    if isinstance(device, str) and re.fullmatch(r"cuda(:\d+)?", device):
+        count = _cuda_devices()
+        if count == 0:
+            raise UserError(f"--device {device}: no CUDA device here; use --device cpu or auto")
+        if ":" in device and int(device[5:]) >= count:
+            raise UserError(f"--device {device}: this machine has {count} CUDA device(s), "
+                            f"cuda:0 to cuda:{count - 1}; use one of those or --device auto")
+        return
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("--device mps: no MPS device here; use --device cpu or auto")
+        return
+    raise UserError(f"--device {device} is not a device: use auto, cpu, cuda, cuda:N or mps")
+
+
+def _cuda_devices() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
 
 def pick_device(device: str = "auto") -> torch.device:
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -72,13 +131,18 @@ def make_optimizer(method: Method, lr: float, weight_decay: float = 0.0) -> torc
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
+class Diverged(UserError):
+    """A step's loss or gradient norm was not finite; its update was not applied."""
+
+
 def train_step(model: DiffusionLM, method: Method, optimizer, params: list, micro_batches: list[dict],
                generators: list, lr: float, clip: float = 1.0, bf16: bool = False, loss_fn=diffusion_loss) -> dict:
     """One optimiser step over gradient-accumulated micro-batches (already on the model's device).
 
     `params` are the method's trainable parameters, in its order (the gradient norm is
     clipped over them). Returns the step's diffusion loss (what is reported), the method's
-    penalty and the gradient norm before clipping.
+    penalty and the gradient norm before clipping. A NaN or infinite loss or gradient
+    norm raises `Diverged` without touching the weights.
     """
     device_type = next(model.parameters()).device.type
     for group in optimizer.param_groups:
@@ -92,45 +156,116 @@ def train_step(model: DiffusionLM, method: Method, optimizer, params: list, micr
         (total / len(micro_batches)).backward()
         step_loss += loss.item() / len(micro_batches)
         step_penalty += (0.0 if penalty is None else penalty.item()) / len(micro_batches)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip or float("inf")))
+    if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)  # one NaN update would spoil every weight for good
+        raise Diverged(f"loss {step_loss}" if not math.isfinite(step_loss) else f"gradient norm {grad_norm}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     method.after_step(lr)
-    return {"loss": step_loss, "penalty": step_penalty, "grad_norm": float(grad_norm)}
+    return {"loss": step_loss, "penalty": step_penalty, "grad_norm": grad_norm}
 
 
 # ---------------------------------------------------------------------------------------
-# Checkpoints: out/checkpoints/step-N/{trainable,optimizer}.safetensors + state.json,
-# with out/checkpoints/latest.json pointing at the newest complete one.
+# Checkpoints: out/checkpoints/step-N/ holds trainable.safetensors (the method's state),
+# optimizer.safetensors (AdamW's moments), rng.safetensors (torch's generators) and
+# state.json (TrainState, the optimiser's param groups, Python's and NumPy's generators);
+# out/checkpoints/latest.json names the newest complete one and is written last.
 # ---------------------------------------------------------------------------------------
 
-def save_checkpoint(folder: Path, step: int, method: Method, optimizer, config: TrainConfig) -> None:
-    ckpt = folder / f"step-{step}"
+@dataclass
+class TrainState:
+    """What the loop carries from one step to the next, beyond the weights: a checkpoint keeps it."""
+
+    step: int = 0                                     # optimiser steps done
+    window: list[dict] = field(default_factory=list)  # stats of the last log_every steps
+    seconds: float = 0.0                              # training time so far, over every process of the run
+    log_lines: int = 0                                # lines in metrics.jsonl
+    final_eval: dict | None = None                    # the end-of-run evaluation, once done
+
+    def start_clock(self) -> None:
+        self._since = time.perf_counter() - self.seconds  # this process carries on the earlier ones' time
+
+    def tick(self) -> None:
+        self.seconds = round(time.perf_counter() - self._since, 3)
+
+
+def rng_state() -> tuple[dict, dict]:
+    """Every random generator a step may draw from, as (tensors, JSON-able lists).
+
+    Dropout draws from torch's global generator (and CUDA's on a GPU); Python's and
+    NumPy's are kept too, for a method or a batch function that uses them.
+    """
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        tensors.update({f"cuda:{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {"python_random": [version, list(internal), gauss],
+                     "numpy_random": [name, keys.tolist(), pos, has_gauss, cached]}
+
+
+def set_rng_state(tensors: dict, lists: dict) -> None:
+    """Put back what `rng_state` returned (CUDA's only where this machine has that device)."""
+    torch.set_rng_state(tensors["torch"])
+    for key, value in tensors.items():
+        if key.startswith("cuda:") and int(key[5:]) < _cuda_devices():
+            torch.cuda.set_rng_state(value, int(key[5:]))
+    version, internal, gauss = lists["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = lists["numpy_random"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(folder: Path, method: Method, optimizer, config: TrainConfig, state: TrainState) -> None:
+    """Write `step-N/`, then point latest.json at it, then delete the older step folders.
+
+    latest.json is the commit point: a write killed before it leaves the previous
+    checkpoint in charge (`RunFolder.resume` deletes the half-written folder).
+    """
+    ckpt = folder / f"step-{state.step}"
     ckpt.mkdir(parents=True, exist_ok=True)
     save_tensors(ckpt / "trainable.safetensors", method.state_dict())
     opt_state = optimizer.state_dict()
     tensors = {f"{idx}.{key}": value if torch.is_tensor(value) else torch.tensor(value)
-               for idx, state in opt_state["state"].items() for key, value in state.items()}
+               for idx, param_state in opt_state["state"].items() for key, value in param_state.items()}
     save_tensors(ckpt / "optimizer.safetensors", tensors)
-    write_json(ckpt / "state.json", {"step": step, "config": asdict(config),
-                                     "param_groups": opt_state["param_groups"]})
-    write_json(folder / "latest.json", {"step": step, "path": ckpt.name})  # the commit point
+    rng_tensors, rng_lists = rng_state()
+    save_tensors(ckpt / "rng.safetensors", rng_tensors)
+    write_json(ckpt / "state.json", {**asdict(state), "config": asdict(config),
+                                     "param_groups": opt_state["param_groups"], **rng_lists})
+    write_json(folder / "latest.json", {"step": state.step, "path": ckpt.name})  # the commit point
     for old in folder.glob("step-*"):
         if old.name != ckpt.name:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, method: Method, optimizer) -> int:
-    latest = read_json(folder / "latest.json")
-    ckpt = folder / latest["path"]
+def load_checkpoint(folder: Path, method: Method, optimizer) -> TrainState:
+    """Load the checkpoint latest.json names into `method`, `optimizer` and the random generators."""
+    ckpt = folder / read_json(folder / "latest.json")["path"]
+    saved = read_json(ckpt / "state.json")
+    if "log_lines" not in saved:
+        raise UserError(f"{ckpt} was written by an older lora-diffusion that cannot resume exactly; "
+                        f"delete {folder} to start the run over")
     method.load_state_dict(load_tensors(ckpt / "trainable.safetensors"))
     state: dict = {}
     for key, value in load_tensors(ckpt / "optimizer.safetensors").items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
-    groups = read_json(ckpt / "state.json")["param_groups"]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    return int(latest["step"])
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    set_rng_state(load_tensors(ckpt / "rng.safetensors"), saved)
+    return TrainState(**{f.name: saved[f.name] for f in fields(TrainState)})
+
+
+def _remove_unfinished(folder: Path) -> None:
+    """Delete what a killed checkpoint write left: step folders latest.json does not name, temporary files."""
+    latest = folder / "latest.json"
+    keep = read_json(latest)["path"] if latest.is_file() else None
+    for path in folder.glob("step-*"):
+        if path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink()
 
 
 class RunFolder:
@@ -143,23 +278,42 @@ class RunFolder:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = self.out_dir / "metrics.jsonl" if self.out_dir else None
         self.checkpoints = self.out_dir / "checkpoints" if self.out_dir else None
+        self.lines = 0  # lines in the metrics log: each checkpoint records how many
 
-    def resume(self, method: Method, optimizer) -> int:
-        """The step to start from: that of the last checkpoint (its state loaded), else 0."""
-        if self.checkpoints is None:
-            return 0
-        if not (self.checkpoints / "latest.json").is_file():
-            if self.metrics.exists():
-                self.metrics.unlink()
-            return 0
-        start = load_checkpoint(self.checkpoints, method, optimizer)
-        # Drop log lines written after the checkpoint: they will be written again.
-        write_jsonl(self.metrics, [r for r in read_jsonl(self.metrics) if r.get("step", 0) <= start])
-        return start
+    def resume(self, method: Method, optimizer) -> TrainState:
+        """The state to start from: the last complete checkpoint's (loaded), else a fresh one.
+
+        The log is cut back to the lines it had when that checkpoint was taken: the run
+        writes the later ones again, so none is doubled, whenever the last process died.
+        """
+        state = TrainState()
+        if self.checkpoints is not None:
+            if self.checkpoints.is_dir():
+                _remove_unfinished(self.checkpoints)
+            if (self.checkpoints / "latest.json").is_file():
+                state = load_checkpoint(self.checkpoints, method, optimizer)
+            kept = self.records()[:state.log_lines]
+            write_jsonl(self.metrics, kept)
+            self.lines = len(kept)
+        state.start_clock()
+        return state
+
+    def save(self, method: Method, optimizer, config: TrainConfig, state: TrainState) -> None:
+        """A checkpoint of `state` (if this run keeps checkpoints)."""
+        if self.checkpoints is not None and config.checkpoint_every:
+            state.tick()
+            state.log_lines = self.lines
+            save_checkpoint(self.checkpoints, method, optimizer, config, state)
+
+    def last_checkpoint(self) -> int | None:
+        """The step of the newest complete checkpoint, if there is one."""
+        latest = self.checkpoints / "latest.json" if self.checkpoints else None
+        return read_json(latest)["step"] if latest is not None and latest.is_file() else None
 
     def log(self, record: dict) -> None:
         if self.metrics is not None:
             append_jsonl(self.metrics, record)
+            self.lines += 1
         if self.on_log is not None:
             self.on_log(record)
 
@@ -179,46 +333,52 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
 
     `batch_for_step(step, micro)` gives the micro-batch `micro` of optimiser step `step`.
     With `out_dir`, metrics go to `out_dir/metrics.jsonl` and checkpoints to
-    `out_dir/checkpoints/`; an existing checkpoint there is resumed from.
+    `out_dir/checkpoints/`; an existing checkpoint there is resumed from, and a finished
+    run is only reported, not trained or evaluated again.
     """
     device = pick_device(config.device)
     model.to(device)
-    lr = config.lr or method.default_lr
+    lr = config.lr if config.lr is not None else method.default_lr
     params = list(method.trainable_parameters().values())
     optimizer = make_optimizer(method, lr, config.weight_decay)
     run = RunFolder(out_dir, on_log)
-    start = run.resume(method, optimizer)
+    state = run.resume(method, optimizer)
+    start = state.step
+    if start > config.steps:
+        raise UserError(f"{out_dir} holds a checkpoint at step {start}, past --steps {config.steps}; "
+                        "ask for more steps or use another --out")
     model.train()
-    window: list[dict] = []  # the steps since the last log line
     stopped = False
     # In a log file (not a terminal) a bar line every 10 s is enough.
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train", unit="step",
-               mininterval=0.1 if sys.stderr.isatty() else 10.0)
-    step = start
-    for step in range(start, config.steps):
-        if should_stop is not None and should_stop():
-            stopped = True
-            break
-        began = time.perf_counter()
-        micro = range(config.grad_accum)
-        stats = train_step(model, method, optimizer, params,
-                           [_to(batch_for_step(step, m), device) for m in micro],
-                           [step_generator(config.seed, step, m) for m in micro],
-                           lr * lr_factor(step, config.steps, config.warmup), config.clip, config.bf16, loss_fn)
-        window = (window + [{**stats, "seconds": time.perf_counter() - began}])[-config.log_every:]
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats['loss']:.3f}")
-        _after_step(step + 1, config, window, optimizer, run, model, method, evaluate)
-    bar.close()
+    with tqdm(total=config.steps, initial=start, disable=not progress, desc="train", unit="step",
+              mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:  # closed before an error is shown
+        for step in range(start, config.steps):
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            began = time.perf_counter()
+            micro = range(config.grad_accum)
+            try:
+                stats = train_step(model, method, optimizer, params,
+                                   [_to(batch_for_step(step, m), device) for m in micro],
+                                   [step_generator(config.seed, step, m) for m in micro],
+                                   lr * lr_factor(step, config.steps, config.warmup), config.clip, config.bf16,
+                                   loss_fn)
+            except Diverged as err:
+                raise _diverged(step + 1, err, run) from None
+            state.step = step + 1
+            state.window = (state.window + [{**stats, "seconds": time.perf_counter() - began}])[-config.log_every:]
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}")
+            _after_step(config, state, optimizer, run, model, method, evaluate)
     model.eval()
-    final_step = step if stopped else config.steps
-    summary = {"steps": final_step, "stopped_early": stopped, "resumed_from_step": start, "lr": lr,
-               "device": str(device), **summarize(run.records(), window)}
-    if evaluate is not None:
-        summary["eval"] = evaluate(model)
-        run.log({"step": final_step, **{f"eval_{k}": v for k, v in summary["eval"].items()}})
-    if run.checkpoints is not None and config.checkpoint_every and not stopped and start < config.steps:
-        save_checkpoint(run.checkpoints, final_step, method, optimizer, config)
+    if start < config.steps:  # else it was finished before: a restart only reports it
+        _finish(config, state, optimizer, run, model, method, evaluate, stopped)
+    summary = {"steps": state.step, "stopped_early": stopped, "resumed_from_step": start, "lr": lr,
+               "device": str(device), "train_seconds": state.seconds,
+               **summarize(run.records(), state.window)}
+    if state.final_eval is not None:
+        summary["eval"] = state.final_eval
     return summary
 
 
@@ -226,9 +386,16 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _after_step(done: int, config: TrainConfig, window: list[dict], optimizer, run: RunFolder, model, method,
+def _diverged(step: int, err: Diverged, run: RunFolder) -> UserError:
+    kept = run.last_checkpoint()
+    kept = f"the last good checkpoint (step {kept}) is kept; " if kept is not None else ""
+    return UserError(f"training diverged at step {step} ({err}); {kept}try a lower --lr")
+
+
+def _after_step(config: TrainConfig, state: TrainState, optimizer, run: RunFolder, model, method,
                 evaluate) -> None:
-    """The log line, the periodic held-out check and the checkpoint due after step `done`."""
+    """The log line, the periodic held-out check and the checkpoint due after step `state.step`."""
+    done, window = state.step, state.window
     if done % config.log_every == 0 or done == config.steps:
         record = {"step": done, "loss": sum(w["loss"] for w in window) / len(window),
                   "lr": optimizer.param_groups[0]["lr"], "grad_norm": window[-1]["grad_norm"],
@@ -236,12 +403,29 @@ def _after_step(done: int, config: TrainConfig, window: list[dict], optimizer, r
         if any(w["penalty"] for w in window):
             record["penalty"] = sum(w["penalty"] for w in window) / len(window)
         run.log(record)
-    if evaluate is not None and config.eval_every and done % config.eval_every == 0 and done < config.steps:
+    if done == config.steps:
+        return  # the last step's evaluation and checkpoint come in `_finish`
+    if evaluate is not None and config.eval_every and done % config.eval_every == 0:
         model.eval()
         run.log({"step": done, **{f"eval_{k}": v for k, v in evaluate(model).items()}})
         model.train()
-    if run.checkpoints is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
-        save_checkpoint(run.checkpoints, done, method, optimizer, config)
+    if config.checkpoint_every and done % config.checkpoint_every == 0:
+        run.save(method, optimizer, config, state)
+
+
+def _finish(config: TrainConfig, state: TrainState, optimizer, run: RunFolder, model, method, evaluate,
+            stopped: bool) -> None:
+    """The final evaluation and its log line, then the final checkpoint.
+
+    In this order, a kill anywhere before the checkpoint is committed resumes from an
+    earlier one whose log has no final line yet; once it is committed, the run is done.
+    """
+    if evaluate is not None:
+        state.final_eval = evaluate(model)
+        run.log({"step": state.step, **{f"eval_{k}": v for k, v in state.final_eval.items()}})
+    state.tick()
+    if not stopped:  # a stopped run resumes from its last periodic checkpoint
+        run.save(method, optimizer, config, state)
 
 
 def summarize(records: list[dict], window: list[dict]) -> dict:
