@@ -28,20 +28,25 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; results and checkpoints are meant to be shared
     try:
         write(tmp)
+        _fsync(tmp)  # on disk before the rename makes it the file: a power cut leaves old or new
         os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
 
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_text(path, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_bytes(path, data: bytes) -> None:

@@ -240,13 +240,22 @@ def save_checkpoint(folder: Path, method: Method, optimizer, config: TrainConfig
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, method: Method, optimizer) -> TrainState:
+# What decides a run's result: resuming with another value would silently make a different run.
+RESUME_MUST_MATCH = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup", "clip", "seed", "bf16")
+
+
+def load_checkpoint(folder: Path, method: Method, optimizer, config: TrainConfig | None = None) -> TrainState:
     """Load the checkpoint latest.json names into `method`, `optimizer` and the random generators."""
     ckpt = folder / read_json(folder / "latest.json")["path"]
     saved = read_json(ckpt / "state.json")
     if "log_lines" not in saved:
         raise UserError(f"{ckpt} was written by an older lora-diffusion that cannot resume exactly; "
                         f"delete {folder} to start the run over")
+    changed = [k for k in RESUME_MUST_MATCH if config is not None and saved["config"].get(k) != getattr(config, k)]
+    if changed:
+        was = ", ".join(f"{k}={saved['config'].get(k)}" for k in changed)
+        raise UserError(f"{folder.parent} holds a run with {was}; resume it with the same settings, "
+                        "or give a new --out")
     method.load_state_dict(load_tensors(ckpt / "trainable.safetensors"))
     state: dict = {}
     for key, value in load_tensors(ckpt / "optimizer.safetensors").items():
@@ -280,7 +289,7 @@ class RunFolder:
         self.checkpoints = self.out_dir / "checkpoints" if self.out_dir else None
         self.lines = 0  # lines in the metrics log: each checkpoint records how many
 
-    def resume(self, method: Method, optimizer) -> TrainState:
+    def resume(self, method: Method, optimizer, config: TrainConfig | None = None) -> TrainState:
         """The state to start from: the last complete checkpoint's (loaded), else a fresh one.
 
         The log is cut back to the lines it had when that checkpoint was taken: the run
@@ -291,7 +300,7 @@ class RunFolder:
             if self.checkpoints.is_dir():
                 _remove_unfinished(self.checkpoints)
             if (self.checkpoints / "latest.json").is_file():
-                state = load_checkpoint(self.checkpoints, method, optimizer)
+                state = load_checkpoint(self.checkpoints, method, optimizer, config)
             kept = self.records()[:state.log_lines]
             write_jsonl(self.metrics, kept)
             self.lines = len(kept)
@@ -342,11 +351,8 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     params = list(method.trainable_parameters().values())
     optimizer = make_optimizer(method, lr, config.weight_decay)
     run = RunFolder(out_dir, on_log)
-    state = run.resume(method, optimizer)
+    state = run.resume(method, optimizer, config)
     start = state.step
-    if start > config.steps:
-        raise UserError(f"{out_dir} holds a checkpoint at step {start}, past --steps {config.steps}; "
-                        "ask for more steps or use another --out")
     model.train()
     stopped = False
     # In a log file (not a terminal) a bar line every 10 s is enough.

@@ -190,6 +190,19 @@ def test_a_stopped_run_resumes_without_its_stop_lines_and_with_its_log_window(tm
     assert resumed["resumed_from_step"] == 4 and log == straight
 
 
+@pytest.mark.parametrize("change", [{"lr": 2e-3}, {"seed": 1}, {"steps": 12}, {"batch_size": 4}])
+def test_resuming_with_other_settings_is_refused(tmp_path, change):
+    """A checkpoint resumed under another lr, seed or schedule would be neither run: say so."""
+    model, method, batches = _setup()
+    settings = dict(steps=8, batch_size=8, lr=1e-3, checkpoint_every=2)
+    train(model, method, batches, TrainConfig(**settings), out_dir=tmp_path, should_stop=lambda: False,
+          progress=False)
+    model, method, batches = _setup()
+    name = next(iter(change))
+    with pytest.raises(UserError, match=f"holds a run with {name}=.*resume it with the same settings"):
+        train(model, method, batches, TrainConfig(**{**settings, **change}), out_dir=tmp_path, progress=False)
+
+
 # ---------------------------------------------------------------------------------------
 # TrainConfig: bad values are refused in one place, naming the flag
 # ---------------------------------------------------------------------------------------
