@@ -10,14 +10,24 @@ from lora_diffusion.analysis.tsne import trajectory_map
 from lora_diffusion.errors import UserError
 from lora_diffusion.plots import effective_rank_figure, forgetting_figure, instruction_router_figure, tsne_figure
 
-from .common import Context, adapter_names, adapter_paths, handler, readable_errors
+from .common import (Context, adapter_paths, handler, names_given, readable_errors, short_text, user_workspace,
+                     whole)
+
+
+PROJECTIONS = ("tsne", "pca")
+
+
+def _inputs(ctx: Context, user, names, examples, steps) -> tuple[list, int, int]:
+    """The picked adapters' folders (the caller's own, checked) and the bounded sizes of an analysis."""
+    paths = adapter_paths(user_workspace(ctx, user), names)
+    return paths, whole(examples, "the number of examples", 8, 256), whole(steps, "the denoising steps", 2, 64)
 
 
 @readable_errors
-def effective_rank(ctx: Context, names, examples, steps, progress=gr.Progress()):
+def effective_rank(ctx: Context, user, names, examples, steps, progress=gr.Progress()):
+    paths, examples, steps = _inputs(ctx, user, names, examples, steps)
     progress(0, desc="decoding held-out prompts with every adapter")
-    report = effective_rank_report(adapter_paths(ctx, names), base=ctx.base, data_dir=ctx.data_dir,
-                                   n_examples=int(examples), steps=int(steps))
+    report = effective_rank_report(paths, base=ctx.base, data_dir=ctx.data_dir, n_examples=examples, steps=steps)
     note = ("Effective rank = exp(entropy of the normalised singular values) of the per-token "
             "perturbations at each step; t = 1 is the all-masked start. " + " · ".join(
                 f"{r['label']}: {r['effective_rank'][0]:.1f} → {r['effective_rank'][-1]:.1f}"
@@ -26,42 +36,48 @@ def effective_rank(ctx: Context, names, examples, steps, progress=gr.Progress())
 
 
 @readable_errors
-def trajectory_tsne(ctx: Context, names, examples, steps, projection, progress=gr.Progress()):
+def trajectory_tsne(ctx: Context, user, names, examples, steps, projection, progress=gr.Progress()):
+    paths, examples, steps = _inputs(ctx, user, names, examples, steps)
+    if projection not in PROJECTIONS:
+        raise UserError(f"the projection is one of {', '.join(PROJECTIONS)}")
     progress(0, desc=f"collecting trajectories, then {projection}")
-    report = trajectory_map(adapter_paths(ctx, names), base=ctx.base, data_dir=ctx.data_dir,
-                            n_examples=int(examples), steps=int(steps), method=projection)
+    report = trajectory_map(paths, base=ctx.base, data_dir=ctx.data_dir, n_examples=examples, steps=steps,
+                            method=projection)
     note = (f"trustworthiness of the 2-D map: perturbations {report['perturbations']['trustworthiness']:.3f}, "
             f"base trajectories {report['base']['trustworthiness']:.3f} (1 = neighbourhoods kept)")
     return note, tsne_figure(report, "perturbations", "task"), tsne_figure(report, "base", "step")
 
 
 @readable_errors
-def forgetting(ctx: Context, names, examples, progress=gr.Progress()):
+def forgetting(ctx: Context, user, names, examples, progress=gr.Progress()):
+    paths, examples, _ = _inputs(ctx, user, names, examples, 2)
     progress(0, desc="scoring held-out generic text under the base and every adapter")
-    report = forgetting_report(adapter_paths(ctx, names), base=ctx.base, data_dir=ctx.data_dir, rows=int(examples))
+    report = forgetting_report(paths, base=ctx.base, data_dir=ctx.data_dir, rows=examples)
     return ("Held-out NELBO (nats per token; lower is better) of generic text: a fine-tuned model "
             "above the base has forgotten some language modelling."), forgetting_figure(report), None
 
 
 @readable_errors
-def route(ctx: Context, names, instruction, progress=gr.Progress()):
-    if not instruction.strip():
+def route(ctx: Context, user, names, instruction, progress=gr.Progress()):
+    ws = user_workspace(ctx, user)
+    if not short_text(instruction, "the instruction").strip():
         raise UserError("type an instruction")
+    names = names_given(names) if names else []
     progress(0, desc="training the router (once per set of adapters)")
-    composition = ctx.workspace.composition(names or [], ctx.data_dir, base=ctx.base)
+    composition = ws.composition(names, ctx.data_dir, base=ctx.base)
     weights = composition.instruction_weights([instruction])[0].tolist()
     return instruction_router_figure(composition.labels, weights, instruction)
 
 
-def tab(ctx: Context) -> dict:
+def tab(ctx: Context, user) -> dict:
     with gr.Row():
-        adapters = gr.Dropdown(adapter_names(ctx), multiselect=True, label="adapters to analyse",
+        adapters = gr.Dropdown([], multiselect=True, label="adapters to analyse",
                                elem_id="analyse-adapters", allow_custom_value=True)
         refresh_btn = gr.Button("Refresh adapters")
     with gr.Row():
         examples = gr.Slider(8, 256, value=32, step=8, label="held-out examples (rows of text for forgetting)")
         steps = gr.Slider(2, 64, value=8, step=1, label="denoising steps")
-        projection = gr.Radio(["tsne", "pca"], value="tsne", label="projection")
+        projection = gr.Radio(list(PROJECTIONS), value="tsne", label="projection")
     with gr.Row():
         rank_btn = gr.Button("Effective rank per step")
         tsne_btn = gr.Button("Trajectory t-SNE")
@@ -72,15 +88,15 @@ def tab(ctx: Context) -> dict:
     gr.Markdown("### Router weights for an instruction\nPick LoRA-Diffusion adapters of different tasks; "
                 "the router is trained on their instructions once, then answers instantly.")
     with gr.Row():
-        router_adapters = gr.Dropdown(adapter_names(ctx, "lora_diffusion"), multiselect=True,
+        router_adapters = gr.Dropdown([], multiselect=True,
                                       label="LoRA-Diffusion adapters", allow_custom_value=True)
         router_text = gr.Textbox("does this review sound positive or negative ?", label="instruction")
         router_btn = gr.Button("Route")
     router_plot = gr.Plot(label="router weights")
-    rank_btn.click(handler(effective_rank, ctx), [adapters, examples, steps], [note, plot, plot2],
+    rank_btn.click(handler(effective_rank, ctx), [user, adapters, examples, steps], [note, plot, plot2],
                    api_name="effective_rank")
-    tsne_btn.click(handler(trajectory_tsne, ctx), [adapters, examples, steps, projection], [note, plot, plot2],
+    tsne_btn.click(handler(trajectory_tsne, ctx), [user, adapters, examples, steps, projection], [note, plot, plot2],
                    api_name="trajectory_tsne")
-    forget_btn.click(handler(forgetting, ctx), [adapters, examples], [note, plot, plot2], api_name="forgetting")
-    router_btn.click(handler(route, ctx), [router_adapters, router_text], router_plot, api_name="route")
+    forget_btn.click(handler(forgetting, ctx), [user, adapters, examples], [note, plot, plot2], api_name="forgetting")
+    router_btn.click(handler(route, ctx), [user, router_adapters, router_text], router_plot, api_name="route")
     return {"adapters": adapters, "router_adapters": router_adapters, "refresh": refresh_btn}

@@ -1,8 +1,12 @@
-"""Compare: a `lora-diffusion compare` results file as table and chart; the rank-scaling plots."""
+"""Compare: a `lora-diffusion compare` results file as table and chart; the rank-scaling plots.
+
+Only results files of this workbench are offered and read: those under the checkout's
+`results/` and under the workspace's `results/` (where an installed app keeps them), picked
+from a list. A name not in the list is refused with one message that says nothing about
+whether such a file exists.
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import gradio as gr
 
@@ -14,52 +18,86 @@ from lora_diffusion.plots import comparison_figure, scaling_figures
 
 from .common import Context, handler, readable_errors
 
+NOT_LISTED = "not a results file of this workbench; choose one from the list"
+MAX_RESULTS_BYTES = 5 * 2**20
+DEFAULTS = {"compare": "results/compare_sst2.json", "scaling": "results/analysis/scaling/scaling.json"}
 
-def results_path(path) -> Path:
-    """A results file as typed: relative to where the app runs, else to the checkout (results/...)."""
-    path = Path(path if isinstance(path, str) else path.name)
-    if not path.is_absolute() and not path.exists() and CHECKOUT and (CHECKOUT / path).exists():
-        return CHECKOUT / path
-    return path
+
+def _folders(ctx: Context) -> list[tuple[str, object]]:
+    """(shown prefix, folder) of every place results files are read from."""
+    folders = [("results", CHECKOUT / "results")] if CHECKOUT else []
+    return folders + [("workspace/results", ctx.workspace.root / "results")]
+
+
+def _kind(path) -> str | None:
+    """'compare' or 'scaling' for a results file of that kind, else None."""
+    try:
+        report = read_json(path)
+    except UserError:
+        return None
+    if isinstance(report, dict) and "rows" in report and "budget" in report:
+        return "compare"
+    if isinstance(report, dict) and report.get("analysis") == "rank_scaling":
+        return "scaling"
+    return None
+
+
+def results_files(ctx: Context, kind: str) -> dict:
+    """The results files of `kind` the tab may show: shown name -> path (inside its folder, symlinks resolved)."""
+    found = {}
+    for prefix, folder in _folders(ctx):
+        if not folder.is_dir():
+            continue
+        inside = folder.resolve()
+        for path in sorted(folder.rglob("*.json")):
+            real = path.resolve()
+            if (real.is_relative_to(inside) and real.is_file() and real.stat().st_size <= MAX_RESULTS_BYTES
+                    and _kind(real) == kind):
+                found[f"{prefix}/{path.relative_to(folder).as_posix()}"] = real
+    return found
+
+
+def _read(ctx: Context, name, kind: str) -> dict:
+    path = results_files(ctx, kind).get(name) if isinstance(name, str) else None
+    if path is None:
+        raise UserError(NOT_LISTED)
+    return read_json(path)
 
 
 @readable_errors
-def show_results(ctx: Context, path):
-    if not path:
-        raise UserError("give a results.json written by `lora-diffusion compare`")
-    results = read_json(results_path(path))
-    if "rows" not in results or "budget" not in results:
-        raise UserError("that file is not a `lora-diffusion compare` results file")
+def show_results(ctx: Context, name):
+    results = _read(ctx, name, "compare")
     return markdown(results), comparison_figure(results)
 
 
 @readable_errors
-def show_scaling(ctx: Context, path):
-    if not path:
-        raise UserError("give the scaling.json written by `lora-diffusion analyze scaling`")
-    report = read_json(results_path(path))
-    if report.get("analysis") != "rank_scaling":
-        raise UserError("that file is not a rank-scaling results file (`lora-diffusion analyze scaling`)")
-    figures = scaling_figures(report)
+def show_scaling(ctx: Context, name):
+    figures = scaling_figures(_read(ctx, name, "scaling"))
     return figures["training"], figures["generation"]
 
 
-def _shipped(relative: str) -> str:
-    """A results file of the checkout as the default path, where there is a checkout."""
-    return relative if CHECKOUT and (CHECKOUT / relative).is_file() else ""
+def choices(ctx: Context):
+    """Fresh lists of both kinds of results file (a new `compare` run shows up on reload)."""
+    return tuple(gr.update(choices=list(results_files(ctx, kind))) for kind in ("compare", "scaling"))
+
+
+def _list(ctx: Context, kind: str, label: str) -> gr.Dropdown:
+    names = list(results_files(ctx, kind))
+    # custom values reach the handler, which refuses them with one message (gradio's own would echo them)
+    return gr.Dropdown(names, value=DEFAULTS[kind] if DEFAULTS[kind] in names else None, label=label,
+                       allow_custom_value=True)
 
 
 def tab(ctx: Context) -> dict:
-    path = gr.Textbox(_shipped("results/compare_sst2.json"), label="results file of `lora-diffusion compare`")
+    results = _list(ctx, "compare", "results file of `lora-diffusion compare`")
     show_btn = gr.Button("Show")
     table = gr.Markdown()
     chart = gr.Plot()
     gr.Markdown("### Memory and speed against rank")
-    scaling_path = gr.Textbox(_shipped("results/analysis/scaling/scaling.json"),
-                              label="results file of `lora-diffusion analyze scaling`")
+    scaling = _list(ctx, "scaling", "results file of `lora-diffusion analyze scaling`")
     scaling_btn = gr.Button("Show scaling")
     scaling_train = gr.Plot(label="training")
     scaling_gen = gr.Plot(label="generation")
-    show_btn.click(handler(show_results, ctx), path, [table, chart], api_name="show_results")
-    scaling_btn.click(handler(show_scaling, ctx), scaling_path, [scaling_train, scaling_gen], api_name="show_scaling")
-    return {}
+    show_btn.click(handler(show_results, ctx), results, [table, chart], api_name="show_results")
+    scaling_btn.click(handler(show_scaling, ctx), scaling, [scaling_train, scaling_gen], api_name="show_scaling")
+    return {"lists": [results, scaling]}

@@ -11,7 +11,8 @@ from lora_diffusion.analysis.trajectories import denoising_trajectory
 from lora_diffusion.data import SENTIMENT_INSTRUCTION
 from lora_diffusion.plots import perturbation_norm_figure
 
-from .common import BASE_ONLY, Context, adapter_names, handler, readable_errors
+from .common import (BASE_ONLY, Context, adapter_paths, handler, number, readable_errors, short_text, user_workspace,
+                     whole)
 
 COLOURS = {"masked": "#d0d0d0", "new": "#ffb347", "settled": "#8fd18f"}
 LEGEND = ('<p><span style="background:#d0d0d0;padding:1px 4px">masked</span> '
@@ -32,24 +33,32 @@ def trajectory_html(label: str, report: dict) -> str:
 
 
 @readable_errors
-def generate(ctx: Context, adapter_name, composed, instruction, text, length, steps, temperature, seed):
+def generate(ctx: Context, user, adapter_name, composed, instruction, text, length, steps, temperature, seed):
     """Decode the prompt with the base, the chosen adapter and (optionally) a router over several."""
+    ws = user_workspace(ctx, user)
+    adapter = ws.adapter_path(adapter_name) if adapter_name and adapter_name != BASE_ONLY else None
+    if composed:
+        adapter_paths(ws, composed)  # every name checked before anything is loaded
+    instruction, text = short_text(instruction, "the instruction"), short_text(text, "the input")
+    length, steps = whole(length, "the response length", 1, 32), whole(steps, "the denoising steps", 1, 64)
+    temperature, seed = number(temperature, "the temperature", 0, 1.5), whole(seed, "the seed", 0, 2**31 - 1)
+
     def decode(model) -> dict:
-        return denoising_trajectory(model, instruction, text, int(length), int(steps), float(temperature), int(seed))
+        return denoising_trajectory(model, instruction, text, length, steps, temperature, seed)
 
     reports = {"base": decode(load_model(base=ctx.base)[0])}
-    if adapter_name and adapter_name != BASE_ONLY:
-        reports[adapter_name] = decode(load_model(ctx.workspace.adapter_path(adapter_name), base=ctx.base)[0])
+    if adapter is not None:
+        reports[adapter_name] = decode(load_model(adapter, base=ctx.base)[0])
     if composed:
-        composition = ctx.workspace.composition(composed, ctx.data_dir, base=ctx.base)
+        composition = ws.composition(list(composed), ctx.data_dir, base=ctx.base)
         reports["router-composed (" + ", ".join(composition.labels) + ")"] = decode(composition.model)
     return (LEGEND + "<hr>".join(trajectory_html(k, v) for k, v in reports.items()),
             perturbation_norm_figure(reports))
 
 
-def tab(ctx: Context) -> dict:
+def tab(ctx: Context, user) -> dict:
     with gr.Row():
-        gen_adapter = gr.Dropdown([BASE_ONLY] + adapter_names(ctx), value=BASE_ONLY, label="adapter",
+        gen_adapter = gr.Dropdown([BASE_ONLY], value=BASE_ONLY, label="adapter",
                                   elem_id="gen-adapter", allow_custom_value=True)
         refresh_btn = gr.Button("Refresh adapters")
     instruction_in = gr.Textbox(SENTIMENT_INSTRUCTION, label="instruction")
@@ -59,12 +68,12 @@ def tab(ctx: Context) -> dict:
         steps_in = gr.Slider(1, 64, value=4, step=1, label="denoising steps")
         temp_in = gr.Slider(0.0, 1.5, value=0.0, step=0.1, label="temperature")
         seed_in = gr.Number(0, label="seed", precision=0)
-    composed = gr.Dropdown(adapter_names(ctx, "lora_diffusion"), multiselect=True, allow_custom_value=True,
+    composed = gr.Dropdown([], multiselect=True, allow_custom_value=True,
                            label="also router-composed from these LoRA-Diffusion adapters "
                                  "(one per task; the router trains once)")
     gen_btn = gr.Button("Generate", variant="primary")
     gen_html = gr.HTML(elem_id="trajectory")
     gen_plot = gr.Plot(label="perturbation norm per step")
-    gen_btn.click(handler(generate, ctx), [gen_adapter, composed, instruction_in, input_in, length_in, steps_in,
+    gen_btn.click(handler(generate, ctx), [user, gen_adapter, composed, instruction_in, input_in, length_in, steps_in,
                                            temp_in, seed_in], [gen_html, gen_plot], api_name="generate")
     return {"adapter": gen_adapter, "composed": composed, "refresh": refresh_btn}

@@ -1,47 +1,90 @@
-"""Build and launch the workbench: four tabs over one workspace.
+"""Build and launch the workbench: four tabs over one workspace, a folder of its own for every browser user.
 
     lora-diffusion app [--port 7860] [--workspace runs/app]     (or: python -m lora_diffusion.app)
+
+A browser gets a random user id on its first visit, kept in its localStorage
+(`gr.BrowserState`), so a reload finds the same adapters; every handler works in that
+user's workspace (W/users/<id>/), and shows the operator's shared adapters (W/shared/) only
+when asked.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage pings to the network
 import gradio as gr  # noqa: E402
 
+from lora_diffusion.errors import UserError  # noqa: E402
+from lora_diffusion.files import read_json, write_json  # noqa: E402
 from lora_diffusion.paths import default_data_dir  # noqa: E402
-from lora_diffusion.workspace import Workspace  # noqa: E402
+from lora_diffusion.workspace import JobLimits, Workspace  # noqa: E402
 
 from . import analyse_tab, compare_tab, generate_tab, train_tab  # noqa: E402
-from .common import BASE_ONLY, Context, adapter_names, handler  # noqa: E402
+from .common import (BASE_ONLY, Context, adapter_lists, broken_note, handler, readable_errors,  # noqa: E402
+                     user_workspace)
+
+SHARED_LABEL = "also show the shared adapters (read-only, from the workspace's shared/ folder)"
 
 
-def refreshed(ctx: Context):
-    """Fresh choices for every adapter list: generate, download, composed, analyse, router."""
-    names, ld = adapter_names(ctx), adapter_names(ctx, "lora_diffusion")
+@readable_errors
+def refreshed(ctx: Context, user, shared):
+    """Fresh choices for every adapter list: generate, download, composed, analyse, router; the table and
+    the skipped folders."""
+    ws = user_workspace(ctx, user)
+    names, ld, table = adapter_lists(ws, shared)
     return (gr.update(choices=[BASE_ONLY] + names), gr.update(choices=names), gr.update(choices=ld),
-            gr.update(choices=names), gr.update(choices=ld))
+            gr.update(choices=names), gr.update(choices=ld), table, broken_note(ws))
 
 
-def build(workspace: Workspace, data_dir: str | None = None, base: str | None = None) -> gr.Blocks:
-    ctx = Context(workspace, data_dir, base)
+@readable_errors
+def session(ctx: Context, user, shared):
+    """A page opens: its user id (a new one for a new browser, or one whose stored id is not valid) and
+    that user's adapter lists."""
+    try:
+        user_workspace(ctx, user)
+    except UserError:
+        user = secrets.token_hex(16)
+    return (user, *refreshed(ctx, user, shared))
+
+
+def browser_secret(workspace: Workspace) -> str:
+    """The key the user id is encrypted with in the browser; kept in the workspace so a restart keeps users."""
+    path = workspace.root / "browser_state.json"
+    try:
+        return read_json(path)["secret"]
+    except (UserError, KeyError, TypeError):
+        secret = secrets.token_hex(16)
+        write_json(path, {"secret": secret})
+        return secret
+
+
+def build(workspace: Workspace, data_dir: str | None = None, base: str | None = None, uploads=None) -> gr.Blocks:
+    ctx = Context(workspace, data_dir, base, uploads)
     with gr.Blocks(title="lora-diffusion workbench") as demo:
         gr.Markdown("# lora-diffusion workbench\nParameter-efficient fine-tuning of a masked diffusion LM, "
                     "on the CPU, offline. Every number here is measured on held-out data.")
+        user = gr.BrowserState(None, storage_key="lora-diffusion-user", secret=browser_secret(workspace))
+        shared = gr.Checkbox(False, label=SHARED_LABEL)
         with gr.Tab("Train"):
-            train = train_tab.tab(ctx)
+            train = train_tab.tab(ctx, user)
         with gr.Tab("Generate"):
-            generate = generate_tab.tab(ctx)
+            generate = generate_tab.tab(ctx, user)
         with gr.Tab("Analyse"):
-            analyse = analyse_tab.tab(ctx)
+            analyse = analyse_tab.tab(ctx, user)
         with gr.Tab("Compare"):
-            compare_tab.tab(ctx)
+            compare = compare_tab.tab(ctx)
         lists = [generate["adapter"], train["pick"], generate["composed"], analyse["adapters"],
-                 analyse["router_adapters"]]
-        generate["refresh"].click(handler(refreshed, ctx), None, lists, api_visibility="undocumented")
-        analyse["refresh"].click(handler(refreshed, ctx), None, lists, api_visibility="undocumented")
+                 analyse["router_adapters"], train["table"], train["broken"]]
+        demo.load(handler(session, ctx), [user, shared], [user] + lists, api_visibility="undocumented")
+        demo.load(handler(compare_tab.choices, ctx), None, compare["lists"], api_visibility="undocumented")
+        refresh = handler(refreshed, ctx)
+        for trigger in (generate["refresh"].click, analyse["refresh"].click, shared.change):
+            trigger(refresh, [user, shared], lists, api_visibility="undocumented")
+        for event in train["changed"]:  # a finished job or an import: the lists show it
+            event.then(refresh, [user, shared], lists, api_visibility="undocumented")
     return demo
 
 
@@ -53,8 +96,11 @@ def main(argv=None) -> None:
     parser.add_argument("--data-dir", default=None, help="folder of the real datasets (default: ../shared/data "
                                                          "beside a checkout)")
     parser.add_argument("--base", default=None, help="base model folder (default: the shipped base)")
+    parser.add_argument("--job-minutes", type=float, default=JobLimits.seconds / 60,
+                        help="training time of one job before it stops (default: %(default)g)")
     args = parser.parse_args(argv)
     data_dir = args.data_dir or default_data_dir()
-    demo = build(Workspace(args.workspace), str(data_dir) if data_dir else None, args.base)
+    workspace = Workspace(args.workspace, limits=JobLimits(seconds=args.job_minutes * 60 or None))
+    demo = build(workspace, str(data_dir) if data_dir else None, args.base)
     demo.queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port,
                                                    max_file_size="200mb", show_error=False)

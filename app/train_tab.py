@@ -14,9 +14,13 @@ from lora_diffusion.metrics import metric_of, primary_metric, score
 from lora_diffusion.plots import training_figure
 from lora_diffusion.training import TrainConfig
 
-from .common import TABLE_HEADERS, Context, adapter_names, adapter_table, handler, readable_errors
+from .common import (TABLE_HEADERS, Context, handler, number, readable_errors, short_text, uploaded, user_workspace,
+                     whole)
 
 TASKS = list(SUITE_TASKS) + ["sst2", "agnews", "agnews_title", "uploaded CSV"]
+MAX_CSV_BYTES = 20 * 2**20  # an uploaded CSV, checked before it is read
+MAX_CSV_ROWS = 20_000       # rows of it at most
+CSV_HELD_OUT = 200          # rows of it held out (and scored at the end of a run) at most
 # Every option control of every method, in the order the Train button passes them.
 OPTION_LAYOUT: list[tuple[str, OptionSpec]] = [(m, spec) for m in METHODS for spec in option_specs(m)]
 
@@ -52,13 +56,21 @@ def show_options(method: str) -> list:
 
 
 def _task(ctx: Context, task_name, csv_file, text_column, label_column, max_train, seed):
+    max_train = whole(max_train, "max train examples", 0, 10**7)
     if task_name == "uploaded CSV":
         if csv_file is None:
             raise UserError("upload a CSV file first (a text column and a label column)")
-        return load_task("csv", train_file=csv_file, text_column=text_column or "text",
-                         label_column=label_column or "label", max_train=int(max_train) or None, seed=int(seed))
-    return load_task(task_name, data_dir=ctx.data_dir, max_train=int(max_train) or None,
-                     max_eval=200 if task_name not in SUITE_TASKS else None, seed=int(seed))
+        path = uploaded(ctx, csv_file)
+        if path.stat().st_size > MAX_CSV_BYTES:  # rows are counted as they are read; bytes before
+            raise UserError(f"the CSV is larger than {MAX_CSV_BYTES // 2**20} MB; upload at most "
+                            f"{MAX_CSV_ROWS:,} rows")
+        return load_task("csv", train_file=path, text_column=short_text(text_column, "the text column") or "text",
+                         label_column=short_text(label_column, "the label column") or "label",
+                         max_train=max_train or None, max_rows=MAX_CSV_ROWS, max_heldout=CSV_HELD_OUT, seed=seed)
+    if task_name not in TASKS:  # the API could name any task, a hub download included
+        raise UserError(f"choose a task from the list: {', '.join(TASKS)}")
+    return load_task(task_name, data_dir=ctx.data_dir, max_train=max_train or None,
+                     max_eval=200 if task_name not in SUITE_TASKS else None, seed=seed)
 
 
 def _final_metric(result: dict) -> str:
@@ -78,58 +90,102 @@ def _monitor_text(job) -> str:
             "(monitor subset)")
 
 
+def _status(job, steps: int, title: str) -> str:
+    """The job's status line: its place in the queue, its step, or how it ended; then its id (the adapter's name)."""
+    if job.status == "queued":
+        state = f"**queued** ({f'number {job.position} in the queue' if job.position else 'starting'})"
+    elif not job.finished:
+        state = f"**{job.status}**: step {job.step} / {steps}"
+    elif job.result is None:
+        state = f"**{job.status}**"
+    else:
+        state = f"**{job.status}** after {job.result['train']['steps']} steps"
+    return f"{state} · {title} · `{job.id}`"
+
+
+def _final_text(job) -> str:
+    """The held-out score of an ended job, and if it was stopped, what that score is worth."""
+    if job.result is None:
+        return job.note or ""
+    return _final_metric(job.result) + (f"  \n**{job.note}**" if job.stopped else "")
+
+
+def _options(options) -> dict:
+    if options is not None and not isinstance(options, dict):
+        raise UserError("the options must be a JSON object of option: value")
+    return options or {}
+
+
 @readable_errors
-def train(ctx: Context, task_name, csv_file, text_column, label_column, max_train, method, options, lr, steps,
+def train(ctx: Context, user, task_name, csv_file, text_column, label_column, max_train, method, options, lr, steps,
           batch_size, seed, progress=gr.Progress()):
-    """Start a training job and stream (job id, status, loss figure, score, adapter table) until it ends."""
-    task = _task(ctx, task_name, csv_file, text_column, label_column, max_train, seed)
-    steps = int(steps)
-    if not 1 <= steps <= 20000:
-        raise UserError("steps must be between 1 and 20000")
-    config = TrainConfig(steps=steps, batch_size=int(batch_size), lr=float(lr) or None, seed=int(seed),
+    """Start a training job and stream (job id, status, loss figure, score) until it ends."""
+    ws = user_workspace(ctx, user)
+    seed, steps = whole(seed, "the seed", 0, 2**31 - 1), whole(steps, "steps", 1, ws.limits.steps)
+    config = TrainConfig(steps=steps, batch_size=whole(batch_size, "the batch size", 1, ws.limits.batch_size),
+                         lr=number(lr, "the learning rate", 0, 1) or None, seed=seed,
                          log_every=max(1, min(10, steps // 20)), eval_every=max(10, steps // 4),
                          checkpoint_every=max(50, steps // 4))
-    job = ctx.workspace.start_training(task, method, options or {}, config, base=ctx.base, sampler_steps=8)
+    task = _task(ctx, task_name, csv_file, text_column, label_column, max_train, seed)  # after the cheap checks
+    job = ws.start_training(task, method, _options(options), config, base=ctx.base, sampler_steps=8)
     title = f"{method} on {task.name} ({len(task.train)} train / {len(task.eval)} held-out)"
-    yield job.id, f"**{job.status}** … {title}", training_figure([], title), "", gr.update()
+    yield job.id, _status(job, steps, title), training_figure([], title), ""
     while not job.finished:
         time.sleep(1.0)
         progress((job.step, steps), desc=f"{job.status}: step {job.step}/{steps}")
-        yield (job.id, f"**{job.status}**: step {job.step} / {steps} · {title}",
-               training_figure(list(job.records), title), _monitor_text(job), gr.update())
+        yield job.id, _status(job, steps, title), training_figure(list(job.records), title), _monitor_text(job)
     if job.status == "failed":
         raise UserError(job.error)
-    yield (job.id, f"**{job.status}** after {job.result['train']['steps']} steps · {title}",
-           training_figure(list(job.records), title), _final_metric(job.result),
-           gr.update(value=adapter_table(ctx)))
+    yield job.id, _status(job, steps, title), training_figure(list(job.records), title), _final_text(job)
+
+
+STOPPING = {"queued": "stopped: the job leaves the queue without training",
+            "running": "stopping after the current step; it is then scored on the monitor slice only",
+            "evaluating": "stopping: the final evaluation is cut short and the adapter is not kept"}
 
 
 @readable_errors
-def stop(ctx: Context, job_id):
-    if job_id and job_id in ctx.workspace.jobs:
-        ctx.workspace.jobs[job_id].stop()
-        return "stopping after the current step…"
-    return "nothing is training"
+def stop(ctx: Context, user, job_id):
+    """Stop one of the caller's own jobs, at whatever stage it is."""
+    if not job_id:
+        return "nothing is training"
+    job = user_workspace(ctx, user).job(job_id)
+    if job.finished:
+        return f"the job has already ended ({job.status})"
+    stage = job.status
+    job.stop()
+    return STOPPING.get(stage, "stopping…")
 
 
 @readable_errors
-def download(ctx: Context, name):
+def download(ctx: Context, user, name):
     if not name:
         raise UserError("pick an adapter to download")
-    return str(ctx.workspace.export_adapter(name))
+    return str(user_workspace(ctx, user).export_adapter(name))
 
 
 @readable_errors
-def upload(ctx: Context, files):
+def upload(ctx: Context, user, files):
     if not files:
         raise UserError("choose the adapter zip (or adapter.safetensors + adapter_config.json)")
-    paths = [f if isinstance(f, str) else f.name for f in (files if isinstance(files, list) else [files])]
-    name = ctx.workspace.import_adapter(paths)
-    return f"imported as **{name}**", adapter_table(ctx), gr.update(choices=adapter_names(ctx))
+    paths = [uploaded(ctx, f) for f in (files if isinstance(files, list) else [files])]
+    name = user_workspace(ctx, user).import_adapter(paths, base=ctx.base)
+    return f"imported as **{name}**"
 
 
-def tab(ctx: Context) -> dict:
-    """Lay out the Train tab and wire it; returns the components other tabs refresh."""
+def limits_text(ctx: Context) -> str:
+    limits = ctx.workspace.limits
+    minutes = f", {limits.seconds / 60:g} minutes of training" if limits.seconds else ""
+    return (f"Per job: up to {limits.steps:,} steps, a batch of {limits.batch_size}{minutes}; "
+            f"{limits.jobs_per_user} jobs per user at once, first come first served. An uploaded CSV: up to "
+            f"{MAX_CSV_BYTES // 2**20} MB and {MAX_CSV_ROWS:,} rows, of which {CSV_HELD_OUT} at most are held out. "
+            "**Stop** takes a queued job out of the queue; a running one ends at the next step and is scored "
+            "on the monitor slice only (marked *stopped* in the list); during the final evaluation it ends "
+            "at once and the adapter is not kept.")
+
+
+def tab(ctx: Context, user) -> dict:
+    """Lay out the Train tab and wire it; returns the lists other tabs refresh and the events that change them."""
     with gr.Row():
         with gr.Column():
             task_in = gr.Dropdown(TASKS, value="suite_sentiment", label="task")
@@ -155,15 +211,17 @@ def tab(ctx: Context) -> dict:
             with gr.Row():
                 start_btn = gr.Button("Train", variant="primary")
                 stop_btn = gr.Button("Stop")
+    gr.Markdown(limits_text(ctx))
     job_id = gr.State("")
     status = gr.Markdown("", elem_id="train-status")
     with gr.Row():
         loss_plot = gr.Plot(label="loss and held-out score", elem_id="loss-plot")
         metric = gr.Markdown("", elem_id="train-metric")
-    gr.Markdown("### Adapters in this workspace")
-    adapters = gr.Dataframe(adapter_table(ctx), headers=TABLE_HEADERS, interactive=False)
+    gr.Markdown("### Your adapters")
+    table = gr.Dataframe([], headers=TABLE_HEADERS, interactive=False)
+    broken = gr.Markdown("")
     with gr.Row():
-        pick = gr.Dropdown(adapter_names(ctx), label="adapter", allow_custom_value=True)
+        pick = gr.Dropdown([], label="adapter", allow_custom_value=True)
         download_btn = gr.Button("Prepare download")
         download_file = gr.File(label="adapter zip")
     with gr.Row():
@@ -173,11 +231,12 @@ def tab(ctx: Context) -> dict:
         upload_msg = gr.Markdown("")
 
     method_in.change(show_options, method_in, groups, api_visibility="undocumented")
-    start_btn.click(collect_options, [method_in] + controls, options_json, api_visibility="undocumented").then(
-        handler(train, ctx), [task_in, csv_in, text_col, label_col, max_train, method_in, options_json, lr_in,
+    trained = start_btn.click(collect_options, [method_in] + controls, options_json,
+                              api_visibility="undocumented").then(
+        handler(train, ctx), [user, task_in, csv_in, text_col, label_col, max_train, method_in, options_json, lr_in,
                               steps_in, batch_in, seed_in],
-        [job_id, status, loss_plot, metric, adapters], api_name="train", concurrency_limit=4)
-    stop_btn.click(handler(stop, ctx), job_id, status, api_name="stop", concurrency_limit=None)
-    download_btn.click(handler(download, ctx), pick, download_file, api_name="download")
-    upload_btn.click(handler(upload, ctx), upload_files, [upload_msg, adapters, pick], api_name="upload")
-    return {"pick": pick}
+        [job_id, status, loss_plot, metric], api_name="train", concurrency_limit=None)  # the workspace queues
+    stop_btn.click(handler(stop, ctx), [user, job_id], status, api_name="stop", concurrency_limit=None)
+    download_btn.click(handler(download, ctx), [user, pick], download_file, api_name="download")
+    uploaded = upload_btn.click(handler(upload, ctx), [user, upload_files], upload_msg, api_name="upload")
+    return {"pick": pick, "table": table, "broken": broken, "changed": [trained, uploaded]}

@@ -1,26 +1,39 @@
-"""The app's workspace: a folder of runs, a queue of training jobs, adapters in and out.
+"""The app's workspace: folders of runs per user, one fair queue of training jobs, adapters in and out.
 
-A `Workspace` is a folder of runs. `start_training` fine-tunes in a background thread
-(one at a time per workspace; later ones wait their turn) and keeps every log record, so
-a page can poll it for a live loss curve; `TrainJob.stop` ends training at the next step
-and the adapter trained so far is evaluated and saved like any finished run. Adapters
-come in and go out as zip files holding safetensors + JSON only. A router over the
-workspace's LoRA-Diffusion adapters is trained once per set and kept.
+A `Workspace` is a folder of runs. The app keeps one root workspace W and gives every browser
+user their own, `W.user(id)` at W/users/<id>/; adapters the operator puts in W/shared/ are
+offered to everyone, read-only, as `shared:<name>`. All the workspaces of one root share one
+`JobQueue`: first come, first served, with a position to show while a job waits.
+
+Everything that comes from a page or the API is checked here, at the library's edge: an
+adapter name is a plain folder name among this workspace's adapters (`plain_name`), a job
+is looked up among this workspace's jobs only, an upload is bounded per entry and in total
+(counted on the bytes really unpacked), only the adapter's own files are extracted, and the
+adapter is loaded as a whole before it is kept; a refused upload leaves nothing behind.
+Messages name files relative to the workspace (`public_message`), never by server path.
+
+`start_training` fine-tunes in a background thread within `JobLimits`; `TrainJob.stop`
+works at every stage: a queued job never starts, a running one ends at the next step and is
+scored on the monitor slice only (and marked stopped, so it never passes for a finished
+run), and one stopped in its final evaluation ends at once without keeping its adapter.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
+import re
 import shutil
 import threading
 import time
 import traceback
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import CONFIG_FILE, RUN_ADAPTER, TENSORS_FILE, read_adapter_config
+from .adapters import CONFIG_FILE, RUN_ADAPTER, TENSORS_FILE, check_adapter, load_adapter
 from .backbone import load_backbone
 from .errors import UserError
 from .files import atomic_write, load_tensors, read_json, write_json, write_text
@@ -30,8 +43,99 @@ from .router import Composition, trained_composition
 from .runs import fine_tune
 from .training import TrainConfig
 
-ADAPTER_FILES = (TENSORS_FILE, CONFIG_FILE)
-MAX_UPLOAD_BYTES = 200 * 2**20
+SHARED = "shared:"          # the prefix of an adapter from the root's shared/ folder
+MAX_NAME = 128              # characters of an adapter name, a user id or a job id
+MIN_USER_ID = 8
+_PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+STOPPED_FILE = "stopped.json"  # in a run folder: the run was stopped (when, why, what it was scored on)
+
+# What an adapter upload may hold: its own files, each with a size bound (JSON is small).
+MAX_UPLOAD_BYTES = 200 * 2**20   # in total, unpacked
+MAX_JSON_BYTES = 2**20
+ADAPTER_ENTRIES = {TENSORS_FILE: MAX_UPLOAD_BYTES, CONFIG_FILE: MAX_JSON_BYTES,
+                   "peft/adapter_model.safetensors": MAX_UPLOAD_BYTES, "peft/adapter_config.json": MAX_JSON_BYTES}
+MAX_ENTRIES = 16                 # entries of an upload zip, folders included
+_CHUNK = 2**20
+_RUN_COUNTER = itertools.count()  # one for the process: run ids differ across users' workspaces too
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """What one job and one user may ask of the shared CPU, so no one's job holds the queue for ever."""
+
+    steps: int = 5000
+    batch_size: int = 64
+    seconds: float | None = 20 * 60   # wall-clock training time of one job; then it stops as if by Stop
+    jobs_per_user: int = 2            # queued or running at once, per workspace
+    waiting: int = 16                 # jobs waiting in the queue, all users together
+
+
+def plain_name(name, what: str = "adapter name", hint: str = "pick one from the list") -> str:
+    """`name` if it is a plain folder name, as the workbench makes them; else a UserError.
+
+    Names come from pages and API calls, that is from anyone: no '/', '\\', '..', NUL or
+    absolute path, and a bounded length. The message never repeats a refused name.
+    """
+    if not isinstance(name, str) or not name:
+        raise UserError(f"no {what} given: {hint}")
+    if len(name) > MAX_NAME or ".." in name or not _PLAIN.fullmatch(name):
+        raise UserError(f"that is not a valid {what}: {hint}")
+    return name
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.~:/-])/[^\s'\"/]+(?:/[^\s'\"/]*)*")
+
+
+def public_message(text: str, *roots) -> str:
+    """`text` without server paths: paths under `roots` relative to them, any other absolute path by its name."""
+    for root in roots:
+        if root is not None:
+            for form in {str(Path(root)), str(Path(root).resolve())}:
+                text = text.replace(form + "/", "").replace(form, ".")
+    return _ABSOLUTE.sub(lambda m: m.group(0).rstrip("/").rpartition("/")[2] or "/", text)
+
+
+class JobQueue:
+    """Training slots shared by every workspace of one root: first come, first served."""
+
+    def __init__(self, slots: int = 1, waiting: int = 16):
+        self._cond = threading.Condition()
+        self._slots, self._running = slots, 0
+        self._waiting: list[TrainJob] = []
+        self.max_waiting = waiting
+
+    def join(self, job: "TrainJob") -> None:
+        with self._cond:
+            if len(self._waiting) >= self.max_waiting:
+                raise UserError(f"the training queue is full ({self.max_waiting} jobs waiting); "
+                                "try again in a few minutes")
+            self._waiting.append(job)
+
+    def wait_turn(self, job: "TrainJob") -> bool:
+        """Block until `job` is first in line and a slot is free; False if it was stopped while waiting."""
+        with self._cond:
+            while not job.stop_requested and (self._waiting[0] is not job or self._running >= self._slots):
+                self._cond.wait(0.5)  # a stop is seen within half a second without a wake-up call
+            self._waiting.remove(job)
+            self._cond.notify_all()
+            if job.stop_requested:
+                return False
+            self._running += 1
+            return True
+
+    def leave(self) -> None:
+        with self._cond:
+            self._running -= 1
+            self._cond.notify_all()
+
+    def position(self, job: "TrainJob") -> int | None:
+        """1 for the next job to start; None once it has left the queue."""
+        with self._cond:
+            return self._waiting.index(job) + 1 if job in self._waiting else None
+
+
+class _StoppedInEvaluation(Exception):
+    """Raised from the model's head when a job is stopped during its final evaluation."""
 
 
 @dataclass
@@ -41,16 +145,27 @@ class TrainJob:
     id: str
     folder: Path
     spec: dict
-    status: str = "queued"           # queued, running, done, stopped, failed
+    status: str = "queued"           # queued, running, evaluating, done, stopped, failed
     records: list = field(default_factory=list)
     result: dict | None = None
     error: str | None = None
+    note: str | None = None          # why a stopped job ended as it did, for the page
+    stopped: dict | None = None      # a job stopped while training: step, reason, examples scored
     started: float | None = None
+    queue: JobQueue | None = field(default=None, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _reason: str = field(default="stopped by you", repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "stopped by you") -> None:
+        """End the job at whatever stage it is (see the module's docstring); the first reason given is kept."""
+        if not self._stop.is_set():
+            self._reason = reason
         self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job has ended (or `timeout`); True if it has."""
@@ -63,6 +178,11 @@ class TrainJob:
         return self.status in ("done", "stopped", "failed")
 
     @property
+    def position(self) -> int | None:
+        """Where the job waits in the queue (1 = next), None once it has started."""
+        return self.queue.position(self) if self.queue is not None and self.status == "queued" else None
+
+    @property
     def step(self) -> int:
         return max((r.get("step", 0) for r in self.records), default=0)
 
@@ -72,21 +192,47 @@ class TrainJob:
 
 
 class Workspace:
-    """A folder of training runs and imported adapters."""
+    """A folder of training runs and imported adapters (created when something is written)."""
 
-    def __init__(self, root, max_running: int = 1):
+    def __init__(self, root, max_running: int = 1, limits: JobLimits | None = None, shared=None,
+                 queue: JobQueue | None = None):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.limits = limits or JobLimits()
+        self.shared = Path(shared) if shared is not None else None  # a folder of read-only adapters
+        self.queue = queue or JobQueue(max_running, self.limits.waiting)
         self.jobs: dict[str, TrainJob] = {}
-        self._slots = threading.Semaphore(max_running)
+        self.broken: list[dict] = []  # adapter folders the last listing skipped: name, reason
         self._lock = threading.Lock()
-        self._counter = itertools.count()
-        self._compositions: dict = {}  # trained routers, by folder
+        self._compositions: OrderedDict = OrderedDict()  # trained routers, by folder (the last few)
+        self._checked: dict[Path, tuple] = {}  # adapter folder -> (file stamps, config or refusal)
+        self._users: OrderedDict[str, Workspace] = OrderedDict()
+
+    # ---- users ----------------------------------------------------------------------
+
+    def user(self, user_id) -> "Workspace":
+        """The workspace of one browser user, W/users/<id>/, sharing this root's queue and shared/ adapters."""
+        user_id = plain_name(user_id, "user id", "reload the page")
+        if len(user_id) < MIN_USER_ID:  # the id is all that separates users: not one anyone would guess
+            raise UserError(f"a user id has at least {MIN_USER_ID} characters: reload the page")
+        with self._lock:
+            ws = self._users.pop(user_id, None) or Workspace(
+                self.root / "users" / user_id, limits=self.limits, shared=self.root / "shared", queue=self.queue)
+            self._users[user_id] = ws
+            # Forget the least recent users beyond a few hundred (their folders stay), but never
+            # one with a job still queued or running: its page polls it.
+            for old in list(self._users)[:-256]:
+                if not any(not j.finished for j in self._users[old].jobs.values()):
+                    del self._users[old]
+        return ws
+
+    def public(self, text: str) -> str:
+        return public_message(text, self.root, self.shared)
 
     def _new_folder(self, stem: str) -> tuple[str, Path]:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:60] or "run"  # CSV names are anyone's
         with self._lock:  # unique per call, whichever user asks
             while True:
-                run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._counter):03d}-{stem}"
+                run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{next(_RUN_COUNTER):03d}-{stem}"
                 folder = self.root / run_id
                 if not folder.exists():
                     folder.mkdir(parents=True)
@@ -98,97 +244,223 @@ class Workspace:
                        sampler_steps: int = 16, monitor_examples: int = 64) -> TrainJob:
         """Fine-tune `method` on `task` (a data.Task) in a background thread; returns the job."""
         config = config or TrainConfig()
+        self._check_limits(config)
         method_obj = make_method(method, options)  # bad options fail here, in the caller
         run_id, folder = self._new_folder(f"{method}-{task.name}")
         spec = {"task": task.name, "method": method, "options": method_obj.options(), "steps": config.steps,
                 "batch_size": config.batch_size, "lr": config.lr or method_obj.default_lr, "seed": config.seed,
                 "base": str(base or "shipped"), "n_train": len(task.train), "n_eval": len(task.eval)}
         write_json(folder / "job.json", spec)
-        job = TrainJob(run_id, folder, spec)
+        job = TrainJob(run_id, folder, spec, queue=self.queue)
+        try:
+            self.queue.join(job)
+        except UserError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         job._thread = threading.Thread(target=self._run, name=f"train-{run_id}", daemon=True,
                                        args=(job, task, method_obj, config, base, sampler_steps, monitor_examples))
         self.jobs[run_id] = job
         job._thread.start()
         return job
 
+    def _check_limits(self, config: TrainConfig) -> None:
+        limits = self.limits
+        if not 1 <= config.steps <= limits.steps:
+            raise UserError(f"steps must be between 1 and {limits.steps:,} here")
+        if not 1 <= config.batch_size <= limits.batch_size:
+            raise UserError(f"the batch size must be between 1 and {limits.batch_size} here")
+        if sum(not j.finished for j in self.jobs.values()) >= limits.jobs_per_user:
+            raise UserError(f"you have {limits.jobs_per_user} training jobs queued or running; "
+                            "wait for one to end, or stop one")
+
+    def job(self, job_id) -> TrainJob:
+        """One of this workspace's jobs (another user's job ids are not found here)."""
+        job = self.jobs.get(plain_name(job_id, "job id"))
+        if job is None:
+            raise UserError("no training job of yours has that id")
+        return job
+
     def _run(self, job, task, method, config, base, sampler_steps, monitor_examples) -> None:
-        with self._slots:
-            if job._stop.is_set():
-                job.status = "stopped"
-                return
-            job.status, job.started = "running", time.time()
-            try:
-                backbone = load_backbone(base)
-                result = fine_tune(backbone, task, method, config, out_dir=job.folder, truncate=True,
-                                   sampler_steps=sampler_steps, monitor_examples=monitor_examples,
-                                   on_log=job.records.append, should_stop=job._stop.is_set, progress=False)
-                result.pop("model", None)
-                job.result = result
-                job.status = "stopped" if job._stop.is_set() else "done"
-            except UserError as e:
-                job.error, job.status = str(e), "failed"
-            except Exception as e:  # keep the details on disk, show one line
-                write_text(job.folder / "error.log", traceback.format_exc())
-                job.error = f"training failed: {type(e).__name__}: {e} (details in {job.folder / 'error.log'})"
-                job.status = "failed"
+        if not self.queue.wait_turn(job):
+            shutil.rmtree(job.folder, ignore_errors=True)  # it holds only the job's spec
+            job.status, job.note = "stopped", "stopped while queued: nothing was trained"
+            return
+        job.status, job.started = "running", time.time()
+        try:
+            job.result = self._train(job, task, method, config, base, sampler_steps, monitor_examples)
+            job.status = "stopped" if job.stopped else "done"
+        except _StoppedInEvaluation:
+            shutil.rmtree(job.folder / RUN_ADAPTER, ignore_errors=True)
+            job.status, job.note = "stopped", "stopped during the final evaluation: the adapter was not kept"
+        except UserError as e:
+            job.error, job.status = self.public(str(e)), "failed"
+        except Exception as e:  # keep the details on disk, show one line
+            write_text(job.folder / "error.log", traceback.format_exc())
+            job.error = (f"training failed: {type(e).__name__}: {self.public(str(e))} "
+                         f"(details in {job.id}/error.log on the server)")
+            job.status = "failed"
+        finally:
+            self.queue.leave()
+
+    def _train(self, job, task, method, config, base, sampler_steps, monitor_examples) -> dict:
+        """fine_tune with the job's stop and time limit wired in; a stop cuts the held-out split short."""
+        task = dataclasses.replace(task)  # its held-out list is cut when the job stops
+        steps_done = itertools.count()
+
+        def should_stop() -> bool:
+            done = next(steps_done)  # called once before each step
+            limit = self.limits.seconds
+            if limit and time.time() - job.started > limit:
+                job.stop(f"stopped by the {limit / 60:g}-minute limit per job")
+            if not job.stop_requested:
+                return False
+            if job.stopped is None:  # seen for the first time: score only the monitor slice
+                task.eval = task.eval[:monitor_examples]
+                job.stopped = {"step": done, "reason": job._reason, "n_eval": len(task.eval)}
+                job.note = (f"{job._reason} at step {done}: scored on the first {len(task.eval)} held-out "
+                            "examples only (the monitor slice), not the whole split")
+                write_json(job.folder / STOPPED_FILE, job.stopped)  # before the adapter: never listed as done
+            return True
+
+        def on_log(record: dict) -> None:
+            job.records.append(record)
+            if "loss" in record and record["step"] >= config.steps:
+                job.status = "evaluating"
+
+        def cut_evaluation(module, args) -> None:  # the LM head runs in every denoiser call
+            if job.status == "evaluating" and job.stop_requested:
+                raise _StoppedInEvaluation
+
+        backbone = load_backbone(base)
+        hook = backbone.head.register_forward_pre_hook(cut_evaluation)
+        try:
+            result = fine_tune(backbone, task, method, config, out_dir=job.folder, truncate=True,
+                               sampler_steps=sampler_steps, monitor_examples=monitor_examples,
+                               on_log=on_log, should_stop=should_stop, progress=False)
+        finally:
+            hook.remove()
+        result.pop("model", None)
+        return result
 
     # ---- adapters -------------------------------------------------------------------
 
-    def adapters(self) -> list[dict]:
-        """Every complete adapter in the workspace, newest first."""
-        found = []
-        for config_path in self.root.glob(f"*/{RUN_ADAPTER}/{CONFIG_FILE}"):
-            run = config_path.parent.parent
-            config = read_json(config_path)
-            results = read_json(run / "results.json") if (run / "results.json").is_file() else {}
-            found.append({"name": run.name, "path": str(config_path.parent), "method": config["method"],
-                          "task": config["task"]["name"], "metric": metric_of(results) if results else None,
-                          "score": score(results) if results else None,
-                          "trainable_parameters": config["accounting"]["trainable_parameters"]})
-        return sorted(found, key=lambda a: a["name"], reverse=True)
+    def _roots(self, include_shared: bool) -> list[tuple[str, Path]]:
+        roots = [("", self.root)]
+        if include_shared and self.shared is not None:
+            roots.append((SHARED, self.shared))
+        return roots
 
-    def adapter_path(self, name: str) -> Path:
-        path = self.root / name / RUN_ADAPTER
-        if not (path / CONFIG_FILE).is_file():
-            raise UserError(f"no adapter named {name!r} in this workspace")
+    def adapters(self, include_shared: bool = False) -> list[dict]:
+        """Every complete, valid adapter in the workspace (and shared/, if asked), newest first.
+
+        A folder whose adapter does not validate is skipped and listed in `self.broken`
+        (name and reason), so one bad folder never takes the list down.
+        """
+        found, broken = [], []
+        for prefix, root in self._roots(include_shared):
+            if not root.is_dir():
+                continue
+            for config_path in root.glob(f"*/{RUN_ADAPTER}/{CONFIG_FILE}"):
+                run = config_path.parent.parent
+                name = prefix + run.name
+                try:
+                    found.append(self._entry(name, run, shared=bool(prefix)))
+                except UserError as e:
+                    broken.append({"name": name if _PLAIN.fullmatch(run.name) else "(a folder with an odd name)",
+                                   "reason": self.public(str(e))})
+        self.broken = broken
+        return sorted(found, key=lambda a: (not a["shared"], a["name"]), reverse=True)  # own ones first
+
+    def _entry(self, name: str, run: Path, shared: bool) -> dict:
+        plain_name(run.name)
+        config = self._valid_config(run / RUN_ADAPTER)
+        results = _optional_json(run / "results.json")
+        stopped = _optional_json(run / STOPPED_FILE)
+        try:
+            metric, value = (metric_of(results), score(results)) if results else (None, None)
+        except (KeyError, TypeError, ValueError):
+            metric, value = None, None
+        if stopped:
+            status = f"stopped at step {stopped.get('step')} (scored on {stopped.get('n_eval')} examples)"
+        else:
+            status = "shared" if shared else ("done" if results else "imported")
+        return {"name": name, "path": str(run / RUN_ADAPTER), "method": config["method"],
+                "task": config["task"]["name"], "metric": metric, "score": value, "status": status,
+                "shared": shared, "trainable_parameters": config["accounting"]["trainable_parameters"]}
+
+    def _valid_config(self, folder: Path) -> dict:
+        """The adapter's config if the adapter checks out as a whole (cached while its files are unchanged)."""
+        stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None
+                      for p in (folder / CONFIG_FILE, folder / TENSORS_FILE))
+        cached = self._checked.get(folder)
+        if cached is None or cached[0] != stamp:
+            try:
+                cached = (stamp, check_adapter(folder)[0])
+            except UserError as e:
+                cached = (stamp, e)
+            self._checked[folder] = cached
+        if isinstance(cached[1], UserError):
+            raise cached[1]
+        return cached[1]
+
+    def adapter_path(self, name) -> Path:
+        """The folder of adapter `name`: one of this workspace's (or, as `shared:NAME`, of shared/) that validates."""
+        shared = isinstance(name, str) and name.startswith(SHARED)
+        folder = plain_name(name[len(SHARED):] if shared else name)
+        root = self.shared if shared else self.root
+        path = root / folder / RUN_ADAPTER if root is not None else None
+        if path is None or not (path / CONFIG_FILE).is_file() or not path.resolve().is_relative_to(root.resolve()):
+            where = "among the shared adapters" if shared else "in your workspace"
+            raise UserError(f"no adapter named {name!r} {where}")
+        try:
+            self._valid_config(path)
+        except UserError as e:
+            raise UserError(f"adapter {name!r} is broken: {self.public(str(e))}") from None
         return path
 
-    def export_adapter(self, name: str) -> Path:
-        """A zip of the adapter's safetensors + JSON (what `import_adapter` takes back)."""
+    def export_adapter(self, name) -> Path:
+        """A zip of the adapter's own files (what `import_adapter` takes back), in this workspace's exports/."""
         folder = self.adapter_path(name)
-        target = self.root / name / f"{name}.zip"
+        target = self.root / "exports" / f"{folder.parent.name}.zip"
 
         def write(tmp):
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-                for path in sorted(folder.rglob("*")):
-                    if path.is_file() and path.suffix in (".safetensors", ".json"):
-                        z.write(path, path.relative_to(folder))
+                for entry in ADAPTER_ENTRIES:
+                    if (folder / entry).is_file():
+                        z.write(folder / entry, entry)
         atomic_write(target, write)
         return target
 
-    def import_adapter(self, path) -> str:
+    def import_adapter(self, path, base=None) -> str:
         """Add an adapter from a zip (as exported) or from its two files; returns its name.
 
-        Only .safetensors and .json members are read; the config must be a lora-diffusion
-        adapter config and the tensors must load as safetensors (nothing is unpickled).
-        A refused upload leaves nothing behind.
+        Only the adapter's own files are taken (see ADAPTER_ENTRIES), each bounded while it is
+        unpacked; then the adapter is checked as a whole and loaded on `base` (the app's base),
+        so its tensors must fit. Nothing is unpickled. A refused upload leaves nothing behind.
         """
         paths = [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
+        if not 1 <= len(paths) <= 2:
+            raise UserError(f"upload the adapter zip, or {TENSORS_FILE} and {CONFIG_FILE}")
         for p in paths:
+            if not p.is_file():
+                raise UserError("the upload is missing; upload it again")
             if p.stat().st_size > MAX_UPLOAD_BYTES:
-                raise UserError(f"{p.name} is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+                raise UserError(f"{_shown(p.name)} is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
         run_id, folder = self._new_folder("imported")
         target = folder / RUN_ADAPTER
-        target.mkdir()
         try:
             if len(paths) == 1 and paths[0].suffix == ".zip":
                 _extract_adapter_zip(paths[0], target)
             else:
                 _copy_adapter_files(paths, target)
-            _check_adapter_files(target)
-        except (UserError, zipfile.BadZipFile) as e:
+            _check_whole_adapter(target, base)
+        except BaseException as e:
             shutil.rmtree(folder, ignore_errors=True)
-            raise UserError(str(e) if isinstance(e, UserError) else "the upload is not a valid zip file") from None
+            if isinstance(e, (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError)):
+                raise UserError("the upload is not a valid zip file") from None
+            if isinstance(e, UserError):
+                raise UserError(self.public(str(e))) from None
+            raise
         return run_id
 
     # ---- composition ----------------------------------------------------------------
@@ -199,15 +471,15 @@ class Workspace:
         The trained router is saved under `compositions/` (safetensors + JSON), keyed by the
         adapters, so a second request for the same set loads it instead of training again.
         """
-        if len(names) < 2:
+        if not isinstance(names, (list, tuple)) or len(names) < 2:
             raise UserError("pick at least two LoRA-Diffusion adapters, one per task, to compose")
+        paths = [self.adapter_path(n) for n in sorted(names)]  # every name checked before anything is read
         key = hashlib.sha1("|".join(sorted(names)).encode()).hexdigest()[:12]
         folder = self.root / "compositions" / f"{key}-{router_steps}"
         with self._lock:
             cached = self._compositions.get(folder)
         if cached is not None:
             return cached
-        paths = [self.adapter_path(n) for n in sorted(names)]
         if (folder / "composition.json").is_file():
             composition = Composition.load(folder, base=base)
         else:
@@ -218,37 +490,92 @@ class Workspace:
         composition.model.eval()
         with self._lock:
             self._compositions[folder] = composition
+            while len(self._compositions) > 2:  # each holds a model: keep the last two
+                self._compositions.popitem(last=False)
         return composition
 
 
+def _optional_json(path: Path) -> dict | None:
+    """A run's own JSON file, or None where it is absent or unreadable (it only adds to a listing)."""
+    try:
+        value = read_json(path) if path.is_file() else None
+    except UserError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _shown(name: str) -> str:
+    """A name from an upload as a message may repeat it: short, on one line."""
+    name = name.replace("\n", " ")
+    return repr(name if len(name) <= 60 else name[:57] + "...")
+
+
 def _extract_adapter_zip(archive: Path, target: Path) -> None:
+    """The adapter's own entries of `archive` into `target`, each bounded while it is unpacked."""
     with zipfile.ZipFile(archive) as z:
-        members = [m for m in z.infolist() if not m.is_dir()]
-        if sum(m.file_size for m in members) > MAX_UPLOAD_BYTES:
-            raise UserError(f"the zip unpacks to more than {MAX_UPLOAD_BYTES // 2**20} MB")
-        for m in members:
-            name = Path(m.filename)
-            if name.is_absolute() or ".." in name.parts or name.suffix not in (".safetensors", ".json"):
-                raise UserError(f"the zip holds {m.filename!r}; only .safetensors and .json files "
-                                "inside the adapter folder are accepted")
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            (target / name).write_bytes(z.read(m))
+        members = z.infolist()
+        if len(members) > MAX_ENTRIES:
+            raise UserError(f"the zip holds {len(members)} entries; an adapter zip holds at most "
+                            f"{len(ADAPTER_ENTRIES)} files")
+        files = [m for m in members if not m.is_dir()]
+        names = [m.filename for m in files]
+        for name in names:
+            if name not in ADAPTER_ENTRIES:
+                raise UserError(f"the zip holds {_shown(name)}; an adapter zip holds only "
+                                f"{', '.join(ADAPTER_ENTRIES)}")
+        if len(set(names)) != len(names):
+            raise UserError("the zip holds the same file twice")
+        total = 0
+        for m in files:
+            total += _unpack(z, m, target / m.filename, ADAPTER_ENTRIES[m.filename], MAX_UPLOAD_BYTES - total)
+
+
+def _unpack(z: zipfile.ZipFile, member: zipfile.ZipInfo, path: Path, cap: int, left: int) -> int:
+    """Copy one entry in chunks, refusing it as soon as it passes its cap or the total left; its size."""
+    def write(tmp):
+        written = 0
+        with z.open(member) as src, open(tmp, "wb") as out:
+            while chunk := src.read(_CHUNK):
+                written += len(chunk)
+                if written > cap:
+                    raise UserError(f"{member.filename} unpacks to more than {cap // 2**20 or 1} MB")
+                if written > left:
+                    raise UserError(f"the zip unpacks to more than {MAX_UPLOAD_BYTES // 2**20} MB")
+                out.write(chunk)
+        sizes.append(written)
+
+    sizes: list[int] = []
+    atomic_write(path, write)
+    return sizes[0]
 
 
 def _copy_adapter_files(paths: list[Path], target: Path) -> None:
     """adapter.safetensors and adapter_config.json uploaded as two files (an upload prefix allowed)."""
     for p in paths:
-        if p.name.split("_", 1)[-1] not in ADAPTER_FILES and p.name not in ADAPTER_FILES:
-            raise UserError(f"{p.name}: upload {TENSORS_FILE} and {CONFIG_FILE}, or the zip the workbench exports")
-        shutil.copyfile(p, target / (TENSORS_FILE if p.suffix == ".safetensors" else CONFIG_FILE))
+        kind = next((f for f in (TENSORS_FILE, CONFIG_FILE) if p.name == f or p.name.endswith("_" + f)), None)
+        if kind is None:
+            raise UserError(f"{_shown(p.name)}: upload {TENSORS_FILE} and {CONFIG_FILE}, "
+                            "or the zip the workbench exports")
+        if p.stat().st_size > ADAPTER_ENTRIES[kind]:
+            raise UserError(f"{kind} is larger than {ADAPTER_ENTRIES[kind] // 2**20} MB")
+        atomic_write(target / kind, lambda tmp, p=p: shutil.copyfile(p, tmp))
 
 
-def _check_adapter_files(target: Path) -> None:
-    for needed in ADAPTER_FILES:
+def _check_whole_adapter(target: Path, base) -> None:
+    """Both files there, the config and tensors valid, and the adapter loads on `base` (so shapes fit)."""
+    for needed in (TENSORS_FILE, CONFIG_FILE):
         if not (target / needed).is_file():
             raise UserError(f"the upload has no {needed}")
-    read_adapter_config(target)
+    peft = [e for e in ADAPTER_ENTRIES if e.startswith("peft/")]
+    if any((target / e).is_file() for e in peft) and not all((target / e).is_file() for e in peft):
+        raise UserError(f"the upload's peft/ folder needs both {' and '.join(peft)}")
+    check_adapter(target)
+    if (target / peft[0]).is_file():
+        load_tensors(target / peft[0])  # peft's copy of the weights: safetensors too
+    # Loaded on a Backbone we pass, never on the base its config names: that could be any path.
     try:
-        load_tensors(target / TENSORS_FILE)
+        load_adapter(target, base=load_backbone(base), merge=False)
     except UserError:
-        raise UserError(f"{TENSORS_FILE} does not load as safetensors") from None
+        raise
+    except Exception as e:  # a tensor that fits nowhere fails inside the method as whatever torch raises
+        raise UserError(f"the adapter does not load on this workbench's base ({type(e).__name__})") from None

@@ -7,6 +7,7 @@ the app's default training run (app_timings.json) come from
 `APP_TEST_BASE=shipped APP_SCREENSHOTS=docs/screenshots pytest tests/test_app.py -k browser`.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -32,13 +33,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url(tiny_base_dir, tmp_path_factory):
+@contextlib.contextmanager
+def running_app(workspace, log: Path, base_dir):
+    """The app in a subprocess on a free port over `workspace`; yields its URL, stops it after."""
     port = _free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    base = [] if os.environ.get("APP_TEST_BASE") == "shipped" else ["--base", str(tiny_base_dir)]
-    log = tmp_path_factory.mktemp("app") / "app.log"
-    workspace = tmp_path_factory.mktemp("workspace")
+    base = [] if os.environ.get("APP_TEST_BASE") == "shipped" else ["--base", str(base_dir)]
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "lora_diffusion.app", "--port", str(port),
                                     "--workspace", str(workspace)] + base, cwd=ROOT, env=env, stdout=out,
@@ -64,38 +64,50 @@ def app_url(tiny_base_dir, tmp_path_factory):
             process.kill()
 
 
+@pytest.fixture(scope="module")
+def app_url(tiny_base_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    with running_app(tmp_path_factory.mktemp("workspace"), log, tiny_base_dir) as url:
+        yield url
+
+
 TRAIN_ARGS = dict(task_name="suite_sentiment", csv_file=None, text_column="text", label_column="label", max_train=64,
                   method="lora_diffusion", options={"ranks": [8, 4, 2], "k": 1}, lr=0, steps=6, batch_size=8, seed=0)
+
+
+USER = "api-test-user-0001"  # an API client names its user id; a browser gets a random one
 
 
 def test_api_trains_generates_analyses_and_reports_errors(app_url):
     client_module = pytest.importorskip("gradio_client")
     client = client_module.Client(app_url, verbose=False)
 
-    status, _, metric, adapters = client.predict(**TRAIN_ARGS, api_name="/train")  # (the job id is page state)
+    status, _, metric = client.predict(user=USER, **TRAIN_ARGS, api_name="/train")  # (the job id is page state)
     assert "done" in status and "held-out accuracy" in metric
-    table = adapters["value"]["data"]  # the workspace's adapter list, updated
-    name = table[0][0]
-    assert table[0][1] == "lora_diffusion"
+    name = re.search(r"`([^`]+)`", status).group(1)  # the adapter is named after its job
+    assert "lora_diffusion-suite_sentiment" in name
 
-    html, _ = client.predict(adapter_name=name, composed=[], instruction="is the sentiment of this review positive "
-                             "or negative ?", text="a great film .", length=2, steps=2, temperature=0, seed=0,
-                             api_name="/generate")
+    html, _ = client.predict(user=USER, adapter_name=name, composed=[], instruction="is the sentiment of this "
+                             "review positive or negative ?", text="a great film .", length=2, steps=2,
+                             temperature=0, seed=0, api_name="/generate")
     assert "step 2" in html and name in html and "base" in html
 
-    note, _, _ = client.predict(names=[name], examples=8, steps=4, api_name="/effective_rank")
+    note, _, _ = client.predict(user=USER, names=[name], examples=8, steps=4, api_name="/effective_rank")
     assert "Effective rank" in note and name in note
 
     # Bad input: one readable line, never a traceback.
     with pytest.raises(Exception) as error:
-        client.predict(names=[name], instruction="classify this", api_name="/route")
+        client.predict(user=USER, names=[name], instruction="classify this", api_name="/route")
     assert "at least two" in str(error.value) and "Traceback" not in str(error.value)
     with pytest.raises(Exception) as error:
-        client.predict(path="no/such/results.json", api_name="/show_results")
-    assert "file not found" in str(error.value)
+        client.predict(name="no/such/results.json", api_name="/show_results")
+    assert "not a results file of this workbench" in str(error.value)
     with pytest.raises(Exception) as error:
-        client.predict(**dict(TRAIN_ARGS, options={"ranks": "64,32"}), api_name="/train")
+        client.predict(user=USER, **dict(TRAIN_ARGS, options={"ranks": "64,32"}), api_name="/train")
     assert "option 'ranks' must be none, or 3 comma-separated values" in str(error.value)
+    with pytest.raises(Exception) as error:  # another user does not see this user's adapter
+        client.predict(user="api-test-user-0002", name=name, api_name="/download")
+    assert "no adapter named" in str(error.value)
 
 
 def _pick(page, dropdown: str, option, refresh) -> None:
@@ -190,8 +202,10 @@ def test_browser_trains_generates_and_shows_every_tab(app_url, tmp_path):
             page.get_by_role("button", name="Show scaling").click()
             page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=60_000)
         page.screenshot(path=str(shots / "compare.png"), full_page=True)
-        page.get_by_label("results file of `lora-diffusion compare`").fill("no/such/file.json")
-        page.get_by_role("button", name="Show", exact=True).click()
-        page.wait_for_selector("text=file not found", timeout=60_000)
         assert page.locator("text=Traceback").count() == 0
+
+        # A reload keeps the user (the id lives in the browser): the adapter is still listed as theirs.
+        page.reload()
+        page.wait_for_selector("text=lora-diffusion workbench", timeout=60_000)
+        page.wait_for_function("document.body.innerText.includes('lora_diffusion-suite_sentiment')", timeout=60_000)
         browser.close()

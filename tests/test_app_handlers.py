@@ -1,9 +1,11 @@
 """The app's handlers called directly, without a browser or a server (they are module-level functions)."""
 
+import shutil
+
 import gradio as gr
 import pytest
 
-from lora_diffusion.app import compare_tab, generate_tab, train_tab
+from lora_diffusion.app import compare_tab, generate_tab, main, train_tab
 from lora_diffusion.app.common import Context
 from lora_diffusion.methods import METHODS, method_config, option_specs
 from lora_diffusion.paths import CHECKOUT
@@ -32,24 +34,42 @@ def test_only_the_chosen_methods_options_are_shown_and_collected():
     assert [u["visible"] for u in shown] == [m == "dora" for m in METHODS]
 
 
+USER = "handlers-user-01"
+
+
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory, tiny_base_dir):
     return Context(Workspace(tmp_path_factory.mktemp("ws")), base=str(tiny_base_dir))
 
 
-def train_run(ctx, **changes):
+def train_run(ctx, user=USER, **changes):
     args = dict(task_name="suite_sentiment", csv_file=None, text_column="text", label_column="label", max_train=32,
                 method="lora_diffusion", options={"ranks": "4,2,2", "k": 1}, lr=0, steps=4, batch_size=4, seed=0)
     args.update(changes)
-    return list(train_tab.train(ctx, **args, progress=lambda *a, **k: None))
+    return list(train_tab.train(ctx, user, **args, progress=lambda *a, **k: None))
 
 
-def test_train_streams_until_the_run_is_done_and_lists_its_adapter(ctx):
+def test_train_streams_until_the_run_is_done_and_lists_its_adapter_for_its_user_only(ctx):
     updates = train_run(ctx)
-    job_id, status, figure, metric, table = updates[-1]
+    job_id, status, figure, metric = updates[-1]
     assert status.startswith("**done** after 4 steps") and "(generative)" in metric
-    assert table["value"][0][0] == job_id and table["value"][0][1] == "lora_diffusion"
     assert [u[0] for u in updates] == [job_id] * len(updates)  # one job, reported throughout
+    *lists, table, broken = main.refreshed(ctx, USER, False)
+    assert table[0][:3] == [job_id, "done", "lora_diffusion"] and broken == ""
+    assert job_id in lists[1]["choices"]
+    assert main.refreshed(ctx, "another-user-01", False)[-2] == []  # each user sees their own adapters
+
+
+def test_a_user_sees_shared_adapters_only_when_asked(ctx):
+    if not ctx.workspace.user(USER).adapters():
+        train_run(ctx)
+    own = ctx.workspace.user(USER).adapters()[0]["name"]
+    shutil.copytree(ctx.workspace.root / "users" / USER / own, ctx.workspace.root / "shared" / "team-adapter")
+    other = "another-user-02"
+    assert main.refreshed(ctx, other, False)[1]["choices"] == []
+    assert main.refreshed(ctx, other, True)[1]["choices"] == ["shared:team-adapter"]
+    page, _ = generate_tab.generate(ctx, other, "shared:team-adapter", [], "is it good ?", "fine .", 2, 2, 0.0, 0)
+    assert "shared:team-adapter" in page
 
 
 def test_a_bad_option_is_one_readable_line(ctx):
@@ -61,10 +81,10 @@ def test_a_bad_option_is_one_readable_line(ctx):
 
 
 def test_generate_decodes_with_the_base_and_the_adapter(ctx):
-    if not ctx.workspace.adapters():
+    if not ctx.workspace.user(USER).adapters():
         train_run(ctx)
-    name = ctx.workspace.adapters()[0]["name"]
-    page, figure = generate_tab.generate(ctx, name, [], "is it good ?", "a great film .", 2, 2, 0.0, 0)
+    name = ctx.workspace.user(USER).adapters()[0]["name"]
+    page, figure = generate_tab.generate(ctx, USER, name, [], "is it good ?", "a great film .", 2, 2, 0.0, 0)
     assert page.count("<h4>") == 2 and "step 2" in page and name in page
     assert len(figure.data) == 1  # the LoRA-Diffusion adapter's perturbation norm; the base has none
 
@@ -74,7 +94,7 @@ def test_generate_decodes_with_the_base_and_the_adapter(ctx):
 def test_compare_reads_a_results_file_of_the_checkout(ctx):
     table, figure = compare_tab.show_results(ctx, "results/compare_sst2.json")
     assert "| lora_diffusion |" in table and len(figure.data[0].x) == 7
-    with pytest.raises(gr.Error, match="file not found"):
+    with pytest.raises(gr.Error, match="not a results file of this workbench; choose one from the list"):
         compare_tab.show_results(ctx, "no/such/results.json")
-    with pytest.raises(gr.Error, match="not a rank-scaling results file"):
-        compare_tab.show_scaling(ctx, "results/compare_sst2.json")
+    with pytest.raises(gr.Error, match="not a results file of this workbench"):
+        compare_tab.show_scaling(ctx, "results/compare_sst2.json")  # a results file, of the other kind

@@ -1,5 +1,7 @@
 """The app's workspace: background training, adapters in and out; and one decoding, step by step."""
 
+import shutil
+import time
 import zipfile
 
 import torch
@@ -12,7 +14,7 @@ from lora_diffusion.data import load_task
 from lora_diffusion.errors import UserError
 from lora_diffusion.plots import training_figure
 from lora_diffusion.training import TrainConfig
-from lora_diffusion.workspace import Workspace
+from lora_diffusion.workspace import JobLimits, Workspace, plain_name, public_message
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +43,12 @@ def test_background_training_logs_saves_and_lists(trained):
     assert len(fig.data) == 2 and list(fig.data[0].x) == [2, 4, 6]
 
 
-def test_export_then_import_gives_the_same_adapter(trained):
+def test_export_then_import_gives_the_same_adapter(trained, tiny_base_dir):
     ws, job = trained
     archive = ws.export_adapter(job.id)
     with zipfile.ZipFile(archive) as z:
         assert sorted(z.namelist()) == ["adapter.safetensors", "adapter_config.json"]
-    name = ws.import_adapter(archive)
+    name = ws.import_adapter(archive, base=str(tiny_base_dir))
     original, imported = ws.adapter_path(job.id), ws.adapter_path(name)
     assert (imported / "adapter.safetensors").read_bytes() == (original / "adapter.safetensors").read_bytes()
     assert name in [a["name"] for a in ws.adapters()]
@@ -59,7 +61,7 @@ def test_bad_uploads_are_refused_and_leave_nothing(trained, tmp_path):
     with zipfile.ZipFile(evil, "w") as z:
         z.writestr("adapter.safetensors", b"x")
         z.writestr("payload.pkl", b"x")
-    with pytest.raises(UserError, match="only .safetensors and .json"):
+    with pytest.raises(UserError, match="'payload.pkl'; an adapter zip holds only adapter.safetensors"):
         ws.import_adapter(evil)
     fake = tmp_path / "fake.zip"
     fake.write_bytes(b"not a zip")
@@ -69,20 +71,107 @@ def test_bad_uploads_are_refused_and_leave_nothing(trained, tmp_path):
     with zipfile.ZipFile(broken, "w") as z:
         z.writestr("adapter.safetensors", b"garbage")
         z.writestr("adapter_config.json", '{"format": "lora-diffusion-adapter"}')
-    with pytest.raises(UserError, match="does not load as safetensors"):
+    with pytest.raises(UserError, match="not a valid lora-diffusion adapter"):
         ws.import_adapter(broken)
     assert sorted(p.name for p in ws.root.iterdir()) == before
 
 
-def test_a_stopped_job_still_saves_what_it_trained(tmp_path, tiny_base_dir):
+def test_a_stopped_job_saves_what_it_trained_marked_stopped_and_scored_on_the_monitor_slice(tmp_path, tiny_base_dir):
     ws = Workspace(tmp_path)
-    task = load_task("suite_topic", max_train=16, max_eval=4)
-    job = ws.start_training(task, "bitfit", {}, TrainConfig(steps=10_000, batch_size=2, log_every=1),
-                            base=str(tiny_base_dir), sampler_steps=1, monitor_examples=2)
+    task = load_task("suite_topic", max_train=16, max_eval=40)
+    job = ws.start_training(task, "bitfit", {}, TrainConfig(steps=5000, batch_size=2, log_every=1),
+                            base=str(tiny_base_dir), sampler_steps=1, monitor_examples=3)
+    while job.step < 2:  # it has trained a little
+        time.sleep(0.05)
     job.stop()
     assert job.wait(300)
-    assert job.status == "stopped" and job.result["train"]["steps"] < 10_000
+    assert job.status == "stopped" and job.result["train"]["steps"] < 5000
+    assert job.result["n_eval"] == 3 and job.stopped["n_eval"] == 3 and "monitor slice" in job.note
     assert (job.folder / "adapter" / "adapter_config.json").is_file()
+    listed = ws.adapters()[0]
+    assert listed["status"].startswith(f"stopped at step {job.stopped['step']}")  # never passes for a done run
+    assert len(task.eval) == 40  # the caller's task is not cut
+
+
+def test_the_queue_says_where_a_job_waits_and_stop_takes_it_out(tmp_path, tiny_base_dir):
+    root = Workspace(tmp_path)
+    alice, bob = root.user("alice-0001"), root.user("bob-00001")
+    task = load_task("suite_topic", max_train=16, max_eval=4)
+    first = alice.start_training(task, "bitfit", {}, TrainConfig(steps=5000, batch_size=2, log_every=1),
+                                 base=str(tiny_base_dir), sampler_steps=1, monitor_examples=2)
+    waiting = bob.start_training(task, "bitfit", {}, TrainConfig(steps=2, batch_size=2),
+                                 base=str(tiny_base_dir), sampler_steps=1, monitor_examples=2)
+    assert waiting.status == "queued" and waiting.position == 1
+    with pytest.raises(UserError, match="no training job of yours"):
+        bob.job(first.id)  # job ids are per user
+    waiting.stop()
+    assert waiting.wait(10) and waiting.status == "stopped" and waiting.result is None
+    assert "nothing was trained" in waiting.note and not waiting.folder.exists()
+    first.stop()
+    assert first.wait(300) and first.status == "stopped"
+
+
+def test_limits_refuse_big_jobs_and_too_many_per_user(tmp_path, tiny_base_dir):
+    ws = Workspace(tmp_path, limits=JobLimits(steps=100, batch_size=8, jobs_per_user=1))
+    task = load_task("suite_topic", max_train=16, max_eval=4)
+    with pytest.raises(UserError, match="steps must be between 1 and 100"):
+        ws.start_training(task, "bitfit", {}, TrainConfig(steps=101, batch_size=2))
+    with pytest.raises(UserError, match="batch size must be between 1 and 8"):
+        ws.start_training(task, "bitfit", {}, TrainConfig(steps=10, batch_size=9))
+    job = ws.start_training(task, "bitfit", {}, TrainConfig(steps=100, batch_size=2, log_every=1),
+                            base=str(tiny_base_dir), sampler_steps=1, monitor_examples=2)
+    with pytest.raises(UserError, match="you have 1 training jobs queued or running"):
+        ws.start_training(task, "bitfit", {}, TrainConfig(steps=10, batch_size=2))
+    job.stop()
+    assert job.wait(300)
+
+
+def test_a_job_past_its_time_limit_stops_like_a_stopped_one(tmp_path, tiny_base_dir):
+    ws = Workspace(tmp_path, limits=JobLimits(seconds=0.5))
+    job = ws.start_training(load_task("suite_topic", max_train=16, max_eval=4), "bitfit", {},
+                            TrainConfig(steps=5000, batch_size=2, log_every=1), base=str(tiny_base_dir),
+                            sampler_steps=1, monitor_examples=2)
+    assert job.wait(120) and job.status == "stopped" and job.result["train"]["steps"] < 5000
+    assert job.note.startswith("stopped by the 0.00833333-minute limit per job at step")
+
+
+def test_a_job_stopped_in_its_final_evaluation_ends_at_once_and_keeps_no_adapter(tmp_path, tiny_base_dir):
+    ws = Workspace(tmp_path)
+    task = load_task("suite_topic", max_train=16, max_eval=400)
+    job = ws.start_training(task, "bitfit", {}, TrainConfig(steps=2, batch_size=2, log_every=1, eval_every=0),
+                            base=str(tiny_base_dir), sampler_steps=64, monitor_examples=2)
+    while job.status != "evaluating" and not job.finished:
+        time.sleep(0.01)
+    job.stop()
+    began = time.time()
+    assert job.wait(60) and time.time() - began < 10
+    assert job.status == "stopped" and "final evaluation" in job.note
+    assert ws.adapters() == [] and not (job.folder / "adapter").exists()
+
+
+def test_a_broken_adapter_folder_is_skipped_and_reported(trained, tmp_path):
+    ws = Workspace(tmp_path)
+    (tmp_path / "hostile" / "adapter").mkdir(parents=True)
+    (tmp_path / "hostile" / "adapter" / "adapter_config.json").write_text('{"format": "lora-diffusion-adapter"}')
+    shutil.copytree(trained[1].folder, tmp_path / trained[1].id)
+    assert [a["name"] for a in ws.adapters()] == [trained[1].id]
+    assert [b["name"] for b in ws.broken] == ["hostile"] and "not a valid" in ws.broken[0]["reason"]
+    assert str(tmp_path) not in ws.broken[0]["reason"]
+    with pytest.raises(UserError, match="adapter 'hostile' is broken"):
+        ws.adapter_path("hostile")
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/b", "..", "", "a\\b", "x\0y", ".hidden", "a" * 129,
+                                  None, 3])
+def test_names_are_plain_folder_names(name):
+    with pytest.raises(UserError) as error:
+        plain_name(name)
+    assert "/" not in str(error.value)
+
+
+def test_messages_name_no_server_paths(tmp_path):
+    text = f"{tmp_path}/users/x/run/adapter.json is broken; see /etc/passwd and '/home/me/secret.txt'"
+    assert public_message(text, tmp_path) == "users/x/run/adapter.json is broken; see passwd and 'secret.txt'"
 
 
 def test_trajectory_states_and_norms(trained, tiny_base_dir):
