@@ -1,3 +1,7 @@
-from .main import main
+"""`python -m lora_diffusion.app ARGS` is `lora-diffusion app ARGS`: one parser checks them."""
 
-main()
+import sys
+
+from lora_diffusion.cli import main
+
+sys.exit(main(["app", *sys.argv[1:]]))

@@ -1,6 +1,6 @@
 """Build and launch the workbench: four tabs over one workspace, a folder of its own for every browser user.
 
-    lora-diffusion app [--port 7860] [--workspace runs/app]     (or: python -m lora_diffusion.app)
+    lora-diffusion app [--port 7860] [--workspace runs/app]     (or: python -m lora_diffusion.app ...)
 
 A browser gets a random user id on its first visit, kept in its localStorage
 (`gr.BrowserState`), so a reload finds the same adapters; every handler works in that
@@ -10,7 +10,6 @@ when asked.
 
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 
@@ -88,19 +87,14 @@ def build(workspace: Workspace, data_dir: str | None = None, base: str | None = 
     return demo
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="the lora-diffusion workbench (Gradio)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--workspace", default="runs/app", help="folder for runs and adapters")
-    parser.add_argument("--data-dir", default=None, help="folder of the real datasets (default: ../shared/data "
-                                                         "beside a checkout)")
-    parser.add_argument("--base", default=None, help="base model folder (default: the shipped base)")
-    parser.add_argument("--job-minutes", type=float, default=JobLimits.seconds / 60,
-                        help="training time of one job before it stops (default: %(default)g)")
-    args = parser.parse_args(argv)
-    data_dir = args.data_dir or default_data_dir()
-    workspace = Workspace(args.workspace, limits=JobLimits(seconds=args.job_minutes * 60 or None))
-    demo = build(workspace, str(data_dir) if data_dir else None, args.base)
-    demo.queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port,
+def serve(workspace: str, data_dir: str | None = None, base: str | None = None, host: str = "127.0.0.1",
+          port: int = 7860, job_minutes: float | None = None) -> None:
+    """Start the workbench (the command line, `lora-diffusion app`, checks the arguments).
+
+    `job_minutes`: the training time of one job (None: JobLimits' default, 0: no limit).
+    """
+    data_dir = data_dir or default_data_dir()
+    limits = JobLimits() if job_minutes is None else JobLimits(seconds=job_minutes * 60 or None)
+    demo = build(Workspace(workspace, limits=limits), str(data_dir) if data_dir else None, base)
+    demo.queue(default_concurrency_limit=2).launch(server_name=host, server_port=port,
                                                    max_file_size="200mb", show_error=False)

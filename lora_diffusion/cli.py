@@ -255,11 +255,10 @@ def cmd_report(args) -> None:
 
 
 def cmd_app(args) -> None:
-    from .app.main import main as app_main
+    from .app.main import serve
 
-    argv = ["--port", str(args.port), "--host", args.host, "--workspace", args.workspace]
-    argv += ["--data-dir", args.data_dir] if args.data_dir else []
-    app_main(argv + (["--base", args.base] if args.base else []))
+    serve(args.workspace, data_dir=args.data_dir, base=args.base, host=args.host, port=args.port,
+          job_minutes=args.job_minutes)
 
 
 # ---------------------------------------------------------------------------------------
@@ -578,6 +577,8 @@ def _add_eval_sample_app(sub) -> None:
     p.add_argument("--workspace", type=out_folder, default="runs/app", help="folder for the app's runs and adapters")
     p.add_argument("--data-dir", help="folder of the real datasets (default: ../shared/data beside a checkout)")
     p.add_argument("--base", help="base model folder (default: the shipped base)")
+    p.add_argument("--job-minutes", type=non_negative,
+                   help="training time of one job before it stops (0 = no limit; default: 20)")
     p.set_defaults(func=cmd_app)
 
 

@@ -59,7 +59,8 @@ class DiffusionLM(nn.Module):
         # Methods whose trainable tensors act inside the body but live outside it (prefixes,
         # per-block trajectory modules) set this so the body builds a graph.
         self.grad_through_body = False
-        # The step being computed, for methods acting inside the body (forward hooks).
+        # The step being computed, for methods acting inside the body (forward hooks); set
+        # only while the body runs.
         self.step_context: StepContext | None = None
 
     def add_step_hook(self, hook: StepHook) -> RemovableHandle:
@@ -81,12 +82,15 @@ class DiffusionLM(nn.Module):
         # A frozen body needs no graph: a method acting after it trains without a
         # backward pass through the base (the `final` injection point).
         grad_ctx = contextlib.nullcontext() if self._body_needs_grad() else torch.no_grad()
-        self.step_context = StepContext(t, instruction, positions)
-        with grad_ctx:
-            h = self.backbone.hidden_states(input_ids, attention_mask)
+        context = self.step_context = StepContext(t, instruction, positions)
+        try:
+            with grad_ctx:
+                h = self.backbone.hidden_states(input_ids, attention_mask)
+        finally:
+            self.step_context = None  # a later call of the body alone must not see this step's t
         delta = None
         for hook in self.step_hooks.values():
-            d = hook(h, self.step_context)
+            d = hook(h, context)
             delta = d if delta is None else delta + d
         if delta is not None:
             h = h + delta

@@ -149,6 +149,7 @@ CASES = [
     ("report missing", ["report", "{nowhere}/r.json"], r"not found"),
     ("report not json", ["report", "{not_json_file}"], r"not valid JSON"),
     ("app port", ["app", "--port", "70000"], r"--port: wants"),
+    ("app job minutes nan", ["app", "--job-minutes", "nan"], r"--job-minutes: wants"),
     ("app workspace is a file", ["app", "--workspace", "{a_file}"], r"exists and is not a folder"),
 ]
 
