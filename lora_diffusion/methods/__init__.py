@@ -15,10 +15,11 @@ from .full import FullFineTune
 from .houlsby import Houlsby
 from .lora_diffusion import LoRADiffusion
 from .prefix import PrefixTuning
+from .step_lora import NaRA, TLoRA
 from .weight_lora import DoRA, WeightLoRA
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (
-    FullFineTune, LoRADiffusion, WeightLoRA, DoRA, Houlsby, BitFit, PrefixTuning)}
+    FullFineTune, LoRADiffusion, WeightLoRA, DoRA, NaRA, TLoRA, Houlsby, BitFit, PrefixTuning)}
 
 
 def method_class(name: str) -> type[Method]:
@@ -62,4 +63,4 @@ def parse_option_pairs(pairs: list[str] | None) -> dict[str, str]:
 __all__ = ["Method", "MethodConfig", "METHODS", "make_method", "method_config", "method_class", "option_specs",
            "typed_options",
            "parse_option_pairs", "describe", "option_text", "FullFineTune", "LoRADiffusion", "WeightLoRA", "DoRA", "Houlsby",
-           "BitFit", "PrefixTuning"]
+           "BitFit", "PrefixTuning", "NaRA", "TLoRA"]
