@@ -1,4 +1,4 @@
-"""The app's workspace: folders of runs per user, one fair queue of training jobs, adapters in and out.
+"""The app's workspace: folders of runs per user, training jobs in them, adapters in and out.
 
 A `Workspace` is a folder of runs. The app keeps one root workspace W and gives every browser
 user their own, `W.user(id)` at W/users/<id>/; adapters the operator puts in W/shared/ are
@@ -7,9 +7,9 @@ offered to everyone, read-only, as `shared:<name>`. All the workspaces of one ro
 
 Everything that comes from a page or the API is checked here, at the library's edge: an
 adapter name is a plain folder name among this workspace's adapters (`plain_name`), a job
-is looked up among this workspace's jobs only, an upload is bounded per entry and in total
-(counted on the bytes really unpacked), only the adapter's own files are extracted, and the
-adapter is loaded as a whole before it is kept; a refused upload leaves nothing behind.
+is looked up among this workspace's jobs only, and an upload goes through `uploads.py`
+(bounded, the adapter's own files only, checked as a whole); a refused upload leaves
+nothing behind.
 Messages name files relative to the workspace (`public_message`), never by server path.
 
 `start_training` fine-tunes in a background thread within `JobLimits`; `TrainJob.stop`
@@ -30,44 +30,26 @@ import time
 import traceback
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters import CONFIG_FILE, RUN_ADAPTER, TENSORS_FILE, check_adapter, load_adapter
+from .adapters import CONFIG_FILE, RUN_ADAPTER, TENSORS_FILE, check_adapter
 from .backbone import load_backbone
 from .errors import UserError
-from .files import atomic_write, load_tensors, read_json, write_json, write_text
+from .files import atomic_write, read_json, write_json, write_text
+from .jobs import STOPPED_FILE, JobLimits, JobQueue, StoppedInEvaluation, TrainJob
 from .methods import make_method
 from .metrics import metric_of, score
 from .router import Composition, trained_composition
 from .runs import fine_tune
 from .training import TrainConfig
+from .uploads import (ADAPTER_ENTRIES, MAX_UPLOAD_BYTES, check_whole_adapter, copy_adapter_files,
+                      extract_adapter_zip, shown)
 
 SHARED = "shared:"          # the prefix of an adapter from the root's shared/ folder
 MAX_NAME = 128              # characters of an adapter name, a user id or a job id
 MIN_USER_ID = 8
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-STOPPED_FILE = "stopped.json"  # in a run folder: the run was stopped (when, why, what it was scored on)
-
-# What an adapter upload may hold: its own files, each with a size bound (JSON is small).
-MAX_UPLOAD_BYTES = 200 * 2**20   # in total, unpacked
-MAX_JSON_BYTES = 2**20
-ADAPTER_ENTRIES = {TENSORS_FILE: MAX_UPLOAD_BYTES, CONFIG_FILE: MAX_JSON_BYTES,
-                   "peft/adapter_model.safetensors": MAX_UPLOAD_BYTES, "peft/adapter_config.json": MAX_JSON_BYTES}
-MAX_ENTRIES = 16                 # entries of an upload zip, folders included
-_CHUNK = 2**20
 _RUN_COUNTER = itertools.count()  # one for the process: run ids differ across users' workspaces too
-
-
-@dataclass(frozen=True)
-class JobLimits:
-    """What one job and one user may ask of the shared CPU, so no one's job holds the queue for ever."""
-
-    steps: int = 5000
-    batch_size: int = 64
-    seconds: float | None = 20 * 60   # wall-clock training time of one job; then it stops as if by Stop
-    jobs_per_user: int = 2            # queued or running at once, per workspace
-    waiting: int = 16                 # jobs waiting in the queue, all users together
 
 
 def plain_name(name, what: str = "adapter name", hint: str = "pick one from the list") -> str:
@@ -93,102 +75,6 @@ def public_message(text: str, *roots) -> str:
             for form in {str(Path(root)), str(Path(root).resolve())}:
                 text = text.replace(form + "/", "").replace(form, ".")
     return _ABSOLUTE.sub(lambda m: m.group(0).rstrip("/").rpartition("/")[2] or "/", text)
-
-
-class JobQueue:
-    """Training slots shared by every workspace of one root: first come, first served."""
-
-    def __init__(self, slots: int = 1, waiting: int = 16):
-        self._cond = threading.Condition()
-        self._slots, self._running = slots, 0
-        self._waiting: list[TrainJob] = []
-        self.max_waiting = waiting
-
-    def join(self, job: "TrainJob") -> None:
-        with self._cond:
-            if len(self._waiting) >= self.max_waiting:
-                raise UserError(f"the training queue is full ({self.max_waiting} jobs waiting); "
-                                "try again in a few minutes")
-            self._waiting.append(job)
-
-    def wait_turn(self, job: "TrainJob") -> bool:
-        """Block until `job` is first in line and a slot is free; False if it was stopped while waiting."""
-        with self._cond:
-            while not job.stop_requested and (self._waiting[0] is not job or self._running >= self._slots):
-                self._cond.wait(0.5)  # a stop is seen within half a second without a wake-up call
-            self._waiting.remove(job)
-            self._cond.notify_all()
-            if job.stop_requested:
-                return False
-            self._running += 1
-            return True
-
-    def leave(self) -> None:
-        with self._cond:
-            self._running -= 1
-            self._cond.notify_all()
-
-    def position(self, job: "TrainJob") -> int | None:
-        """1 for the next job to start; None once it has left the queue."""
-        with self._cond:
-            return self._waiting.index(job) + 1 if job in self._waiting else None
-
-
-class _StoppedInEvaluation(Exception):
-    """Raised from the model's head when a job is stopped during its final evaluation."""
-
-
-@dataclass
-class TrainJob:
-    """One fine-tuning run in a background thread."""
-
-    id: str
-    folder: Path
-    spec: dict
-    status: str = "queued"           # queued, running, evaluating, done, stopped, failed
-    records: list = field(default_factory=list)
-    result: dict | None = None
-    error: str | None = None
-    note: str | None = None          # why a stopped job ended as it did, for the page
-    stopped: dict | None = None      # a job stopped while training: step, reason, examples scored
-    started: float | None = None
-    queue: JobQueue | None = field(default=None, repr=False)
-    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
-    _reason: str = field(default="stopped by you", repr=False)
-    _thread: threading.Thread | None = field(default=None, repr=False)
-
-    def stop(self, reason: str = "stopped by you") -> None:
-        """End the job at whatever stage it is (see the module's docstring); the first reason given is kept."""
-        if not self._stop.is_set():
-            self._reason = reason
-        self._stop.set()
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the job has ended (or `timeout`); True if it has."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self.finished
-
-    @property
-    def finished(self) -> bool:
-        return self.status in ("done", "stopped", "failed")
-
-    @property
-    def position(self) -> int | None:
-        """Where the job waits in the queue (1 = next), None once it has started."""
-        return self.queue.position(self) if self.queue is not None and self.status == "queued" else None
-
-    @property
-    def step(self) -> int:
-        return max((r.get("step", 0) for r in self.records), default=0)
-
-    def monitor(self) -> list[dict]:
-        """The periodic held-out scores logged during training (step + eval_monitor_* keys)."""
-        return [r for r in self.records if any(k.startswith("eval_monitor_") for k in r)]
 
 
 class Workspace:
@@ -289,7 +175,7 @@ class Workspace:
         try:
             job.result = self._train(job, task, method, config, base, sampler_steps, monitor_examples)
             job.status = "stopped" if job.stopped else "done"
-        except _StoppedInEvaluation:
+        except StoppedInEvaluation:
             shutil.rmtree(job.folder / RUN_ADAPTER, ignore_errors=True)
             job.status, job.note = "stopped", "stopped during the final evaluation: the adapter was not kept"
         except UserError as e:
@@ -329,7 +215,7 @@ class Workspace:
 
         def cut_evaluation(module, args) -> None:  # the LM head runs in every denoiser call
             if job.status == "evaluating" and job.stop_requested:
-                raise _StoppedInEvaluation
+                raise StoppedInEvaluation
 
         backbone = load_backbone(base)
         hook = backbone.head.register_forward_pre_hook(cut_evaluation)
@@ -445,15 +331,15 @@ class Workspace:
             if not p.is_file():
                 raise UserError("the upload is missing; upload it again")
             if p.stat().st_size > MAX_UPLOAD_BYTES:
-                raise UserError(f"{_shown(p.name)} is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+                raise UserError(f"{shown(p.name)} is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
         run_id, folder = self._new_folder("imported")
         target = folder / RUN_ADAPTER
         try:
             if len(paths) == 1 and paths[0].suffix == ".zip":
-                _extract_adapter_zip(paths[0], target)
+                extract_adapter_zip(paths[0], target)
             else:
-                _copy_adapter_files(paths, target)
-            _check_whole_adapter(target, base)
+                copy_adapter_files(paths, target)
+            check_whole_adapter(target, base)
         except BaseException as e:
             shutil.rmtree(folder, ignore_errors=True)
             if isinstance(e, (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError)):
@@ -504,78 +390,3 @@ def _optional_json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def _shown(name: str) -> str:
-    """A name from an upload as a message may repeat it: short, on one line."""
-    name = name.replace("\n", " ")
-    return repr(name if len(name) <= 60 else name[:57] + "...")
-
-
-def _extract_adapter_zip(archive: Path, target: Path) -> None:
-    """The adapter's own entries of `archive` into `target`, each bounded while it is unpacked."""
-    with zipfile.ZipFile(archive) as z:
-        members = z.infolist()
-        if len(members) > MAX_ENTRIES:
-            raise UserError(f"the zip holds {len(members)} entries; an adapter zip holds at most "
-                            f"{len(ADAPTER_ENTRIES)} files")
-        files = [m for m in members if not m.is_dir()]
-        names = [m.filename for m in files]
-        for name in names:
-            if name not in ADAPTER_ENTRIES:
-                raise UserError(f"the zip holds {_shown(name)}; an adapter zip holds only "
-                                f"{', '.join(ADAPTER_ENTRIES)}")
-        if len(set(names)) != len(names):
-            raise UserError("the zip holds the same file twice")
-        total = 0
-        for m in files:
-            total += _unpack(z, m, target / m.filename, ADAPTER_ENTRIES[m.filename], MAX_UPLOAD_BYTES - total)
-
-
-def _unpack(z: zipfile.ZipFile, member: zipfile.ZipInfo, path: Path, cap: int, left: int) -> int:
-    """Copy one entry in chunks, refusing it as soon as it passes its cap or the total left; its size."""
-    def write(tmp):
-        written = 0
-        with z.open(member) as src, open(tmp, "wb") as out:
-            while chunk := src.read(_CHUNK):
-                written += len(chunk)
-                if written > cap:
-                    raise UserError(f"{member.filename} unpacks to more than {cap // 2**20 or 1} MB")
-                if written > left:
-                    raise UserError(f"the zip unpacks to more than {MAX_UPLOAD_BYTES // 2**20} MB")
-                out.write(chunk)
-        sizes.append(written)
-
-    sizes: list[int] = []
-    atomic_write(path, write)
-    return sizes[0]
-
-
-def _copy_adapter_files(paths: list[Path], target: Path) -> None:
-    """adapter.safetensors and adapter_config.json uploaded as two files (an upload prefix allowed)."""
-    for p in paths:
-        kind = next((f for f in (TENSORS_FILE, CONFIG_FILE) if p.name == f or p.name.endswith("_" + f)), None)
-        if kind is None:
-            raise UserError(f"{_shown(p.name)}: upload {TENSORS_FILE} and {CONFIG_FILE}, "
-                            "or the zip the workbench exports")
-        if p.stat().st_size > ADAPTER_ENTRIES[kind]:
-            raise UserError(f"{kind} is larger than {ADAPTER_ENTRIES[kind] // 2**20} MB")
-        atomic_write(target / kind, lambda tmp, p=p: shutil.copyfile(p, tmp))
-
-
-def _check_whole_adapter(target: Path, base) -> None:
-    """Both files there, the config and tensors valid, and the adapter loads on `base` (so shapes fit)."""
-    for needed in (TENSORS_FILE, CONFIG_FILE):
-        if not (target / needed).is_file():
-            raise UserError(f"the upload has no {needed}")
-    peft = [e for e in ADAPTER_ENTRIES if e.startswith("peft/")]
-    if any((target / e).is_file() for e in peft) and not all((target / e).is_file() for e in peft):
-        raise UserError(f"the upload's peft/ folder needs both {' and '.join(peft)}")
-    check_adapter(target)
-    if (target / peft[0]).is_file():
-        load_tensors(target / peft[0])  # peft's copy of the weights: safetensors too
-    # Loaded on a Backbone we pass, never on the base its config names: that could be any path.
-    try:
-        load_adapter(target, base=load_backbone(base), merge=False)
-    except UserError:
-        raise
-    except Exception as e:  # a tensor that fits nowhere fails inside the method as whatever torch raises
-        raise UserError(f"the adapter does not load on this workbench's base ({type(e).__name__})") from None

@@ -25,7 +25,8 @@ from lora_diffusion.data import load_task
 from lora_diffusion.files import load_tensors, read_json
 from lora_diffusion.paths import CHECKOUT
 from lora_diffusion.training import TrainConfig
-from lora_diffusion.workspace import ADAPTER_ENTRIES, Workspace
+from lora_diffusion.uploads import ADAPTER_ENTRIES
+from lora_diffusion.workspace import Workspace
 from test_app import running_app
 
 USER, OTHER = "boundary-user-0001", "boundary-user-0002"
@@ -273,10 +274,10 @@ def test_uploads_that_are_not_zips_or_lie_about_their_size_leave_nothing(world):
 
 
 def test_the_total_is_counted_on_the_bytes_unpacked(world, monkeypatch):
-    from lora_diffusion import workspace
-    monkeypatch.setattr(workspace, "MAX_UPLOAD_BYTES", 2**16)
-    monkeypatch.setitem(workspace.ADAPTER_ENTRIES, "adapter.safetensors", 2**16)
-    monkeypatch.setitem(workspace.ADAPTER_ENTRIES, "peft/adapter_model.safetensors", 2**16)
+    from lora_diffusion import uploads
+    monkeypatch.setattr(uploads, "MAX_UPLOAD_BYTES", 2**16)
+    monkeypatch.setitem(uploads.ADAPTER_ENTRIES, "adapter.safetensors", 2**16)
+    monkeypatch.setitem(uploads.ADAPTER_ENTRIES, "peft/adapter_model.safetensors", 2**16)
     before = sorted(world.own().iterdir())
     big = {"adapter.safetensors": b"\x00" * 40_000, "peft/adapter_model.safetensors": b"\x00" * 40_000}
     message = refused(world, lambda: train_tab.upload(world.ctx, USER, [str(_zip(world, "total", big))]))

@@ -20,8 +20,9 @@ LAYERS = [
     ("diffusion", "data"),                              # forward process, loss, sampler; tasks and batches
     ("methods", "suite", "plots"),                      # the PEFT methods; the suite generator; figures
     ("adapters", "evaluate", "training"),               # adapter folders; held-out metrics; the loop
-    ("runs", "router", "profiling", "prepare_base"),    # a fine-tuning run; composition; cost; the base
-    ("compare", "workspace"),                           # many runs; the app's job queue
+    ("runs", "router", "profiling", "prepare_base",     # a fine-tuning run; composition; cost; the base;
+     "jobs", "uploads"),                                # the app's job queue; adapter uploads
+    ("compare", "workspace"),                           # many runs; the app's folders of runs
     ("analysis",),                                      # reports
     ("app",),                                           # the Gradio workbench
     ("cli",),                                           # the command line (starts the app)

@@ -1,0 +1,103 @@
+"""Adapter uploads: only the adapter's own files, each bounded while it is unpacked, then checked as a whole.
+
+An upload comes from anyone. A zip's header can lie about sizes, so bytes are counted as
+they are really unpacked; only the entries an exported adapter holds are taken; then the
+adapter's config and tensors are checked and it is loaded on the app's base, so its tensors
+must fit. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+from .adapters import CONFIG_FILE, TENSORS_FILE, check_adapter, load_adapter
+from .backbone import load_backbone
+from .errors import UserError
+from .files import atomic_write, load_tensors
+
+# What an adapter upload may hold: its own files, each with a size bound (JSON is small).
+MAX_UPLOAD_BYTES = 200 * 2**20   # in total, unpacked
+MAX_JSON_BYTES = 2**20
+ADAPTER_ENTRIES = {TENSORS_FILE: MAX_UPLOAD_BYTES, CONFIG_FILE: MAX_JSON_BYTES,
+                   "peft/adapter_model.safetensors": MAX_UPLOAD_BYTES, "peft/adapter_config.json": MAX_JSON_BYTES}
+MAX_ENTRIES = 16                 # entries of an upload zip, folders included
+_CHUNK = 2**20
+
+
+def shown(name: str) -> str:
+    """A name from an upload as a message may repeat it: short, on one line."""
+    name = name.replace("\n", " ")
+    return repr(name if len(name) <= 60 else name[:57] + "...")
+
+
+def extract_adapter_zip(archive: Path, target: Path) -> None:
+    """The adapter's own entries of `archive` into `target`, each bounded while it is unpacked."""
+    with zipfile.ZipFile(archive) as z:
+        members = z.infolist()
+        if len(members) > MAX_ENTRIES:
+            raise UserError(f"the zip holds {len(members)} entries; an adapter zip holds at most "
+                            f"{len(ADAPTER_ENTRIES)} files")
+        files = [m for m in members if not m.is_dir()]
+        names = [m.filename for m in files]
+        for name in names:
+            if name not in ADAPTER_ENTRIES:
+                raise UserError(f"the zip holds {shown(name)}; an adapter zip holds only "
+                                f"{', '.join(ADAPTER_ENTRIES)}")
+        if len(set(names)) != len(names):
+            raise UserError("the zip holds the same file twice")
+        total = 0
+        for m in files:
+            total += _unpack(z, m, target / m.filename, ADAPTER_ENTRIES[m.filename], MAX_UPLOAD_BYTES - total)
+
+
+def _unpack(z: zipfile.ZipFile, member: zipfile.ZipInfo, path: Path, cap: int, left: int) -> int:
+    """Copy one entry in chunks, refusing it as soon as it passes its cap or the total left; its size."""
+    def write(tmp):
+        written = 0
+        with z.open(member) as src, open(tmp, "wb") as out:
+            while chunk := src.read(_CHUNK):
+                written += len(chunk)
+                if written > cap:
+                    raise UserError(f"{member.filename} unpacks to more than {cap // 2**20 or 1} MB")
+                if written > left:
+                    raise UserError(f"the zip unpacks to more than {MAX_UPLOAD_BYTES // 2**20} MB")
+                out.write(chunk)
+        sizes.append(written)
+
+    sizes: list[int] = []
+    atomic_write(path, write)
+    return sizes[0]
+
+
+def copy_adapter_files(paths: list[Path], target: Path) -> None:
+    """adapter.safetensors and adapter_config.json uploaded as two files (an upload prefix allowed)."""
+    for p in paths:
+        kind = next((f for f in (TENSORS_FILE, CONFIG_FILE) if p.name == f or p.name.endswith("_" + f)), None)
+        if kind is None:
+            raise UserError(f"{shown(p.name)}: upload {TENSORS_FILE} and {CONFIG_FILE}, "
+                            "or the zip the workbench exports")
+        if p.stat().st_size > ADAPTER_ENTRIES[kind]:
+            raise UserError(f"{kind} is larger than {ADAPTER_ENTRIES[kind] // 2**20} MB")
+        atomic_write(target / kind, lambda tmp, p=p: shutil.copyfile(p, tmp))
+
+
+def check_whole_adapter(target: Path, base) -> None:
+    """Both files there, the config and tensors valid, and the adapter loads on `base` (so shapes fit)."""
+    for needed in (TENSORS_FILE, CONFIG_FILE):
+        if not (target / needed).is_file():
+            raise UserError(f"the upload has no {needed}")
+    peft = [e for e in ADAPTER_ENTRIES if e.startswith("peft/")]
+    if any((target / e).is_file() for e in peft) and not all((target / e).is_file() for e in peft):
+        raise UserError(f"the upload's peft/ folder needs both {' and '.join(peft)}")
+    check_adapter(target)
+    if (target / peft[0]).is_file():
+        load_tensors(target / peft[0])  # peft's copy of the weights: safetensors too
+    # Loaded on a Backbone we pass, never on the base its config names: that could be any path.
+    try:
+        load_adapter(target, base=load_backbone(base), merge=False)
+    except UserError:
+        raise
+    except Exception as e:  # a tensor that fits nowhere fails inside the method as whatever torch raises
+        raise UserError(f"the adapter does not load on this workbench's base ({type(e).__name__})") from None
