@@ -251,7 +251,11 @@ def cmd_report(args) -> None:
     from .files import read_json
     from .runs import markdown_table
 
-    print(markdown_table([read_json(path) for path in args.results]))
+    results = [read_json(path) for path in args.results]
+    for path, r in zip(args.results, results):
+        if not isinstance(r, dict) or not all(k in r for k in ("task", "method", "n_eval")):
+            raise UserError(f"{path} is not a results file of `train --results` or `eval --out`")
+    print(markdown_table(results))
 
 
 def cmd_app(args) -> None:
@@ -400,9 +404,18 @@ def seed(text: str) -> int:
     return _number(text, int, 0, most=2**31 - 1)
 
 
-def positive(text: str) -> float:
-    """A finite number > 0: learning rates, epochs."""
-    return _number(text, float, 0, strictly=True)
+def learning_rate(text: str) -> float:
+    """> 0, and small enough that AdamW's float32 arithmetic stays finite (training.MAX_LR)."""
+    return _number(text, float, 0, strictly=True, most=10)
+
+
+def epochs(text: str) -> float:
+    return _number(text, float, 0, strictly=True, most=10_000)
+
+
+def temperature(text: str) -> float:
+    """0 (greedy) or more; beyond 100 the sampler's scaled logits overflow."""
+    return _number(text, float, 0, most=100)
 
 
 def non_negative(text: str) -> float:
@@ -426,9 +439,9 @@ def counts(text: str) -> list[int]:
     return [count(x.strip()) for x in text.split(",")]
 
 
-def positives(text: str) -> list[float]:
-    """'0.3,1,3': a comma-separated list of positive numbers."""
-    return [positive(x.strip()) for x in text.split(",")]
+def multipliers(text: str) -> list[float]:
+    """'0.3,1,3': multipliers of a method's default learning rate, each > 0 and <= 1000."""
+    return [_number(x.strip(), float, 0, strictly=True, most=1000) for x in text.split(",")]
 
 
 def out_folder(text: str) -> str:
@@ -523,10 +536,10 @@ def _add_train(sub) -> None:
                    help="a method option, repeatable: e.g. --option r=8, --option ranks=16,16,16 (all below)")
     p.add_argument("--out", type=out_folder, help="run folder: adapter/, results.json, metrics.jsonl, checkpoints/")
     p.add_argument("--steps", type=count, help="optimiser steps (default 300)")
-    p.add_argument("--epochs", type=positive, help="instead of --steps")
+    p.add_argument("--epochs", type=epochs, help="instead of --steps")
     p.add_argument("--batch-size", type=count, default=16)
     p.add_argument("--grad-accum", type=count, default=1)
-    p.add_argument("--lr", type=positive, help="default: the method's own")
+    p.add_argument("--lr", type=learning_rate, help="default: the method's own")
     p.add_argument("--warmup", type=fraction, default=0.06)
     p.add_argument("--weight-decay", type=non_negative, default=0.0)
     p.add_argument("--clip", type=non_negative, default=1.0)
@@ -564,7 +577,7 @@ def _add_eval_sample_app(sub) -> None:
     p.add_argument("--length", type=count, help="response tokens (default: 32, or the adapter's)")
     p.add_argument("--steps", type=count, default=64)
     p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
-    p.add_argument("--temperature", type=non_negative, default=0.0)
+    p.add_argument("--temperature", type=temperature, default=0.0)
     p.add_argument("--block-length", type=count, help="semi-autoregressive block length")
     p.add_argument("--n", type=count, default=1, help="number of samples")
     p.add_argument("--seed", type=seed, default=0)
@@ -593,7 +606,7 @@ def _add_compare_profile(sub) -> None:
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="options for --methods rows")
     p.add_argument("--seed", type=seed, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=count, default=300)
-    p.add_argument("--lr-sweep", type=positives, help="multipliers of each method's default lr, tried on a validation split "
+    p.add_argument("--lr-sweep", type=multipliers, help="multipliers of each method's default lr, tried on a validation split "
                                       "carved from the train set, e.g. 0.3,1,3")
     p.add_argument("--validation-fraction", type=open_fraction, default=0.1)
     p.add_argument("--sweep-only", action="store_true", help="stop after the lr sweep (its table, one seed)")
@@ -688,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=count, default=1600)
     p.add_argument("--batch-size", type=count, default=32)
     p.add_argument("--seq-len", type=count, default=128)
-    p.add_argument("--lr", type=positive, default=2e-4)
+    p.add_argument("--lr", type=learning_rate, default=2e-4)
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--threads", type=count)

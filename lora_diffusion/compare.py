@@ -96,9 +96,11 @@ def learning_rates_from(*paths) -> dict[str, float]:
     """label -> lr chosen by earlier comparisons (e.g. `--sweep-only` runs); later files win."""
     chosen = {}
     for path in paths:
-        rows = read_json(path).get("rows", [])
-        if not rows:
-            raise UserError(f"{path} has no rows to take learning rates from")
+        results = read_json(path)
+        rows = results.get("rows") if isinstance(results, dict) else None
+        if not rows or not all(isinstance(r, dict) and isinstance(r.get("label"), str) and
+                               isinstance(r.get("lr"), (int, float)) and r["lr"] > 0 for r in rows):
+            raise UserError(f"{path} is not the results.json of a `lora-diffusion compare` (rows with a label and an lr)")
         chosen.update({row["label"]: row["lr"] for row in rows})
     return chosen
 

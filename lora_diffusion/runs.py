@@ -8,6 +8,8 @@ held-out split and writes the run folder (`adapter/`, `results.json`, `metrics.j
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -57,8 +59,11 @@ def fine_tune(backbone: Backbone, task: Task, method: Method, config: TrainConfi
         return {f"monitor_{k}": round(r[k], 4) for k in reported_metrics(task.kind)}
 
     # summary["train_seconds"]: the whole run's, summed over the processes a resumed run took
+    identity = {"method": method.name, "options": method.options(), "task": task.name,
+                "train_examples": _digest(task.train), "base": fingerprint, "max_length": max_length,
+                "truncate": truncate}
     summary = train(model, method, batch_for_step, config, out_dir=out_dir, evaluate=monitor,
-                    on_log=on_log, should_stop=should_stop, progress=progress)
+                    on_log=on_log, should_stop=should_stop, progress=progress, identity=identity)
     result = {**_evaluate_as_served(model, method, task, eval_kwargs), "method": method.name,
               "options": method.options(), "seed": config.seed, "n_train": len(task.train),
               **method.accounting(), "train": summary, "config": asdict(config), "base": backbone.label,
@@ -71,6 +76,11 @@ def fine_tune(backbone: Backbone, task: Task, method: Method, config: TrainConfi
         write_json(Path(out_dir) / "results.json", result)
     result["model"] = model
     return result
+
+
+def _digest(examples: list[dict]) -> str:
+    """A short hash of the training examples: a resume must train on the same data."""
+    return hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _evaluate_as_served(model, method: Method, task: Task, eval_kwargs: dict) -> dict:

@@ -12,6 +12,7 @@ evaluation, saving the adapter) is `runs.py`'s business.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import random
@@ -31,6 +32,9 @@ from .diffusion import DiffusionLM, diffusion_loss
 from .errors import UserError
 from .files import append_jsonl, load_tensors, read_json, read_jsonl, save_tensors, write_json, write_jsonl
 from .methods import Method
+
+
+MAX_LR = 10.0  # far above any useful rate; beyond ~1e38 AdamW's float32 state overflows
 
 
 @dataclass
@@ -57,7 +61,7 @@ class TrainConfig:
             _check_int(name, getattr(self, name), minimum=0)
         _check_int("seed", self.seed)
         if self.lr is not None:  # None: the method's default (0 is refused, not read as the default)
-            _check_number("lr", self.lr, "a positive finite number", lambda x: x > 0)
+            _check_number("lr", self.lr, f"a number > 0 and <= {MAX_LR:g}", lambda x: 0 < x <= MAX_LR)
         _check_number("warmup", self.warmup, "a finite number from 0 to 1", lambda x: 0 <= x <= 1)
         _check_number("weight_decay", self.weight_decay, "a finite number >= 0", lambda x: x >= 0)
         _check_number("clip", self.clip, "a finite number >= 0 (0 = off)", lambda x: x >= 0)
@@ -182,6 +186,7 @@ class TrainState:
     seconds: float = 0.0                              # training time so far, over every process of the run
     log_lines: int = 0                                # lines in metrics.jsonl
     final_eval: dict | None = None                    # the end-of-run evaluation, once done
+    identity: dict | None = None                      # what is trained (method, data, base): a resume must match
 
     def start_clock(self) -> None:
         self._since = time.perf_counter() - self.seconds  # this process carries on the earlier ones' time
@@ -244,18 +249,16 @@ def save_checkpoint(folder: Path, method: Method, optimizer, config: TrainConfig
 RESUME_MUST_MATCH = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup", "clip", "seed", "bf16")
 
 
-def load_checkpoint(folder: Path, method: Method, optimizer, config: TrainConfig | None = None) -> TrainState:
-    """Load the checkpoint latest.json names into `method`, `optimizer` and the random generators."""
+def load_checkpoint(folder: Path, method: Method, optimizer, config: TrainConfig | None = None,
+                    identity: dict | None = None) -> TrainState:
+    """Load the checkpoint latest.json names into `method`, `optimizer` and the random generators,
+    after checking that it is the same run (`config`'s settings and `identity`, where given)."""
     ckpt = folder / read_json(folder / "latest.json")["path"]
     saved = read_json(ckpt / "state.json")
     if "log_lines" not in saved:
         raise UserError(f"{ckpt} was written by an older lora-diffusion that cannot resume exactly; "
                         f"delete {folder} to start the run over")
-    changed = [k for k in RESUME_MUST_MATCH if config is not None and saved["config"].get(k) != getattr(config, k)]
-    if changed:
-        was = ", ".join(f"{k}={saved['config'].get(k)}" for k in changed)
-        raise UserError(f"{folder.parent} holds a run with {was}; resume it with the same settings, "
-                        "or give a new --out")
+    _check_same_run(folder.parent, saved, config, identity)
     method.load_state_dict(load_tensors(ckpt / "trainable.safetensors"))
     state: dict = {}
     for key, value in load_tensors(ckpt / "optimizer.safetensors").items():
@@ -263,7 +266,25 @@ def load_checkpoint(folder: Path, method: Method, optimizer, config: TrainConfig
         state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
     set_rng_state(load_tensors(ckpt / "rng.safetensors"), saved)
-    return TrainState(**{f.name: saved[f.name] for f in fields(TrainState)})
+    return TrainState(**{f.name: saved.get(f.name) for f in fields(TrainState)})
+
+
+def _check_same_run(out_dir: Path, saved: dict, config: TrainConfig | None, identity: dict | None) -> None:
+    """Refuse to resume another run: other settings, method, options, data or base would make a third one."""
+    was = {k: saved["config"].get(k) for k in RESUME_MUST_MATCH if config is not None and
+           saved["config"].get(k) != getattr(config, k)}
+    if identity is not None and saved.get("identity") is not None:
+        now = json.loads(json.dumps(identity))  # as it would read back: lists, not tuples
+        was.update({k: saved["identity"].get(k) for k in now if saved["identity"].get(k) != now[k]})
+    if was:
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in was.items())
+        raise UserError(f"{out_dir} holds a run with {shown}; resume it with the same settings, "
+                        "or give a new --out")
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _remove_unfinished(folder: Path) -> None:
@@ -289,7 +310,8 @@ class RunFolder:
         self.checkpoints = self.out_dir / "checkpoints" if self.out_dir else None
         self.lines = 0  # lines in the metrics log: each checkpoint records how many
 
-    def resume(self, method: Method, optimizer, config: TrainConfig | None = None) -> TrainState:
+    def resume(self, method: Method, optimizer, config: TrainConfig | None = None,
+               identity: dict | None = None) -> TrainState:
         """The state to start from: the last complete checkpoint's (loaded), else a fresh one.
 
         The log is cut back to the lines it had when that checkpoint was taken: the run
@@ -300,7 +322,7 @@ class RunFolder:
             if self.checkpoints.is_dir():
                 _remove_unfinished(self.checkpoints)
             if (self.checkpoints / "latest.json").is_file():
-                state = load_checkpoint(self.checkpoints, method, optimizer, config)
+                state = load_checkpoint(self.checkpoints, method, optimizer, config, identity)
             kept = self.records()[:state.log_lines]
             write_jsonl(self.metrics, kept)
             self.lines = len(kept)
@@ -337,8 +359,12 @@ class RunFolder:
 def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int], dict],
           config: TrainConfig, out_dir=None, evaluate: Callable[[DiffusionLM], dict] | None = None,
           loss_fn=diffusion_loss, on_log: Callable[[dict], None] | None = None,
-          should_stop: Callable[[], bool] | None = None, progress: bool = True) -> dict:
+          should_stop: Callable[[], bool] | None = None, progress: bool = True,
+          identity: dict | None = None) -> dict:
     """Train `method` (already attached to `model`) and return a summary.
+
+    `identity` says what is trained beyond `config` (method, options, data, base): a
+    checkpoint of another identity in `out_dir` is refused instead of resumed.
 
     `batch_for_step(step, micro)` gives the micro-batch `micro` of optimiser step `step`.
     With `out_dir`, metrics go to `out_dir/metrics.jsonl` and checkpoints to
@@ -351,7 +377,8 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     params = list(method.trainable_parameters().values())
     optimizer = make_optimizer(method, lr, config.weight_decay)
     run = RunFolder(out_dir, on_log)
-    state = run.resume(method, optimizer, config)
+    state = run.resume(method, optimizer, config, identity)
+    state.identity = identity
     start = state.step
     model.train()
     stopped = False
@@ -394,8 +421,9 @@ def _to(batch: dict, device) -> dict:
 
 def _diverged(step: int, err: Diverged, run: RunFolder) -> UserError:
     kept = run.last_checkpoint()
-    kept = f"the last good checkpoint (step {kept}) is kept; " if kept is not None else ""
-    return UserError(f"training diverged at step {step} ({err}); {kept}try a lower --lr")
+    kept = f"the last good checkpoint (step {kept}) is kept to look at; " if kept is not None else ""
+    return UserError(f"training diverged at step {step} ({err}); {kept}start again with a lower --lr "
+                     "and a new --out")
 
 
 def _after_step(config: TrainConfig, state: TrainState, optimizer, run: RunFolder, model, method,

@@ -34,6 +34,7 @@ CASES = [
     ("lr inf", TRAIN + ["--lr", "inf"], r"--lr: wants a finite number > 0"),
     ("lr zero", TRAIN + ["--lr", "0"], r"--lr: wants a finite number > 0"),
     ("lr text", TRAIN + ["--lr", "fast"], r"--lr: wants a finite number"),
+    ("lr overflowing float32", TRAIN + ["--lr", "1e39"], r"--lr: wants a finite number > 0 and <= 10"),
     ("warmup nan", TRAIN + ["--warmup", "nan"], r"--warmup: wants a finite number >= 0 and <= 1"),
     ("warmup above one", TRAIN + ["--warmup", "2"], r"--warmup: wants"),
     ("steps zero", TRAIN + ["--steps", "0"], r"--steps: wants a whole number >= 1"),
@@ -43,6 +44,7 @@ CASES = [
     ("clip negative", TRAIN + ["--clip", "-1"], r"--clip: wants a finite number >= 0"),
     ("weight decay nan", TRAIN + ["--weight-decay", "nan"], r"--weight-decay: wants"),
     ("epochs zero", ["train", "--task", "suite_sentiment", "--epochs", "0", "--out", "{out}"], r"--epochs: wants"),
+    ("epochs huge", ["train", "--task", "suite_sentiment", "--epochs", "1e308", "--out", "{out}"], r"--epochs: wants"),
     ("epochs and steps", TRAIN + ["--epochs", "1"], r"give --steps or --epochs, not both"),
     ("eval every negative", TRAIN + ["--eval-every", "-1"], r"--eval-every: wants a whole number >= 0"),
     ("checkpoint every negative", TRAIN + ["--checkpoint-every", "-5"], r"--checkpoint-every: wants"),
@@ -127,6 +129,7 @@ CASES = [
     ("sample length zero", SAMPLE + ["--length", "0"], r"--length: wants"),
     ("sample steps zero", SAMPLE + ["--steps", "0"], r"--steps: wants"),
     ("sample temperature nan", SAMPLE + ["--temperature", "nan"], r"--temperature: wants"),
+    ("sample temperature huge", SAMPLE + ["--temperature", "1e308"], r"--temperature: wants"),
     ("sample block length zero", SAMPLE + ["--block-length", "0"], r"--block-length: wants"),
     ("sample broken adapter", SAMPLE + ["--adapter", "{only_format}"], r"not a valid lora-diffusion adapter"),
     # compare, profile, analyses, report, app
@@ -136,6 +139,8 @@ CASES = [
      r"unknown method"),
     ("compare jobs zero", COMPARE + ["--jobs", "0"], r"--jobs: wants"),
     ("compare validation fraction", COMPARE + ["--validation-fraction", "1.5"], r"--validation-fraction"),
+    ("compare lr-from not results", COMPARE + ["--lr-from", "{a_json_list}"], r"not the results.json of"),
+    ("compare lr sweep huge", COMPARE + ["--lr-sweep", "1e308"], r"--lr-sweep: wants"),
     ("compare lr-from missing", COMPARE + ["--lr-from", "{nowhere}/r.json"], r"not found"),
     ("profile method unknown", ["profile", "--methods", "magic"], r"unknown method"),
     ("profile batch zero", ["profile", "--batch-size", "0"], r"--batch-size: wants"),
@@ -148,6 +153,11 @@ CASES = [
      r"--examples: wants"),
     ("report missing", ["report", "{nowhere}/r.json"], r"not found"),
     ("report not json", ["report", "{not_json_file}"], r"not valid JSON"),
+    ("report not results", ["report", "{a_json_list}"], r"not a results file"),
+    ("resume with another task", TRAIN[:-2] + ["--out", "{good_run}", "--task", "suite_topic"],
+     r"holds a run with task=.*resume it with the same settings, or give a new --out"),
+    ("resume with other options", TRAIN[:-2] + ["--out", "{good_run}", "--option", "r=4"],
+     r"holds a run with options="),
     ("app port", ["app", "--port", "70000"], r"--port: wants"),
     ("app job minutes nan", ["app", "--job-minutes", "nan"], r"--job-minutes: wants"),
     ("app workspace is a file", ["app", "--workspace", "{a_file}"], r"exists and is not a folder"),
@@ -179,6 +189,7 @@ def files(tmp_path_factory, tiny_base_dir):
                                                                   for i in range(20)] + ['{"text": "no label"}'])
     f["jsonl_list"] = write_lines(root / "list.jsonl", ['{"text": "a", "label": "x"}', "[1, 2]"])
     f["not_json_file"] = write_lines(root / "not.json", ["{ nope"])
+    f["a_json_list"] = write_lines(root / "list.json", ["[1, 2, 3]"])
     f["nothing_dir"] = root / "a_folder"
     f["nothing_dir"].mkdir()
     f["not_a_model"] = root / "not_a_model"
@@ -189,6 +200,7 @@ def files(tmp_path_factory, tiny_base_dir):
     f["pickle_base"] = _copy(tiny_base_dir, root / "pickle_base")
     (f["pickle_base"] / "model.safetensors").rename(f["pickle_base"] / "pytorch_model.bin")
     f["adapter"] = _train_adapter(root / "good", tiny_base_dir)
+    f["good_run"] = f["adapter"].parent
     f["csv_adapter"] = _train_adapter(root / "good_csv", tiny_base_dir, "--task", "csv", "--train-file", f["reviews"])
     f.update(_broken_adapters(f["adapter"], root))
     return f

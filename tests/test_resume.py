@@ -222,7 +222,7 @@ def test_a_bad_train_config_is_refused_naming_the_flag(field, value, flag):
 
 
 def test_the_messages_say_what_is_wanted():
-    with pytest.raises(UserError, match=r"^--lr must be a positive finite number, not -1\.0$"):
+    with pytest.raises(UserError, match=r"^--lr must be a number > 0 and <= 10, not -1\.0$"):
         TrainConfig(lr=-1.0)
     with pytest.raises(UserError, match="auto, cpu, cuda, cuda:N or mps"):
         TrainConfig(device="gpu")
@@ -257,7 +257,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
     config = TrainConfig(steps=8, batch_size=8, lr=1e-3, checkpoint_every=2, log_every=1)
     with pytest.raises(UserError, match=r"^training diverged at step 5 \(loss nan\); the last good checkpoint "
-                                        r"\(step 4\) is kept; try a lower --lr$"):
+                                        r"\(step 4\) is kept to look at; start again with a lower --lr and a new --out$"):
         train(model, method, batches, config, out_dir=tmp_path, loss_fn=nan_at_step_5, progress=False)
     assert read_json(tmp_path / "checkpoints" / "latest.json")["step"] == 4
     assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-4"]
@@ -270,7 +270,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_an_infinite_first_loss_stops_the_run_before_any_checkpoint(tmp_path):
     model, method, batches = _setup()
     config = TrainConfig(steps=4, batch_size=8, lr=1e-3, checkpoint_every=2)
-    with pytest.raises(UserError, match=r"^training diverged at step 1 \(loss inf\); try a lower --lr$"):
+    with pytest.raises(UserError, match=r"^training diverged at step 1 \(loss inf\); start again with a lower --lr and a new --out$"):
         train(model, method, batches, config, out_dir=tmp_path, progress=False,
               loss_fn=lambda model, **batch: diffusion_loss(model, **batch) * math.inf)
     assert not (tmp_path / "checkpoints" / "latest.json").exists()
