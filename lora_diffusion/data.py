@@ -9,7 +9,8 @@ Where the data comes from:
 * the project's own suite (`suite_sentiment`, `suite_topic`, `suite_struct`) ships
   in `assets/suite/` for offline demos and tests;
 * any CSV / TSV / JSONL file with a text column and a label (or response) column;
-* the hub, for users online: `hub:NAME[:CONFIG]` goes through `datasets.load_dataset`.
+* the hub, for users online: `hub:NAME[:CONFIG]` goes through `datasets.load_dataset`
+  (NAME must be a hub id, `name` or `owner/name`: never a local path).
 
 Local files are read with the standard `csv` and `json` modules (exact quoting control,
 no cache written); `datasets` is used for the hub.
@@ -24,8 +25,11 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import numbers
 import os
 import random
+import re
+import sys
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
@@ -267,6 +271,16 @@ JSON_TYPES = {"list": "list", "str": "string", "int": "number", "float": "number
               "NoneType": "null"}
 
 
+def _json_error(err: ValueError) -> str:
+    """Why json.loads refused a line, in a few words on one line."""
+    if isinstance(err, json.JSONDecodeError):
+        return err.msg
+    if "integer string conversion" in str(err):
+        return (f"a number of more than {sys.get_int_max_str_digits():,} digits; "
+                "write it as a string, in quotes")
+    return _cut(" ".join(str(err).split()), 80)
+
+
 def _json_rows(path: Path):
     """Rows of a JSONL file: one JSON object per line."""
     with _utf8_text(path) as f:
@@ -275,8 +289,8 @@ def _json_rows(path: Path):
                 continue
             try:
                 row = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{_at(path, line)} is not valid JSON ({err.msg})") from None
+            except ValueError as err:  # JSONDecodeError, or an integer past Python's int-string limit
+                raise UserError(f"{_at(path, line)} is not valid JSON ({_json_error(err)})") from None
             except RecursionError:
                 raise UserError(f"{_at(path, line)} is JSON nested too deeply") from None
             if not isinstance(row, dict):
@@ -294,8 +308,11 @@ def read_table(path, columns: list[str] | None = None, fmt: str | None = None,
     at the first row past `max_rows`, so a huge file is never held in memory.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"data file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"{path} is not a regular file (a folder, device or pipe?); "
+                        "give a CSV, TSV or JSONL file")
     fmt = (fmt or path.suffix.lstrip(".")).lower()
     if fmt in ("jsonl", "json"):
         rows = _json_rows(path)
@@ -319,8 +336,9 @@ def _column_names(columns) -> list[str] | None:
     return columns or None
 
 
-def _column(rows: list[dict], column: str, where) -> list[str]:
-    """The stripped values of `column`: every row must have it, not null."""
+def _column(rows: list[dict], column: str, where, role: str = "value") -> list[str]:
+    """The stripped values of `column`: every row must have it, as text or a number (not null,
+    not a JSON list or object, whose text would be meaningless). `role` names it in messages."""
     values = []
     for i, row in enumerate(rows):
         value = row.get(column)
@@ -331,13 +349,36 @@ def _column(rows: list[dict], column: str, where) -> list[str]:
             what = "has no" if column not in row else "has a null"
             raise UserError(f"{_place(row, i, where)} {what} value in column {_quoted(column)}; "
                             "fill it in or drop the row")
+        if not isinstance(value, (str, numbers.Number)):
+            kind = ("a list" if isinstance(value, (list, tuple)) else "an object" if isinstance(value, dict)
+                    else f"a {type(value).__name__}")
+            raise UserError(f"{_place(row, i, where)} has {kind} in column {_quoted(column)}; "
+                            f"the {role} must be text or a number")
         values.append(str(value).strip())
     return values
 
 
+def _filled(rows: list[dict], column: str, where, role: str) -> list[str]:
+    """`_column`, where an empty value (after stripping) is an error: an input or a response."""
+    values = _column(rows, column, where, role)
+    for i, value in enumerate(values):
+        if not value:
+            raise UserError(f"{_place(rows[i], i, where)} has an empty {role} (column {_quoted(column)}); "
+                            "fill it in or drop the row")
+    return values
+
+
+def _check_columns(text_column: str, other: str, role: str) -> None:
+    """The input and the answer (label or response) must come from two different columns."""
+    if text_column == other:
+        raise UserError(f"the text and {role} columns are both {_quoted(other)}; "
+                        f"name the {role}s with --{role}-column and the inputs with --text-column")
+
+
 def _label_column(rows: list[dict], column: str, where) -> list[str]:
-    """The raw labels of `column`; a missing label ('', 'nan', 'null', 'none') is an error, not a class."""
-    labels = _column(rows, column, where)
+    """The raw labels of `column`; a missing label ('', 'nan' or 'null', any case) is an error, not a
+    class. 'none' is a label like any other: emotion and intent datasets have a 'none' class."""
+    labels = _column(rows, column, where, "label")
     for i, label in enumerate(labels):
         if label.lower() in MISSING_LABELS:
             raise UserError(f"{_place(rows[i], i, where)} has no label ({_quoted(label)} in column "
@@ -398,7 +439,8 @@ def _check_two_labels(train: list[dict]) -> None:
 
 
 def _check_eval_labels_seen(evals: list[dict], eval_rows: list[dict], raw_eval: list[str], train: list[dict]) -> None:
-    """With derived verbalizers, a label only the eval data has could never be learned."""
+    """A label only the eval data has could never be learned (its word is never a training answer),
+    whether the verbalizers are derived or given: its examples would only lower the score."""
     seen = {ex["response"] for ex in train}
     for i, ex in enumerate(evals):
         if ex["response"] not in seen:
@@ -491,16 +533,51 @@ FILE_TASKS = ("csv", "tsv", "jsonl")
 TASK_NAMES = tuple(BUILTIN) + SUITE_TASKS + FILE_TASKS
 
 
+# A hub repository id, `name` or `owner/name`, and a config name: each part starts and ends with a
+# letter, digit or '_' and has only letters, digits, '.', '_' and '-' (so no '/', '\\', '..' or ':').
+HUB_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?")
+
+
+def _printable(text: str) -> str:
+    text = _cut(text)
+    return text if text.isprintable() else repr(text)
+
+
+def _hub_name(spec: str) -> tuple[str, str | None]:
+    """(NAME, CONFIG) of `hub:NAME[:CONFIG]`, refused unless NAME is a hub dataset id.
+
+    `datasets.load_dataset` also reads local paths (a folder, a file) and its own file readers
+    ('csv', 'json', ... read the working directory): a task name from an adapter's config must
+    never make it read this machine's files.
+    """
+    name, _, config = spec[4:].partition(":")
+    hint = "for a local file use --task csv/tsv/jsonl --train-file"
+    parts = name.split("/")
+    local = os.path.lexists(name)  # load_dataset would read it from here, not from the hub
+    if len(parts) > 2 or not all(HUB_PART.fullmatch(part) for part in parts) or ".." in name or local:
+        raise UserError(f"hub:{_printable(name)} is not a Hugging Face dataset id (owner/name)"
+                        f"{' but a local path' if local else ''}; {hint}")
+    if config and (not HUB_PART.fullmatch(config) or ".." in config):
+        raise UserError(f"hub:{name}:{_printable(config)}: the config must be a plain name "
+                        "(letters, digits, '.', '_', '-')")
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    if name.lower() in _PACKAGED_DATASETS_MODULES:  # load_dataset('csv') reads the working directory
+        raise UserError(f"hub:{name} names a file reader of the datasets library, not a hub dataset; {hint}")
+    return name, config or None
+
+
 def _hub_task(spec: str, text_column: str, label_column: str | None, response_column: str | None,
               instruction: str | None, verbalizers) -> Task:
     """`hub:NAME[:CONFIG]`: a dataset from the Hugging Face hub (needs a network)."""
+    name, config = _hub_name(spec)
     from datasets import load_dataset
 
-    name, _, config = spec[4:].partition(":")
     try:
-        ds = load_dataset(name, config or None)
+        ds = load_dataset(name, config)
     except Exception as err:  # offline, unknown name, ...
-        raise UserError(f"could not load {name!r} from the hub ({str(err).splitlines()[0]}); "
+        reason = _cut(" ".join(str(err).split()) or type(err).__name__, 200)
+        raise UserError(f"could not load {name!r} from the hub ({reason}); "
                         "offline, use a local file with --task csv/tsv/jsonl") from None
     split_names = list(ds.keys())
     eval_split = next((s for s in ("validation", "test") if s in ds), None)
@@ -517,7 +594,8 @@ GENERATION_INSTRUCTION = "respond to this text ."
 def _generation_examples(rows: list[dict], text_column: str, response_column: str, instruction: str,
                          where) -> list[dict]:
     return [{"instruction": instruction, "input": t, "response": r.lower()}
-            for t, r in zip(_column(rows, text_column, where), _column(rows, response_column, where))]
+            for t, r in zip(_filled(rows, text_column, where, "input"),
+                            _filled(rows, response_column, where, "response"))]
 
 
 def _rows_task(name, train_rows, eval_rows, text_column, label_column, response_column,
@@ -531,17 +609,15 @@ def _rows_task(name, train_rows, eval_rows, text_column, label_column, response_
     label_column = label_column or "label"
     raw_train = _label_column(train_rows, label_column, "the train data")
     raw_eval = _label_column(eval_rows, label_column, "the eval data")
-    derived = verbalizers is None
     verbalizers = verbalizers or {v: v.lower() for v in sorted(set(raw_train) | set(raw_eval))}
     labels_text = " , ".join(sorted(set(verbalizers.values())))
     instruction = instruction or f"classify this text . answer {labels_text} ."
-    train, labels = classification_examples(_column(train_rows, text_column, "the train data"), raw_train,
+    train, labels = classification_examples(_filled(train_rows, text_column, "the train data", "input"), raw_train,
                                             instruction, verbalizers, "the train data", train_rows)
-    evals, _ = classification_examples(_column(eval_rows, text_column, "the eval data"), raw_eval,
+    evals, _ = classification_examples(_filled(eval_rows, text_column, "the eval data", "input"), raw_eval,
                                        instruction, verbalizers, "the eval data", eval_rows)
     _check_two_labels(train)
-    if derived:
-        _check_eval_labels_seen(evals, eval_rows, raw_eval, train)
+    _check_eval_labels_seen(evals, eval_rows, raw_eval, train)
     return Task(name, "classification", train, evals, labels, source=source)
 
 
@@ -560,6 +636,11 @@ def load_task(name: str, data_dir=None, train_file=None, eval_file=None, fmt: st
     never evaluated on what it was trained on. A file with more than `max_rows` rows is an error.
     """
     verbal = parse_verbalizers(verbalizers)
+    if name in FILE_TASKS or name.startswith("hub:"):  # before reading anything
+        if response_column:
+            _check_columns(text_column, response_column, "response")
+        else:
+            _check_columns(text_column, label_column or "label", "label")
     if name in BUILTIN:
         task = BUILTIN[name](data_folder(data_dir, f"task {name}"))
     elif name in SUITE_TASKS:
@@ -613,6 +694,10 @@ def load_eval_task(fmt: str | None, eval_file, adapter_task: dict, text_column: 
     if not instruction or kind not in ("classification", "generation") or (kind == "classification" and not known):
         raise UserError(f"the adapter's saved task has no {'instruction' if not instruction else 'kind or labels'}; "
                         "evaluate it with its --train-file instead")
+    if kind == "generation" and response_column:
+        _check_columns(text_column, response_column, "response")
+    elif kind == "classification":
+        _check_columns(text_column, label_column or "label", "label")
     rows = read_table(eval_file, _column_names(columns), fmt, max_rows)
     if kind == "generation":
         if not response_column:
@@ -625,8 +710,8 @@ def load_eval_task(fmt: str | None, eval_file, adapter_task: dict, text_column: 
                             "not --response-column")
         raw = _label_column(rows, label_column or "label", eval_file)
         words = parse_verbalizers(verbalizers) or {label: label.lower() for label in set(raw)}
-        examples, _ = classification_examples(_column(rows, text_column, eval_file), raw, instruction, words,
-                                              eval_file, rows)
+        texts = _filled(rows, text_column, eval_file, "input")
+        examples, _ = classification_examples(texts, raw, instruction, words, eval_file, rows)
         for i, ex in enumerate(examples):
             if ex["response"] not in known:
                 raise UserError(f"label {_quoted(raw[i])} in {_place(rows[i], i, eval_file)} is not one the adapter "

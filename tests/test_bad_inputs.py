@@ -61,6 +61,10 @@ CASES = [
     ("option not a number", TRAIN + ["--option", "r=abc"], r"option 'r' must be an integer"),
     ("option fractional rank", TRAIN + ["--option", "r=1.5"], r"option 'r' must be an integer"),
     ("option rank zero", TRAIN + ["--option", "r=0"], r"option 'r' must be"),
+    ("option huge rank", TRAIN + ["--option", "r=400000"], r"option 'r' must be an integer in \[1, 1024\]"),
+    ("option huge hypernetwork", ["train", "--task", "suite_sentiment", "--method", "nara", "--option", "r=1024",
+                                  "--out", "{out}"], r"hidden \* r\^2 must be at most"),
+    ("eval adapter with a huge rank", EVAL + ["{huge_rank}"], r"option 'r' must be an integer in \[1, 1024\]"),
     ("option unknown", TRAIN + ["--option", "rank=4"], r"has no option 'rank'"),
     ("option without value", TRAIN + ["--option", "r"], r"--option wants KEY=VALUE"),
     ("option nan", ["train", "--task", "suite_sentiment", "--method", "lora_diffusion", "--option",
@@ -236,6 +240,7 @@ def _broken_adapters(good, root) -> dict:
         "no_method": variant("no_method", {k: v for k, v in config.items() if k != "method"}),
         "only_format": variant("only_format", {"format": config["format"]}),
         "bad_option": variant("bad_option", {**config, "options": {**config["options"], "r": "many"}}),
+        "huge_rank": variant("huge_rank", {**config, "options": {**config["options"], "r": 400000}}),
         "new_version": variant("new_version", {**config, "version": 99}),
         "nan_weights": variant("nan_weights", tensors={k: torch.full_like(v, float("nan"))
                                                        for k, v in tensors.items()}),

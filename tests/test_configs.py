@@ -36,8 +36,8 @@ def test_derived_options_are_resolved_once_in_the_config():
 
 
 @pytest.mark.parametrize("name, options, words", [
-    ("lora", {"r": "1.5"}, ["'lora'", "'r'", "an integer >= 1", "'1.5'"]),
-    ("lora", {"r": 0}, ["'r'", ">= 1"]),
+    ("lora", {"r": "1.5"}, ["'lora'", "'r'", "an integer in [1, 1024]", "'1.5'"]),
+    ("lora", {"r": 0}, ["'r'", "in [1, 1024]"]),
     ("lora", {"r": "abc"}, ["'r'", "an integer"]),
     ("lora", {"r": True}, ["'r'", "an integer"]),
     ("lora", {"dropout": 1.5}, ["'dropout'", "in [0.0, 1.0]"]),
@@ -50,7 +50,7 @@ def test_derived_options_are_resolved_once_in_the_config():
     ("lora_diffusion", {"time_dim": 63}, ["'time_dim'", "even"]),
     ("lora_diffusion", {"condition": "maybe"}, ["'condition'", "true or false"]),
     ("prefix", {"init": "zeros"}, ["'init'", "'words' or 'random'"]),
-    ("adapter", {"bottleneck": -1}, ["'bottleneck'", ">= 1"]),
+    ("adapter", {"bottleneck": -1}, ["'bottleneck'", "in [1, 4096]"]),
     ("lora", {"rank": 4}, ["has no option 'rank'", "its options: r, alpha, dropout, targets"]),
     ("full", {"r": 4}, ["'full' has no option 'r'", "its options: none"]),
 ])

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -63,11 +65,14 @@ def test_utf8_bom_is_dropped(tmp_path):
 
 # --- CSV structure -------------------------------------------------------------------
 
-def test_long_fields_are_read_and_the_limit_is_restored(tmp_path):
-    before = csv.field_size_limit()
-    path = write_lines(tmp_path / "long.csv", ["text,label", f"{'x' * 200_000},pos"])
-    assert len(read_table(path)[0]["text"]) == 200_000  # over the csv module's default of 131,072
-    assert csv.field_size_limit() == before
+def test_long_fields_are_read_up_to_the_limit(tmp_path):
+    assert csv.field_size_limit() == data.CSV_FIELD_LIMIT  # set once, at import
+    path = write_lines(tmp_path / "long.csv", ["text,label", f"{'x' * data.CSV_FIELD_LIMIT},pos"])
+    assert len(read_table(path)[0]["text"]) == data.CSV_FIELD_LIMIT  # over the csv module's default of 131,072
+    path = write_lines(tmp_path / "over.csv", ["text,label", f"{'x' * (data.CSV_FIELD_LIMIT + 1)},pos"])
+    with pytest.raises(UserError, match="over.csv line 2 has a field longer than 1,000,000 characters"):
+        read_table(path)
+    assert csv.field_size_limit() == data.CSV_FIELD_LIMIT
 
 
 def test_field_over_the_limit_names_the_line(tmp_path):
@@ -110,8 +115,36 @@ def test_jsonl_lines_must_be_objects(tmp_path, line, kind):
 
 
 def test_jsonl_bad_json_names_the_line(tmp_path):
-    with pytest.raises(UserError, match="d.jsonl line 2 is not valid JSON"):
+    with pytest.raises(UserError, match=r"d.jsonl line 2 is not valid JSON \(Expecting value\)$"):
         read_table(write_lines(tmp_path / "d.jsonl", ['{"text": "a"}', '{"text": ']))
+
+
+def test_jsonl_number_past_the_int_string_limit_names_the_line(tmp_path):
+    """Python refuses to parse integers of more than 4,300 digits: a ValueError, not a JSONDecodeError."""
+    path = write_lines(tmp_path / "d.jsonl", ['{"text": "a", "label": 1}', '{"text": "b", "label": %s}' % ("9" * 5000)])
+    with pytest.raises(UserError, match=r"d.jsonl line 2 is not valid JSON \(a number of more than 4,300 digits; "
+                                        r"write it as a string, in quotes\)$"):
+        read_table(path)
+
+
+# --- files that are not regular files ------------------------------------------------
+
+def test_a_folder_or_a_device_is_not_a_regular_file(tmp_path):
+    with pytest.raises(UserError, match="data file not found: .*nope.csv"):
+        read_table(tmp_path / "nope.csv")
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(UserError, match=r"folder.csv is not a regular file \(a folder, device or pipe\?\)"):
+        read_table(tmp_path / "folder.csv")
+    if Path("/dev/zero").exists():
+        with pytest.raises(UserError, match="/dev/zero is not a regular file"):
+            load_task("csv", train_file="/dev/zero")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_pipe_is_not_read(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jsonl")  # opening it would block until a writer came
+    with pytest.raises(UserError, match="pipe.jsonl is not a regular file"):
+        read_table(tmp_path / "pipe.jsonl")
 
 
 # --- empty files ---------------------------------------------------------------------
@@ -138,6 +171,60 @@ def test_every_row_needs_the_column(tmp_path):
     path = write_lines(tmp_path / "n.jsonl", [json.dumps({"text": "t", "label": None})] * 3)
     with pytest.raises(UserError, match="n.jsonl line 1 has a null value in column 'label'"):
         load_task("jsonl", train_file=path, eval_file=path)
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("label", [0], "has a list in column 'label'; the label must be text or a number"),
+    ("label", {"a": 1}, "has an object in column 'label'; the label must be text or a number"),
+    ("text", ["a", "b"], "has a list in column 'text'; the input must be text or a number"),
+    ("text", {"t": "x"}, "has an object in column 'text'; the input must be text or a number"),
+])
+def test_json_lists_and_objects_are_not_labels_or_texts(tmp_path, column, value, message):
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(6)] + [{"text": "x", "label": 1, column: value}]
+    path = write_lines(tmp_path / "j.jsonl", map(json.dumps, rows))
+    with pytest.raises(UserError, match=f"j.jsonl line 7 {message}$"):
+        load_task("jsonl", train_file=path)
+    with pytest.raises(UserError, match=f"j.jsonl line 7 {message}$"):
+        load_eval_task("jsonl", path, {**SENTIMENT, "labels": ["0", "1"]})
+
+
+def test_bools_and_numbers_are_labels(tmp_path):
+    path = write_lines(tmp_path / "b.jsonl", [json.dumps({"text": f"t{i}", "label": i % 2 == 0}) for i in range(10)])
+    assert sorted(load_task("jsonl", train_file=path).labels) == ["false", "true"]
+
+
+def test_empty_inputs_and_responses_name_the_line(tmp_path):
+    path = labelled(tmp_path / "c.csv", two_classes(6))
+    with open(path, "a") as f:
+        f.write("  ,pos\n")
+    with pytest.raises(UserError, match=r"c.csv line 8 has an empty input \(column 'text'\); fill it in"):
+        load_task("csv", train_file=path)
+    rows = [{"doc": f"doc {i}", "summary": f"sum {i}"} for i in range(6)]
+    gen = write_lines(tmp_path / "g.jsonl", map(json.dumps, rows + [{"doc": "doc", "summary": " "}]))
+    with pytest.raises(UserError, match=r"g.jsonl line 7 has an empty response \(column 'summary'\)"):
+        load_task("jsonl", train_file=gen, text_column="doc", response_column="summary")
+    with pytest.raises(UserError, match=r"g.jsonl line 7 has an empty response"):
+        load_eval_task("jsonl", gen, TITLES, text_column="doc", response_column="summary")
+    gen = write_lines(tmp_path / "h.jsonl", map(json.dumps, rows + [{"doc": "", "summary": "sum"}]))
+    with pytest.raises(UserError, match=r"h.jsonl line 7 has an empty input \(column 'doc'\)"):
+        load_task("jsonl", train_file=gen, text_column="doc", response_column="summary")
+
+
+def test_text_and_answer_columns_must_differ(tmp_path):
+    path = labelled(tmp_path / "r.csv", two_classes())
+    message = r"^the text and label columns are both 'label'; name the labels with --label-column"
+    with pytest.raises(UserError, match=message):
+        load_task("csv", train_file=path, text_column="label")
+    with pytest.raises(UserError, match="the text and label columns are both 'text'"):
+        load_task("csv", train_file=path, label_column="text")
+    with pytest.raises(UserError, match="the text and response columns are both 'text'"):
+        load_task("csv", train_file=path, response_column="text")
+    with pytest.raises(UserError, match="the text and label columns are both 'text'"):
+        load_eval_task("csv", path, SENTIMENT, label_column="text")
+    with pytest.raises(UserError, match="the text and response columns are both 'text'"):
+        load_eval_task("csv", path, TITLES, response_column="text")
+    with pytest.raises(UserError, match="the text and label columns are both 'label'"):
+        load_task("hub:owner/name", text_column="label")  # before any network
 
 
 def test_rows_without_a_file_are_named_by_index():
@@ -192,8 +279,12 @@ def test_eval_label_unseen_in_training(tmp_path):
     message = r"the eval data has label 'meh' \(.*eval.csv line 4\) that the train data never has"
     with pytest.raises(UserError, match=message):
         load_task("csv", train_file=train, eval_file=evals)
-    # Given verbalizers name the label: the eval data may then hold it.
-    task = load_task("csv", train_file=train, eval_file=evals, verbalizers="pos=positive,neg=negative,meh=neutral")
+    # Given verbalizers that name the label do not make it learnable: the train data never answers 'neutral'.
+    with pytest.raises(UserError, match=message):
+        load_task("csv", train_file=train, eval_file=evals, verbalizers="pos=positive,neg=negative,meh=neutral")
+    # A word no data has is allowed (an answer the classifier may give), and so is a held-out set with fewer labels.
+    task = load_task("csv", train_file=train, eval_file=labelled(tmp_path / "e2.csv", ["pos", "pos"]),
+                     verbalizers="pos=positive,neg=negative,meh=neutral")
     assert task.labels == ["positive", "negative", "neutral"]
 
 
@@ -256,6 +347,60 @@ def test_adapter_must_fit_the_task(tmp_path):
         check_task_fits_adapter(topics, TITLES, "titles_lora")
     same = load_eval_task("csv", labelled(tmp_path / "t.csv", ["positive", "negative"]), SENTIMENT)
     check_task_fits_adapter(same, SENTIMENT, "sst2_lora")  # no error
+
+
+# --- hub:NAME reads the hub, never this machine's files --------------------------------
+
+@pytest.mark.parametrize("spec", ["hub:/tmp/x", "hub:../x", "hub:./x", "hub:.x", "hub:a/b/c", "hub:a..b",
+                                  "hub:a\\b", "hub:", "hub:/", "hub:~/x", "hub:a/", "hub:x\ny"])
+def test_hub_names_must_be_hub_ids(spec, monkeypatch):
+    import datasets
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("load_dataset was called"))
+    with pytest.raises(UserError, match=r"^hub:.* is not a Hugging Face dataset id \(owner/name\)( but a local path)?; "
+                                        r"for a local file use --task csv/tsv/jsonl --train-file$"):
+        load_task(spec)
+
+
+def test_hub_names_that_are_local_paths_or_file_readers_are_refused(tmp_path, monkeypatch):
+    import datasets
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("load_dataset was called"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reviews").mkdir()
+    (tmp_path / "owner" / "name").mkdir(parents=True)
+    for spec in ("hub:reviews", "hub:owner/name"):
+        with pytest.raises(UserError, match=f"^{spec} is not a Hugging Face dataset id \\(owner/name\\) but a "
+                                            "local path; for a local file use --task csv/tsv/jsonl --train-file$"):
+            load_task(spec)
+    for spec in ("hub:csv", "hub:json", "hub:parquet:default"):  # load_dataset('csv') reads the working folder
+        with pytest.raises(UserError, match="names a file reader of the datasets library, not a hub dataset"):
+            load_task(spec)
+    for spec in ("hub:glue:../x", "hub:glue:/tmp", "hub:glue:a/b", "hub:glue:.x", "hub:C:/x"):
+        with pytest.raises(UserError, match=r"the config must be a plain name \(letters, digits, '.', '_', '-'\)$"):
+            load_task(spec)
+
+
+def test_hub_ids_reach_load_dataset(monkeypatch):
+    import datasets
+    calls = []
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(10)]
+
+    def fake_load_dataset(name, config):
+        calls.append((name, config))
+        return {"train": rows, "validation": rows[:4]}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    task = load_task("hub:stanfordnlp/sst2")
+    assert task.name == "hub:stanfordnlp/sst2" and task.labels == ["0", "1"] and len(task.eval) == 4
+    load_task("hub:glue:sst2")
+    load_task("hub:user_1/my-data.v2:config_1.0")
+    assert calls == [("stanfordnlp/sst2", None), ("glue", "sst2"), ("user_1/my-data.v2", "config_1.0")]
+
+    def offline(name, config):
+        raise ConnectionError("")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserError, match=r"could not load 'glue' from the hub \(ConnectionError\); offline"):
+        load_task("hub:glue")
 
 
 # --- the AG News reader (tabs inside descriptions) still works ------------------------

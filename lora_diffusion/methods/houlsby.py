@@ -22,7 +22,7 @@ from .base import BaseSnapshot, Method, MethodConfig, freeze, option
 @dataclass
 class HoulsbyConfig(MethodConfig):
     method = "adapter"
-    bottleneck: int = option(32, "bottleneck width m of each adapter", min=1)
+    bottleneck: int = option(32, "bottleneck width m of each adapter", min=1, max=4096)
     train_layernorm: bool = option(True, "also train the base's LayerNorms, as Houlsby does")
 
     def default_lr(self) -> float:

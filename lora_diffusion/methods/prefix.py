@@ -89,8 +89,8 @@ class PrefixEncoder(nn.Module):
 @dataclass
 class PrefixConfig(MethodConfig):
     method = "prefix"
-    length: int = option(16, "prefix positions added to every attention layer", min=1)
-    hidden: int = option(128, "hidden width of the reparameterisation MLP", min=1)
+    length: int = option(16, "prefix positions added to every attention layer", min=1, max=512)
+    hidden: int = option(128, "hidden width of the reparameterisation MLP", min=1, max=4096)
     init: str = option("words", "start at the base's keys/values of real words, or at random",
                        choices=("words", "random"))
     reparam: bool = option(True, "prefixes from an MLP over an embedding (Li & Liang); false: the "

@@ -50,7 +50,7 @@ from .weight_lora import TARGETS
 class StepLoRAConfig(MethodConfig):
     """The options both step-aware variants share with weight LoRA."""
 
-    r: int = option(16, "rank r of the update B core(t) A of each adapted weight", min=1)
+    r: int = option(16, "rank r of the update B core(t) A of each adapted weight", min=1, max=1024)
     alpha: float | None = option(None, "scale numerator: the update is (alpha / r) B core(t) A; none = 2r")
     targets: str = option("attention", "which projections to adapt", choices=tuple(TARGETS))
 
@@ -61,15 +61,21 @@ class StepLoRAConfig(MethodConfig):
         return 2e-3  # weight LoRA's: both start as (a masked) LoRA
 
 
+MAX_HYPERNETWORK_OUT = 2**24  # weights of NaRA's last hypernetwork layer: 64 MB in float32
+
+
 @dataclass
 class NaRAConfig(StepLoRAConfig):
     method = "nara"
-    time_dim: int = option(32, "width of the sinusoidal embedding e(t) the hypernetwork reads (even)", min=2)
-    hidden: int = option(64, "hidden width of the shared hypernetwork e(t) -> C(t)", min=1)
+    time_dim: int = option(32, "width of the sinusoidal embedding e(t) the hypernetwork reads (even)", min=2, max=1024)
+    hidden: int = option(64, "hidden width of the shared hypernetwork e(t) -> C(t)", min=1, max=4096)
 
     def check(self) -> None:
         if self.time_dim % 2:
             raise UserError(f"method 'nara' option 'time_dim' must be even, not {self.time_dim}")
+        if self.hidden * self.r * self.r > MAX_HYPERNETWORK_OUT:  # its last layer is hidden x r^2
+            raise UserError(f"method 'nara' options hidden * r^2 must be at most {MAX_HYPERNETWORK_OUT:,}, "
+                            f"not {self.hidden * self.r * self.r:,}; lower r or hidden")
 
 
 @dataclass

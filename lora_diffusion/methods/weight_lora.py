@@ -25,7 +25,7 @@ TARGETS = {"attention": ("q", "k", "v", "o"), "attention+mlp": ("q", "k", "v", "
 @dataclass
 class LoRAConfig(MethodConfig):
     method = "lora"
-    r: int = option(16, "rank r of the update B A of each adapted weight", min=1)
+    r: int = option(16, "rank r of the update B A of each adapted weight", min=1, max=1024)
     alpha: float | None = option(None, "scale numerator: the update is (alpha / r) B A; none = 2r")
     dropout: float = option(0.0, "dropout on the adapter's input during training", min=0.0, max=1.0)
     targets: str = option("attention", "which projections to adapt", choices=tuple(TARGETS))
