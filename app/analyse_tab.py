@@ -17,9 +17,13 @@ from .common import (Context, adapter_paths, handler, names_given, readable_erro
 PROJECTIONS = ("tsne", "pca")
 
 
-def _inputs(ctx: Context, user, names, examples, steps) -> tuple[list, int, int]:
-    """The picked adapters' folders (the caller's own, checked) and the bounded sizes of an analysis."""
-    paths = adapter_paths(user_workspace(ctx, user), names)
+def _inputs(ctx: Context, user, names, examples, steps, needs_task: bool = True) -> tuple[list, int, int]:
+    """The picked adapters' folders (the caller's own, checked) and the bounded sizes of an analysis.
+
+    `needs_task`: the analysis scores each adapter on its own task, loaded by name, so that
+    must be a task the workbench can load (not a CSV uploaded to train it).
+    """
+    paths = adapter_paths(user_workspace(ctx, user), names, needs_task)
     return paths, whole(examples, "the number of examples", 8, 256), whole(steps, "the denoising steps", 2, 64)
 
 
@@ -50,7 +54,7 @@ def trajectory_tsne(ctx: Context, user, names, examples, steps, projection, prog
 
 @readable_errors
 def forgetting(ctx: Context, user, names, examples, progress=gr.Progress()):
-    paths, examples, _ = _inputs(ctx, user, names, examples, 2)
+    paths, examples, _ = _inputs(ctx, user, names, examples, 2, needs_task=False)  # generic text, not the task
     progress(0, desc="scoring held-out generic text under the base and every adapter")
     report = forgetting_report(paths, base=ctx.base, data_dir=ctx.data_dir, rows=examples)
     return ("Held-out NELBO (nats per token; lower is better) of generic text: a fine-tuned model "

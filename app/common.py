@@ -151,5 +151,7 @@ def broken_note(ws: Workspace) -> str:
     return "Skipped (not a valid adapter): " + "; ".join(f"`{b['name']}`: {b['reason']}" for b in ws.broken)
 
 
-def adapter_paths(ws: Workspace, names) -> list:
-    return [ws.adapter_path(n) for n in names_given(names)]
+def adapter_paths(ws: Workspace, names, needs_task: bool = False) -> list:
+    """The folders of the picked adapters; `needs_task`: the caller loads their tasks by name (see
+    `Workspace.adapter_path`)."""
+    return [ws.adapter_path(n, needs_task) for n in names_given(names)]

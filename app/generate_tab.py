@@ -38,7 +38,7 @@ def generate(ctx: Context, user, adapter_name, composed, instruction, text, leng
     ws = user_workspace(ctx, user)
     adapter = ws.adapter_path(adapter_name) if adapter_name and adapter_name != BASE_ONLY else None
     if composed:
-        adapter_paths(ws, composed)  # every name checked before anything is loaded
+        adapter_paths(ws, composed, needs_task=True)  # every name checked before anything is loaded
     instruction, text = short_text(instruction, "the instruction"), short_text(text, "the input")
     length, steps = whole(length, "the response length", 1, 32), whole(steps, "the denoising steps", 1, 64)
     temperature, seed = number(temperature, "the temperature", 0, 1.5), whole(seed, "the seed", 0, 2**31 - 1)

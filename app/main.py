@@ -13,18 +13,24 @@ from __future__ import annotations
 import os
 import secrets
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage pings to the network
+# Offline by design, set before gradio (and through it huggingface_hub, datasets) reads them: no usage
+# pings, and nothing is fetched from or looked up on the Hugging Face hub.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import gradio as gr  # noqa: E402
 
 from lora_diffusion.errors import UserError  # noqa: E402
 from lora_diffusion.files import read_json, write_json  # noqa: E402
 from lora_diffusion.paths import default_data_dir  # noqa: E402
+from lora_diffusion.uploads import MAX_UPLOAD_BYTES  # noqa: E402
 from lora_diffusion.workspace import JobLimits, Workspace  # noqa: E402
 
 from . import analyse_tab, compare_tab, generate_tab, train_tab  # noqa: E402
 from .common import (BASE_ONLY, Context, adapter_lists, broken_note, handler, readable_errors,  # noqa: E402
                      user_workspace)
 
+CACHE_SECONDS = 3600  # uploads (and gradio's copies of downloads) are removed after an hour, checked hourly
 SHARED_LABEL = "also show the shared adapters (read-only, from the workspace's shared/ folder)"
 
 
@@ -62,7 +68,7 @@ def browser_secret(workspace: Workspace) -> str:
 
 def build(workspace: Workspace, data_dir: str | None = None, base: str | None = None, uploads=None) -> gr.Blocks:
     ctx = Context(workspace, data_dir, base, uploads)
-    with gr.Blocks(title="lora-diffusion workbench") as demo:
+    with gr.Blocks(title="lora-diffusion workbench", delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as demo:
         gr.Markdown("# lora-diffusion workbench\nParameter-efficient fine-tuning of a masked diffusion LM, "
                     "on the CPU, offline. Every number here is measured on held-out data.")
         user = gr.BrowserState(None, storage_key="lora-diffusion-user", secret=browser_secret(workspace))
@@ -97,4 +103,4 @@ def serve(workspace: str, data_dir: str | None = None, base: str | None = None, 
     limits = JobLimits() if job_minutes is None else JobLimits(seconds=job_minutes * 60 or None)
     demo = build(Workspace(workspace, limits=limits), str(data_dir) if data_dir else None, base)
     demo.queue(default_concurrency_limit=2).launch(server_name=host, server_port=port,
-                                                   max_file_size="200mb", show_error=False)
+                                                   max_file_size=MAX_UPLOAD_BYTES, show_error=False)

@@ -3,6 +3,7 @@ loss and the held-out score, stop, download and upload adapters."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import gradio as gr
@@ -13,11 +14,12 @@ from lora_diffusion.methods import METHODS, OptionSpec, describe, option_specs, 
 from lora_diffusion.metrics import metric_of, primary_metric, score
 from lora_diffusion.plots import training_figure
 from lora_diffusion.training import TrainConfig
+from lora_diffusion.workspace import LOADABLE_TASKS
 
 from .common import (TABLE_HEADERS, Context, handler, number, readable_errors, short_text, uploaded, user_workspace,
                      whole)
 
-TASKS = list(SUITE_TASKS) + ["sst2", "agnews", "agnews_title", "uploaded CSV"]
+TASKS = list(LOADABLE_TASKS) + ["uploaded CSV"]  # never a hub dataset: the workbench runs offline
 MAX_CSV_BYTES = 20 * 2**20  # an uploaded CSV, checked before it is read
 MAX_CSV_ROWS = 20_000       # rows of it at most
 CSV_HELD_OUT = 200          # rows of it held out (and scored at the end of a run) at most
@@ -55,6 +57,14 @@ def show_options(method: str) -> list:
     return [gr.update(visible=m == method) for m in METHODS]
 
 
+def csv_task_name(name: str) -> str:
+    """What an uploaded CSV's task is called: its file's name, unless the workbench would take that for a
+    task it loads itself or for a hub dataset (its adapter would be scored on, or refused for, that)."""
+    if name in LOADABLE_TASKS or name.startswith("hub:") or "/" in name or "\\" in name:
+        return "csv_" + re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    return name
+
+
 def _task(ctx: Context, task_name, csv_file, text_column, label_column, max_train, seed):
     max_train = whole(max_train, "max train examples", 0, 10**7)
     if task_name == "uploaded CSV":
@@ -64,9 +74,11 @@ def _task(ctx: Context, task_name, csv_file, text_column, label_column, max_trai
         if path.stat().st_size > MAX_CSV_BYTES:  # rows are counted as they are read; bytes before
             raise UserError(f"the CSV is larger than {MAX_CSV_BYTES // 2**20} MB; upload at most "
                             f"{MAX_CSV_ROWS:,} rows")
-        return load_task("csv", train_file=path, text_column=short_text(text_column, "the text column") or "text",
+        task = load_task("csv", train_file=path, text_column=short_text(text_column, "the text column") or "text",
                          label_column=short_text(label_column, "the label column") or "label",
                          max_train=max_train or None, max_rows=MAX_CSV_ROWS, max_heldout=CSV_HELD_OUT, seed=seed)
+        task.name = csv_task_name(task.name)
+        return task
     if task_name not in TASKS:  # the API could name any task, a hub download included
         raise UserError(f"choose a task from the list: {', '.join(TASKS)}")
     return load_task(task_name, data_dir=ctx.data_dir, max_train=max_train or None,

@@ -3,13 +3,16 @@
 An upload comes from anyone. A zip's header can lie about sizes, so bytes are counted as
 they are really unpacked; only the entries an exported adapter holds are taken; then the
 adapter's config and tensors are checked and it is loaded on the app's base, so its tensors
-must fit. Nothing is unpickled.
+must fit. Nothing is unpickled. The workbench runs offline: an adapter whose task names a hub
+dataset (or a path) is refused (`offline_refusal`), since analysing it would load that task.
 """
 
 from __future__ import annotations
 
+import errno
 import shutil
 import zipfile
+import zlib
 from pathlib import Path
 
 from .adapters import CONFIG_FILE, TENSORS_FILE, check_adapter, load_adapter
@@ -24,6 +27,12 @@ ADAPTER_ENTRIES = {TENSORS_FILE: MAX_UPLOAD_BYTES, CONFIG_FILE: MAX_JSON_BYTES,
                    "peft/adapter_model.safetensors": MAX_UPLOAD_BYTES, "peft/adapter_config.json": MAX_JSON_BYTES}
 MAX_ENTRIES = 16                 # entries of an upload zip, folders included
 _CHUNK = 2**20
+NOT_A_ZIP = "the upload is not a valid zip file"
+# What zipfile raises on a damaged or unusual archive (bad CRC or headers, encrypted entries,
+# an unsupported compression, corrupt deflate data, a name that is not UTF-8): the upload's fault.
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, RuntimeError, NotImplementedError, zlib.error,
+               ValueError)
+OFFLINE = "this workbench runs offline: adapters of hub tasks cannot be used here"
 
 
 def shown(name: str) -> str:
@@ -32,8 +41,34 @@ def shown(name: str) -> str:
     return repr(name if len(name) <= 60 else name[:57] + "...")
 
 
+def offline_refusal(config: dict) -> str | None:
+    """Why an adapter with this (checked) config cannot be used by the workbench, or None.
+
+    Its task name is what the analyses load its data by: `hub:...` would reach the hub, or
+    the disk where the name is a path, so such a name (or any with '/' or '\\') is refused.
+    """
+    name = config["task"]["name"]
+    if name.startswith("hub:") or "/" in name or "\\" in name:
+        return OFFLINE
+    return None
+
+
 def extract_adapter_zip(archive: Path, target: Path) -> None:
-    """The adapter's own entries of `archive` into `target`, each bounded while it is unpacked."""
+    """The adapter's own entries of `archive` into `target`, each bounded while it is unpacked.
+
+    A damaged archive is a UserError (`NOT_A_ZIP`), whatever part of zipfile notices it.
+    """
+    try:
+        _extract(archive, target)
+    except _ZIP_ERRORS:
+        raise UserError(NOT_A_ZIP) from None
+    except OSError as e:  # a seek to a header offset that makes no sense
+        if e.errno != errno.EINVAL:
+            raise
+        raise UserError(NOT_A_ZIP) from None
+
+
+def _extract(archive: Path, target: Path) -> None:
     with zipfile.ZipFile(archive) as z:
         members = z.infolist()
         if len(members) > MAX_ENTRIES:
@@ -91,7 +126,10 @@ def check_whole_adapter(target: Path, base) -> None:
     peft = [e for e in ADAPTER_ENTRIES if e.startswith("peft/")]
     if any((target / e).is_file() for e in peft) and not all((target / e).is_file() for e in peft):
         raise UserError(f"the upload's peft/ folder needs both {' and '.join(peft)}")
-    check_adapter(target)
+    config = check_adapter(target)[0]
+    refusal = offline_refusal(config)
+    if refusal:
+        raise UserError(refusal)
     if (target / peft[0]).is_file():
         load_tensors(target / peft[0])  # peft's copy of the weights: safetensors too
     # Loaded on a Backbone we pass, never on the base its config names: that could be any path.

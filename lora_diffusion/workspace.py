@@ -3,13 +3,18 @@
 A `Workspace` is a folder of runs. The app keeps one root workspace W and gives every browser
 user their own, `W.user(id)` at W/users/<id>/; adapters the operator puts in W/shared/ are
 offered to everyone, read-only, as `shared:<name>`. All the workspaces of one root share one
-`JobQueue`: first come, first served, with a position to show while a job waits.
+`JobQueue`: first come, first served, with a position to show while a job waits; and one
+`Compositions`, the trained routers kept in memory (each holds a model: two in all).
 
 Everything that comes from a page or the API is checked here, at the library's edge: an
 adapter name is a plain folder name among this workspace's adapters (`plain_name`), a job
 is looked up among this workspace's jobs only, and an upload goes through `uploads.py`
 (bounded, the adapter's own files only, checked as a whole); a refused upload leaves
-nothing behind.
+nothing behind. The workbench runs offline: an adapter whose task is a hub dataset (or a
+path) is refused wherever it is, at import and in the lists (`uploads.offline_refusal`), and
+what loads an adapter's task by name (analyses, routers) takes only tasks the workbench can
+load itself (`LOADABLE_TASKS`). Download zips are written to the temp folder (`EXPORTS`),
+where gradio serves files from, never into the workspace.
 Messages name files relative to the workspace (`public_message`), never by server path.
 
 `start_training` fine-tunes in a background thread within `JobLimits`; `TrainJob.stop`
@@ -23,8 +28,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import os
 import re
 import shutil
+import stat
+import tempfile
 import threading
 import time
 import traceback
@@ -34,6 +42,7 @@ from pathlib import Path
 
 from .adapters import CONFIG_FILE, RUN_ADAPTER, TENSORS_FILE, check_adapter
 from .backbone import load_backbone
+from .data import BUILTIN, SUITE_TASKS
 from .errors import UserError
 from .files import atomic_write, read_json, write_json, write_text
 from .jobs import STOPPED_FILE, JobLimits, JobQueue, StoppedInEvaluation, TrainJob
@@ -42,12 +51,15 @@ from .metrics import metric_of, score
 from .router import Composition, trained_composition
 from .runs import fine_tune
 from .training import TrainConfig
-from .uploads import (ADAPTER_ENTRIES, MAX_UPLOAD_BYTES, check_whole_adapter, copy_adapter_files,
-                      extract_adapter_zip, shown)
+from .uploads import (ADAPTER_ENTRIES, MAX_UPLOAD_BYTES, OFFLINE, check_whole_adapter, copy_adapter_files,
+                      extract_adapter_zip, offline_refusal, shown)
 
 SHARED = "shared:"          # the prefix of an adapter from the root's shared/ folder
 MAX_NAME = 128              # characters of an adapter name, a user id or a job id
 MIN_USER_ID = 8
+LOADABLE_TASKS = tuple(SUITE_TASKS) + tuple(BUILTIN)  # what load_task loads by name alone (shipped, or --data-dir)
+EXPORTS = "lora-diffusion-exports"  # download zips: <temp folder>/EXPORTS/<a hash of the workspace>/<name>.zip
+EXPORT_HOURS = 1            # a download zip is removed after that (gradio has its own copy by then)
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _RUN_COUNTER = itertools.count()  # one for the process: run ids differ across users' workspaces too
 
@@ -77,32 +89,66 @@ def public_message(text: str, *roots) -> str:
     return _ABSOLUTE.sub(lambda m: m.group(0).rstrip("/").rpartition("/")[2] or "/", text)
 
 
+class Compositions:
+    """Trained routers kept in memory, by folder, shared by every workspace of one root.
+
+    Each holds a model, so only the `size` used last are kept, whichever users they are of.
+    """
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self._lock = threading.Lock()
+        self._kept: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        with self._lock:
+            value = self._kept.get(key)
+            if value is not None:
+                self._kept.move_to_end(key)
+            return value
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._kept[key] = value
+            self._kept.move_to_end(key)
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._kept)
+
+
 class Workspace:
     """A folder of training runs and imported adapters (created when something is written)."""
 
     def __init__(self, root, max_running: int = 1, limits: JobLimits | None = None, shared=None,
-                 queue: JobQueue | None = None):
+                 queue: JobQueue | None = None, compositions: Compositions | None = None):
         self.root = Path(root)
         self.limits = limits or JobLimits()
         self.shared = Path(shared) if shared is not None else None  # a folder of read-only adapters
         self.queue = queue or JobQueue(max_running, self.limits.waiting)
+        self.compositions = compositions if compositions is not None else Compositions()
         self.jobs: dict[str, TrainJob] = {}
         self.broken: list[dict] = []  # adapter folders the last listing skipped: name, reason
         self._lock = threading.Lock()
-        self._compositions: OrderedDict = OrderedDict()  # trained routers, by folder (the last few)
         self._checked: dict[Path, tuple] = {}  # adapter folder -> (file stamps, config or refusal)
         self._users: OrderedDict[str, Workspace] = OrderedDict()
 
     # ---- users ----------------------------------------------------------------------
 
     def user(self, user_id) -> "Workspace":
-        """The workspace of one browser user, W/users/<id>/, sharing this root's queue and shared/ adapters."""
+        """The workspace of one browser user, W/users/<id>/, sharing this root's queue, routers and shared/ adapters.
+
+        The id separates users' folders; it is not authentication (an API caller picks it).
+        """
         user_id = plain_name(user_id, "user id", "reload the page")
         if len(user_id) < MIN_USER_ID:  # the id is all that separates users: not one anyone would guess
             raise UserError(f"a user id has at least {MIN_USER_ID} characters: reload the page")
         with self._lock:
             ws = self._users.pop(user_id, None) or Workspace(
-                self.root / "users" / user_id, limits=self.limits, shared=self.root / "shared", queue=self.queue)
+                self.root / "users" / user_id, limits=self.limits, shared=self.root / "shared", queue=self.queue,
+                compositions=self.compositions)
             self._users[user_id] = ws
             # Forget the least recent users beyond a few hundred (their folders stay), but never
             # one with a job still queued or running: its page polls it.
@@ -275,13 +321,16 @@ class Workspace:
                 "shared": shared, "trainable_parameters": config["accounting"]["trainable_parameters"]}
 
     def _valid_config(self, folder: Path) -> dict:
-        """The adapter's config if the adapter checks out as a whole (cached while its files are unchanged)."""
+        """The adapter's config if the adapter checks out as a whole and the workbench may use it (see
+        `uploads.offline_refusal`); cached while its files are unchanged."""
         stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None
                       for p in (folder / CONFIG_FILE, folder / TENSORS_FILE))
         cached = self._checked.get(folder)
         if cached is None or cached[0] != stamp:
             try:
-                cached = (stamp, check_adapter(folder)[0])
+                config = check_adapter(folder)[0]
+                refusal = offline_refusal(config)
+                cached = (stamp, UserError(refusal) if refusal else config)
             except UserError as e:
                 cached = (stamp, e)
             self._checked[folder] = cached
@@ -289,8 +338,12 @@ class Workspace:
             raise cached[1]
         return cached[1]
 
-    def adapter_path(self, name) -> Path:
-        """The folder of adapter `name`: one of this workspace's (or, as `shared:NAME`, of shared/) that validates."""
+    def adapter_path(self, name, needs_task: bool = False) -> Path:
+        """The folder of adapter `name`: one of this workspace's (or, as `shared:NAME`, of shared/) that validates.
+
+        `needs_task`: the caller loads the adapter's task by name (an analysis, a router), so it
+        must be one of LOADABLE_TASKS, not a CSV that was uploaded to train it.
+        """
         shared = isinstance(name, str) and name.startswith(SHARED)
         folder = plain_name(name[len(SHARED):] if shared else name)
         root = self.shared if shared else self.root
@@ -299,15 +352,32 @@ class Workspace:
             where = "among the shared adapters" if shared else "in your workspace"
             raise UserError(f"no adapter named {name!r} {where}")
         try:
-            self._valid_config(path)
+            config = self._valid_config(path)
         except UserError as e:
+            if str(e) == OFFLINE:
+                raise UserError(f"adapter {name!r} cannot be used: {OFFLINE}") from None
             raise UserError(f"adapter {name!r} is broken: {self.public(str(e))}") from None
+        task = config["task"]["name"]
+        if needs_task and task not in LOADABLE_TASKS:
+            raise UserError(f"adapter {name!r} was trained on {shown(task)}, a CSV file the workbench does not keep; "
+                            f"this needs adapters of one of: {', '.join(LOADABLE_TASKS)}")
         return path
 
     def export_adapter(self, name) -> Path:
-        """A zip of the adapter's own files (what `import_adapter` takes back), in this workspace's exports/."""
+        """A zip of the adapter's own files (what `import_adapter` takes back), in this workspace's export folder.
+
+        That folder is in the temp folder (see `exports`), which gradio serves files from
+        wherever the workspace is; zips older than EXPORT_HOURS are removed on the way.
+        """
         folder = self.adapter_path(name)
-        target = self.root / "exports" / f"{folder.parent.name}.zip"
+        exports = self.exports()
+        for old in exports.glob("*.zip"):
+            try:
+                if old.stat().st_mtime < time.time() - EXPORT_HOURS * 3600:
+                    old.unlink()
+            except FileNotFoundError:
+                pass
+        target = exports / f"{folder.parent.name}.zip"
 
         def write(tmp):
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
@@ -316,6 +386,17 @@ class Workspace:
                         z.write(folder / entry, entry)
         atomic_write(target, write)
         return target
+
+    def exports(self) -> Path:
+        """<temp folder>/EXPORTS/<hash of this workspace's folder>/: one per workspace, so one per user."""
+        top = Path(tempfile.gettempdir()) / EXPORTS
+        top.mkdir(mode=0o700, exist_ok=True)
+        info = top.lstat()  # the temp folder is everyone's: the folder must be ours, not a link
+        if stat.S_ISLNK(info.st_mode) or (hasattr(os, "getuid") and info.st_uid != os.getuid()):
+            raise RuntimeError(f"{top} belongs to another user of this machine; remove it or set TMPDIR")
+        folder = top / hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:20]
+        folder.mkdir(mode=0o700, exist_ok=True)
+        return folder
 
     def import_adapter(self, path, base=None) -> str:
         """Add an adapter from a zip (as exported) or from its two files; returns its name.
@@ -340,10 +421,8 @@ class Workspace:
             else:
                 copy_adapter_files(paths, target)
             check_whole_adapter(target, base)
-        except BaseException as e:
+        except BaseException as e:  # a damaged zip is a UserError too (uploads.extract_adapter_zip)
             shutil.rmtree(folder, ignore_errors=True)
-            if isinstance(e, (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError)):
-                raise UserError("the upload is not a valid zip file") from None
             if isinstance(e, UserError):
                 raise UserError(self.public(str(e))) from None
             raise
@@ -355,15 +434,15 @@ class Workspace:
         """A router over the named LoRA-Diffusion adapters (one per task), trained once and kept.
 
         The trained router is saved under `compositions/` (safetensors + JSON), keyed by the
-        adapters, so a second request for the same set loads it instead of training again.
+        adapters, so a second request for the same set loads it instead of training again; the
+        last two used, of any user, stay in memory (`Compositions`).
         """
         if not isinstance(names, (list, tuple)) or len(names) < 2:
             raise UserError("pick at least two LoRA-Diffusion adapters, one per task, to compose")
-        paths = [self.adapter_path(n) for n in sorted(names)]  # every name checked before anything is read
+        paths = [self.adapter_path(n, needs_task=True) for n in sorted(names)]  # checked before anything is read
         key = hashlib.sha1("|".join(sorted(names)).encode()).hexdigest()[:12]
         folder = self.root / "compositions" / f"{key}-{router_steps}"
-        with self._lock:
-            cached = self._compositions.get(folder)
+        cached = self.compositions.get(folder)
         if cached is not None:
             return cached
         if (folder / "composition.json").is_file():
@@ -374,10 +453,7 @@ class Workspace:
             composition.save(folder)
         composition.use(None)
         composition.model.eval()
-        with self._lock:
-            self._compositions[folder] = composition
-            while len(self._compositions) > 2:  # each holds a model: keep the last two
-                self._compositions.popitem(last=False)
+        self.compositions.put(folder, composition)
         return composition
 
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(workspace, log: Path, base_dir):
-    """The app in a subprocess on a free port over `workspace`; yields its URL, stops it after."""
+def running_app(workspace, log: Path, base_dir, tmpdir=None):
+    """The app in a subprocess on a free port over `workspace` (with `tmpdir` as its temp folder); yields its
+    URL, stops it after."""
     port = _free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     base = [] if os.environ.get("APP_TEST_BASE") == "shipped" else ["--base", str(base_dir)]
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "lora_diffusion.app", "--port", str(port),
@@ -67,7 +71,9 @@ def running_app(workspace, log: Path, base_dir):
 @pytest.fixture(scope="module")
 def app_url(tiny_base_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("app") / "app.log"
-    with running_app(tmp_path_factory.mktemp("workspace"), log, tiny_base_dir) as url:
+    # The workspace outside both the app's working directory and its temp folder, which are all gradio
+    # serves files from: a download must work all the same.
+    with running_app(tmp_path_factory.mktemp("workspace"), log, tiny_base_dir, tmp_path_factory.mktemp("tmp")) as url:
         yield url
 
 
@@ -94,6 +100,10 @@ def test_api_trains_generates_analyses_and_reports_errors(app_url):
 
     note, _, _ = client.predict(user=USER, names=[name], examples=8, steps=4, api_name="/effective_rank")
     assert "Effective rank" in note and name in note
+
+    archive = client.predict(user=USER, name=name, api_name="/download")
+    with zipfile.ZipFile(archive) as z:
+        assert sorted(z.namelist()) == ["adapter.safetensors", "adapter_config.json"]
 
     # Bad input: one readable line, never a traceback.
     with pytest.raises(Exception) as error:

@@ -9,8 +9,10 @@ must show no traceback.
 """
 
 import json
+import os
 import re
 import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -19,6 +21,8 @@ import pytest
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from lora_diffusion import router
+from lora_diffusion.analysis import rank
 from lora_diffusion.app import analyse_tab, compare_tab, generate_tab, main, train_tab
 from lora_diffusion.app.common import BASE_ONLY, Context
 from lora_diffusion.data import load_task
@@ -26,7 +30,7 @@ from lora_diffusion.files import load_tensors, read_json
 from lora_diffusion.paths import CHECKOUT
 from lora_diffusion.training import TrainConfig
 from lora_diffusion.uploads import ADAPTER_ENTRIES
-from lora_diffusion.workspace import Workspace
+from lora_diffusion.workspace import EXPORTS, Workspace
 from test_app import running_app
 
 USER, OTHER = "boundary-user-0001", "boundary-user-0002"
@@ -151,8 +155,13 @@ def test_every_endpoint_refuses_names_and_paths_outside_the_workspace(world, end
 @pytest.mark.parametrize("endpoint", [e for e in ENDPOINTS if not e.startswith("show_")])
 def test_every_endpoint_refuses_a_user_id_that_is_not_a_plain_name(world, endpoint, user):
     user = _name(world, user) if user else user
-    message = refused(world, lambda: ENDPOINTS[endpoint](world, user, world.good))
-    assert "user id" in message or "pick" in message or "upload" in message
+    # Everything else in the call is valid, so the user id is what is refused: `upload` checks
+    # its files first, so it gets a real upload (a valid adapter zip in the upload folder).
+    name = str(_zip(world, "user-check", _adapter_files(world))) if endpoint == "upload" else world.good
+    before = sorted(world.workspace.rglob("*"))
+    message = refused(world, lambda: ENDPOINTS[endpoint](world, user, name))
+    assert "user id" in message
+    assert sorted(world.workspace.rglob("*")) == before
 
 
 def test_another_users_adapter_and_job_are_not_found(world):
@@ -182,10 +191,14 @@ def test_compare_reads_only_listed_files_and_does_not_say_whether_others_exist(w
         assert "| lora_diffusion |" in table
 
 
-def test_a_download_writes_only_into_the_callers_workspace(world):
+def test_a_download_is_written_to_the_callers_own_folder_in_the_temp_folder(world):
+    """Gradio serves files from the working directory and the temp folder only: the workspace may be elsewhere."""
+    before = sorted(world.workspace.rglob("*"))
     archive = Path(train_tab.download(world.ctx, USER, world.good))
-    assert archive.is_relative_to(world.own())
+    assert archive.is_file() and archive.is_relative_to(Path(tempfile.gettempdir()) / EXPORTS)
+    assert archive.parent == world.ctx.workspace.user(USER).exports() != world.ctx.workspace.user(OTHER).exports()
     assert sorted(zipfile.ZipFile(archive).namelist()) == ["adapter.safetensors", "adapter_config.json"]
+    assert sorted(world.workspace.rglob("*")) == before  # nothing written into the workspace
 
 
 # ---- hostile uploads ----------------------------------------------------------------------
@@ -236,6 +249,23 @@ def _hostile(world: World) -> dict:
     }
 
 
+def _patched(world: World, name: str, method: int | None = None, flags: int = 0) -> Path:
+    """The adapter's files as a zip whose first entry claims another compression `method` or `flags` (bit 0:
+    encrypted); its stored bytes are 0xff, which is not deflate data (block type 3 does not exist)."""
+    path = world.uploads / f"{name}.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("adapter_config.json", b"\xff" * 64)
+        z.writestr("adapter.safetensors", _adapter_files(world)["adapter.safetensors"])
+    data = bytearray(path.read_bytes())
+    for signature, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # local header, central directory
+        start = data.index(signature) + at
+        data[start:start + 2] = flags.to_bytes(2, "little")
+        if method is not None:
+            data[start + 2:start + 4] = method.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    return path
+
+
 def _header_lies(world: World) -> Path:
     """A zip whose headers say its 2 MB entry holds 10 bytes: only real bytes are counted, and the CRC fails."""
     path = _zip(world, "header-lies", {"adapter_config.json": " " * 2**21})
@@ -267,6 +297,9 @@ def test_uploads_that_are_not_zips_or_lie_about_their_size_leave_nothing(world):
     (world.uploads / "fake.zip").write_bytes(b"PK not a zip")
     (world.uploads / "evil.sh").write_text("#!/bin/sh\n")
     for files, says in (([world.uploads / "fake.zip"], "not a valid zip"), ([_header_lies(world)], "not a valid zip"),
+                        ([_patched(world, "corrupt-deflate", method=zipfile.ZIP_DEFLATED)], "not a valid zip"),
+                        ([_patched(world, "unsupported-compression", method=97)], "not a valid zip"),
+                        ([_patched(world, "encrypted", flags=1)], "not a valid zip"),
                         ([world.uploads / "evil.sh"], "upload adapter.safetensors and adapter_config.json"),
                         ([world.uploads / "fake.zip"] * 3, "upload the adapter zip")):
         assert says in refused(world, lambda: train_tab.upload(world.ctx, USER, [str(f) for f in files]))
@@ -295,6 +328,83 @@ def test_the_adapters_own_files_come_back_in_peft_layout_too(world):
     message = train_tab.upload(world.ctx, USER, [str(uploaded)])
     name = re.search(r"\*\*(.+)\*\*", message).group(1)
     assert (world.own() / name / "adapter" / "peft" / "adapter_model.safetensors").is_file()
+
+
+def _of_task(world: World, task: str) -> dict:
+    """The good adapter's files, its config naming another task."""
+    files = _adapter_files(world)
+    config = json.loads(files["adapter_config.json"])
+    config["task"]["name"] = task
+    return {**files, "adapter_config.json": json.dumps(config)}
+
+
+@pytest.fixture
+def tasks_loaded(monkeypatch):
+    """Every task the analyses and routers load by name, in order (they are refused before that here)."""
+    loaded = []
+    for module in (rank, router):
+        real = module.load_task
+        monkeypatch.setattr(module, "load_task", lambda name, *a, real=real, **k: loaded.append(name) or real(
+            name, *a, **k))
+    return loaded
+
+
+def _datasets_cache() -> Path:
+    home = os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
+    return Path(os.environ.get("HF_DATASETS_CACHE") or Path(home) / "datasets")
+
+
+def test_an_adapter_of_a_hub_task_is_refused_at_import_and_never_used(world, tmp_path, tasks_loaded):
+    """Its task name is what an analysis loads data by: `hub:<a folder>` would read that folder."""
+    elsewhere = tmp_path / "a-dataset-elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "train.csv").write_text("text,label\nfine,good\n")
+    entries = _of_task(world, f"hub:{elsewhere}")
+    before = sorted(world.own().iterdir())
+    message = refused(world, lambda: train_tab.upload(world.ctx, USER, [str(_zip(world, "hub-task", entries))]))
+    assert message == "this workbench runs offline: adapters of hub tasks cannot be used here"
+    assert sorted(world.own().iterdir()) == before
+    for task in ("hub:imdb", "../x", "a\\b"):  # the hub by name, a path
+        message = refused(world, lambda t=task: train_tab.upload(world.ctx, USER, [str(_zip(
+            world, "hub-task", _of_task(world, t)))]))
+        assert "runs offline" in message
+    # One already in the user's folder (imported before this check, or copied there): never used.
+    planted = world.own() / "hub-task-run" / "adapter"
+    planted.mkdir(parents=True)
+    for file, data in entries.items():
+        (planted / file).write_bytes(data if isinstance(data, bytes) else data.encode())
+    try:
+        for endpoint in ("effective_rank", "trajectory_tsne", "forgetting", "route", "generate-composed", "generate",
+                         "download"):
+            message = refused(world, lambda e=endpoint: ENDPOINTS[e](world, USER, "hub-task-run"))
+            assert message == "adapter 'hub-task-run' cannot be used: this workbench runs offline: adapters of " \
+                              "hub tasks cannot be used here", (endpoint, message)
+        note = main.refreshed(world.ctx, USER, False)[-1]
+        assert "`hub-task-run`: this workbench runs offline" in note  # listed as skipped, and why
+    finally:
+        shutil.rmtree(planted.parent)
+    assert tasks_loaded == []
+    cache = _datasets_cache()
+    assert not cache.is_dir() or not any(elsewhere.name in str(p) for p in cache.rglob("*"))
+
+
+def test_an_adapter_of_an_uploaded_csv_is_used_but_not_scored_on_its_task(world, tasks_loaded):
+    """Such an adapter's task is named after a file the workbench does not keep: one readable line
+    wherever its task would be loaded; decoding with it works."""
+    archive = _zip(world, "csv-task", _of_task(world, "my_reviews"))
+    name = re.search(r"\*\*(.+)\*\*", train_tab.upload(world.ctx, USER, [str(archive)])).group(1)
+    for endpoint in ("effective_rank", "trajectory_tsne", "route", "generate-composed"):
+        message = refused(world, lambda e=endpoint: ENDPOINTS[e](world, USER, name))
+        assert message.startswith(f"adapter {name!r} was trained on 'my_reviews', a CSV file the workbench "
+                                  "does not keep; this needs adapters of one of: suite_sentiment"), message
+    assert tasks_loaded == []
+    page, _ = generate_tab.generate(world.ctx, USER, name, [], "is it good ?", "fine .", 2, 2, 0.0, 0)
+    assert name in page
+    # A CSV is never taken for a task the workbench loads itself, nor for a hub dataset.
+    rows = "text,label\n" + "".join(f"review {i},{'good' if i % 2 else 'bad'}\n" for i in range(20))
+    for file, task in (("reviews.csv", "reviews"), ("sst2.csv", "csv_sst2"), ("hub:imdb.csv", "csv_hub_imdb")):
+        (world.uploads / file).write_text(rows)
+        assert train_tab._task(world.ctx, "uploaded CSV", str(world.uploads / file), "text", "label", 0, 0).name == task
 
 
 def test_a_hostile_folder_in_the_workspace_does_not_stop_the_app(world):

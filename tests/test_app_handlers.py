@@ -1,15 +1,19 @@
 """The app's handlers called directly, without a browser or a server (they are module-level functions)."""
 
+import inspect
+import os
 import shutil
+from pathlib import Path
 
 import gradio as gr
 import pytest
 
-from lora_diffusion.app import compare_tab, generate_tab, main, train_tab
+from lora_diffusion import uploads, workspace
+from lora_diffusion.app import common, compare_tab, generate_tab, main, train_tab
 from lora_diffusion.app.common import Context
 from lora_diffusion.methods import METHODS, method_config, option_specs
 from lora_diffusion.paths import CHECKOUT
-from lora_diffusion.workspace import Workspace
+from lora_diffusion.workspace import JobLimits, Workspace
 
 
 def defaults_of_every_control() -> list:
@@ -98,3 +102,46 @@ def test_compare_reads_a_results_file_of_the_checkout(ctx):
         compare_tab.show_results(ctx, "no/such/results.json")
     with pytest.raises(gr.Error, match="not a results file of this workbench"):
         compare_tab.show_scaling(ctx, "results/compare_sst2.json")  # a results file, of the other kind
+
+
+def test_the_app_is_offline_cleans_its_cache_and_caps_uploads_by_the_library(monkeypatch, tmp_path, tiny_base_dir):
+    assert os.environ.get("HF_HUB_OFFLINE") and os.environ.get("HF_DATASETS_OFFLINE")  # set when main is imported
+    launched = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw, delete_cache=self.delete_cache))
+    main.serve(str(tmp_path / "ws"), base=str(tiny_base_dir))
+    assert launched["max_file_size"] == uploads.MAX_UPLOAD_BYTES
+    assert launched["delete_cache"] == (main.CACHE_SECONDS, main.CACHE_SECONDS)
+
+
+def _readme_limits() -> dict:
+    readme = Path(main.__file__).with_name("README.md")
+    if not readme.is_file():
+        pytest.skip("the app's README is not beside it (an installed package)")
+    section = readme.read_text().split("## Limits", 1)[1]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| ")]
+    return {label.strip(): value.strip() for label, value in rows[1:]}  # after the header row
+
+
+def test_the_readmes_limits_table_is_the_codes():
+    limits = JobLimits()
+    assert main.CACHE_SECONDS == workspace.EXPORT_HOURS * 3600 == 3600
+    assert _readme_limits() == {
+        "training steps per job": f"{limits.steps:,}",
+        "batch size": str(limits.batch_size),
+        "training time per job": f"{limits.seconds / 60:g} minutes",
+        "jobs queued or running per user": str(limits.jobs_per_user),
+        "jobs waiting, all users together": str(limits.waiting),
+        "jobs training at once": str(inspect.signature(Workspace).parameters["max_running"].default),
+        "adapter upload, unpacked, in all": f"{uploads.MAX_UPLOAD_BYTES // 2**20} MB",
+        "a JSON file in an adapter upload": f"{uploads.MAX_JSON_BYTES // 2**20} MB",
+        "entries of an adapter zip": str(uploads.MAX_ENTRIES),
+        "uploaded CSV": f"{train_tab.MAX_CSV_BYTES // 2**20} MB",
+        "rows of an uploaded CSV": f"{train_tab.MAX_CSV_ROWS:,}",
+        "rows of it held out": str(train_tab.CSV_HELD_OUT),
+        "an adapter name, user id or job id": f"{workspace.MAX_NAME} characters",
+        "a user id, at least": f"{workspace.MIN_USER_ID} characters",
+        "text typed into a page": f"{common.MAX_TEXT:,} characters",
+        "routers kept in memory, all users together": str(workspace.Compositions().size),
+        "a results file Compare reads": f"{compare_tab.MAX_RESULTS_BYTES // 2**20} MB",
+        "uploads and download zips kept": "1 hour",
+    }

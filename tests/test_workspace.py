@@ -1,6 +1,8 @@
 """The app's workspace: background training, adapters in and out; and one decoding, step by step."""
 
+import json
 import shutil
+import tempfile
 import time
 import zipfile
 
@@ -8,13 +10,15 @@ import torch
 
 import pytest
 
+from pathlib import Path
+
 from lora_diffusion.adapters import load_model
 from lora_diffusion.analysis.trajectories import denoising_trajectory
 from lora_diffusion.data import load_task
 from lora_diffusion.errors import UserError
 from lora_diffusion.plots import training_figure
 from lora_diffusion.training import TrainConfig
-from lora_diffusion.workspace import JobLimits, Workspace, plain_name, public_message
+from lora_diffusion.workspace import EXPORTS, Compositions, JobLimits, Workspace, plain_name, public_message
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +50,8 @@ def test_background_training_logs_saves_and_lists(trained):
 def test_export_then_import_gives_the_same_adapter(trained, tiny_base_dir):
     ws, job = trained
     archive = ws.export_adapter(job.id)
+    assert archive.is_relative_to(Path(tempfile.gettempdir()) / EXPORTS)  # gradio serves it, wherever ws is
+    assert not list(ws.root.rglob("*.zip"))
     with zipfile.ZipFile(archive) as z:
         assert sorted(z.namelist()) == ["adapter.safetensors", "adapter_config.json"]
     name = ws.import_adapter(archive, base=str(tiny_base_dir))
@@ -54,7 +60,7 @@ def test_export_then_import_gives_the_same_adapter(trained, tiny_base_dir):
     assert name in [a["name"] for a in ws.adapters()]
 
 
-def test_bad_uploads_are_refused_and_leave_nothing(trained, tmp_path):
+def test_bad_uploads_are_refused_and_leave_nothing(trained, tmp_path, tiny_base_dir):
     ws, _ = trained
     before = sorted(p.name for p in ws.root.iterdir())
     evil = tmp_path / "evil.zip"
@@ -73,6 +79,27 @@ def test_bad_uploads_are_refused_and_leave_nothing(trained, tmp_path):
         z.writestr("adapter_config.json", '{"format": "lora-diffusion-adapter"}')
     with pytest.raises(UserError, match="not a valid lora-diffusion adapter"):
         ws.import_adapter(broken)
+    deflate = tmp_path / "corrupt-deflate.zip"  # the entry's data is not deflate data: zlib.error inside zipfile
+    with zipfile.ZipFile(deflate, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("adapter_config.json", "{}" * 4000)
+    data = bytearray(deflate.read_bytes())
+    start = data.index(b"PK\x03\x04") + 30 + len("adapter_config.json")
+    data[start:start + 8] = b"\xff" * 8  # block type 3 does not exist
+    deflate.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="^the upload is not a valid zip file$"):
+        ws.import_adapter(deflate)
+    archive = ws.export_adapter(ws.adapters()[-1]["name"])
+    with zipfile.ZipFile(archive) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    for task in ("hub:/etc", "hub:imdb", "a/b", "a\\b"):
+        config = json.loads(files["adapter_config.json"])
+        config["task"]["name"] = task
+        hub = tmp_path / "hub.zip"
+        with zipfile.ZipFile(hub, "w") as z:
+            z.writestr("adapter.safetensors", files["adapter.safetensors"])
+            z.writestr("adapter_config.json", json.dumps(config))
+        with pytest.raises(UserError, match="^this workbench runs offline: adapters of hub tasks cannot be used here$"):
+            ws.import_adapter(hub, base=str(tiny_base_dir))
     assert sorted(p.name for p in ws.root.iterdir()) == before
 
 
@@ -213,3 +240,38 @@ def test_composition_trains_a_router_once_and_reloads_it(tmp_path, tiny_base_dir
     again = Workspace(tmp_path).composition(names, router_steps=2, base=str(tiny_base_dir))  # from disk
     assert again is not composition
     assert torch.allclose(again.instruction_weights(["is this review positive or negative ?"])[0], weights, atol=1e-6)
+
+
+def test_every_user_shares_the_roots_routers_two_in_all(tmp_path):
+    root = Workspace(tmp_path)
+    alice, bob = root.user("alice-0001"), root.user("bob-00001")
+    assert alice.compositions is root.compositions is bob.compositions
+    kept = Compositions(size=2)
+    first, second, third = object(), object(), object()
+    kept.put("alice/a", first)
+    kept.put("bob/b", second)
+    assert kept.get("alice/a") is first  # used last now: the next one pushes bob's out
+    kept.put("carol/c", third)
+    assert len(kept) == 2 and kept.get("bob/b") is None and kept.get("alice/a") is first
+    assert len(root.compositions) == 0 and root.compositions.size == 2
+
+
+def test_invented_user_ids_share_one_queue_and_its_cap(tmp_path, tiny_base_dir):
+    """The user id is not authentication: per-user limits can be side-stepped with new ids, the queue's cannot."""
+    root = Workspace(tmp_path, limits=JobLimits(waiting=1))
+    task = load_task("suite_topic", max_train=16, max_eval=4)
+
+    def start(user, steps):
+        return root.user(user).start_training(task, "bitfit", {}, TrainConfig(steps=steps, batch_size=2, log_every=1),
+                                              base=str(tiny_base_dir), sampler_steps=1, monitor_examples=2)
+
+    running = start("invented-0001", 5000)
+    while running.status == "queued":
+        time.sleep(0.02)
+    waiting = start("invented-0002", 2)
+    with pytest.raises(UserError, match=r"the training queue is full \(1 jobs waiting\)"):
+        start("invented-0003", 2)
+    assert not (tmp_path / "users" / "invented-0003").exists() or not any((tmp_path / "users" / "invented-0003").iterdir())
+    for job in (waiting, running):
+        job.stop()
+        assert job.wait(120)
