@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -127,6 +128,15 @@ class Backbone(nn.Module):
             if name and name not in names:
                 names.append(name)
         return r".*\.(" + "|".join(names) + r")$"
+
+    def projections(self, *kinds: str) -> dict[str, nn.Linear]:
+        """Name in the body -> nn.Linear, for every block's projections of these kinds, in the body's order."""
+        pattern = re.compile(self.projection_pattern(*kinds))
+        found = {name: module for name, module in self.body.named_modules()
+                 if isinstance(module, nn.Linear) and pattern.fullmatch(name)}
+        if not found:
+            raise UserError(f"found no {'/'.join(kinds)} projections (nn.Linear) in {self.source}")
+        return found
 
     def hidden_states(self, input_ids, attention_mask):
         """Final hidden states `h` [B, L, d] (before the LM head)."""

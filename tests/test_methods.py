@@ -13,10 +13,16 @@ from lora_diffusion.diffusion import DiffusionLM, StepContext, diffusion_loss, p
 from lora_diffusion.errors import UserError
 from lora_diffusion.adapters import load_adapter, save_adapter
 from lora_diffusion.methods import METHODS, make_method
+from lora_diffusion.methods import lora_diffusion as lora_diffusion_module
+from lora_diffusion.methods.lora_diffusion import _shrink_singular_values
 
 ALL = list(METHODS)
 # Every method with its defaults, plus the variants that change what is trained.
-VARIANTS = [(name, {}) for name in ALL] + [("prefix", {"reparam": False})]
+VARIANTS = [(name, {}) for name in ALL] + [
+    ("prefix", {"reparam": False}),
+    ("lora_diffusion", {"injection": "weights", "ranks": [4, 2, 1]}),
+    ("lora_diffusion", {"injection": "blocks", "blocks_positions": "all"}),
+]
 # Methods whose trainable part starts at zero (or is the base itself): the adapted model
 # starts equal to the base. Prefix tuning adds attention positions, so it does not.
 STARTS_AT_BASE = ["full", "lora_diffusion", "lora", "dora", "adapter", "bitfit"]
@@ -284,6 +290,31 @@ def test_proximal_rank_step_soft_thresholds_the_singular_values():
     method.after_step(lr=0.01)  # threshold 0.005
     after = torch.linalg.svdvals(g.down.weight.detach())
     assert torch.allclose(after, (before - 0.005).clamp(min=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(8, 40), (40, 8), (5, 5)])
+def test_the_proximal_step_equals_soft_thresholding_through_an_svd(shape):
+    # after_step shrinks through the small Gram matrix's eigendecomposition; the
+    # definition is through the SVD: U diag(max(s - tau, 0)) V^T, the whole matrix.
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn((3,) + shape, generator=g) * torch.linspace(0.01, 1, shape[-1])
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    tau = float(s.median())
+    expected = (u * (s - tau).clamp(min=0).unsqueeze(-2)) @ vh
+    assert torch.allclose(_shrink_singular_values(w, tau), expected, atol=1e-5)
+    assert torch.equal(_shrink_singular_values(torch.zeros(shape), 0.1), torch.zeros(shape))
+
+
+@pytest.mark.parametrize("injection", ["final", "blocks", "weights"])
+def test_an_adapter_over_the_size_cap_is_refused_before_the_model_changes(injection, monkeypatch):
+    monkeypatch.setattr(lora_diffusion_module, "MAX_TRAINABLE", 1000)  # the tiny base's adapters are all bigger
+    model = DiffusionLM(tiny_backbone(seed=0))
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    method = make_method("lora_diffusion", {"injection": injection})
+    with pytest.raises(UserError, match="over the cap"):
+        method.attach(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert not hasattr(model, "trajectory")
 
 
 def test_calibration_standardises_h_at_the_read_positions_and_is_saved(tmp_path, tiny):

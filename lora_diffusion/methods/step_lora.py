@@ -33,7 +33,6 @@ exactly the base. The factors and the hypernetwork live in one module under the
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -129,7 +128,7 @@ class StepLoRA(Method):
         backbone = model.backbone
         self._remember_requires_grad(backbone.mlm)
         freeze(backbone.mlm)
-        projections = _targeted_projections(backbone, self.config.targets)
+        projections = backbone.projections(*TARGETS[self.config.targets])
         r = self.config.r
         adapter = nn.Module()
         adapter.factors = nn.ModuleDict({_key(name): Factors(linear.in_features, linear.out_features, r)
@@ -228,16 +227,6 @@ class TLoRA(StepLoRA):
     def core(self, t: torch.Tensor) -> torch.Tensor:
         keep = torch.arange(self.config.r, device=t.device)[None, :] < self.active_ranks(t)[:, None]
         return torch.diag_embed(keep.float())
-
-
-def _targeted_projections(backbone, targets: str) -> dict[str, nn.Linear]:
-    """Name in the body -> the nn.Linear, for the projections `targets` names."""
-    pattern = re.compile(backbone.projection_pattern(*TARGETS[targets]))
-    found = {name: module for name, module in backbone.body.named_modules()
-             if pattern.fullmatch(name) and isinstance(module, nn.Linear)}
-    if not found:
-        raise UserError(f"no {targets} projections found in {backbone.source}")
-    return found
 
 
 def _key(name: str) -> str:
