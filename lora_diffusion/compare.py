@@ -60,7 +60,20 @@ PRESETS: dict[str, list[Spec]] = {
                      _ld("none", lambda_rank=0.0, lambda_orth=0.0)],
     "schedule": [_ld("adaptive 64/32/8"), _ld("inverted 8/32/64", schedule="inverted"),
                  _ld("uniform r=35", schedule="uniform", rank=35)],
-    "injection": [_ld("final"), _ld("blocks", injection="blocks")],
+    # The same phase modules (64/32/8, k = 2) at each site; their parameter counts differ
+    # (the stepaware preset compares the sites at LoRA's budget).
+    "injection": [_ld("final"), _ld("blocks", injection="blocks"),
+                  _ld("blocks, all positions", injection="blocks", blocks_positions="all"),
+                  _ld("weights", injection="weights")],
+    # Does knowing the step help an adapter? Weight LoRA r=16 (294,912 parameters on the
+    # shipped base) against the step-aware forms at no more parameters: LoRA-Diffusion at
+    # each injection site (ranks cut in the schedule's proportions where needed), NaRA-
+    # and T-LoRA-style LoRA. The labels "lora" and "lora_diffusion" match the methods
+    # table's, so that sweep's learning rates carry over with --lr-from.
+    "stepaware": [Spec("lora", "lora"), Spec("nara", "nara"), Spec("tlora", "tlora"), _ld("lora_diffusion"),
+                  _ld("LD blocks 12/6/1", injection="blocks", ranks=(12, 6, 1)),
+                  _ld("LD blocks all 12/6/1", injection="blocks", blocks_positions="all", ranks=(12, 6, 1)),
+                  _ld("LD weights 6/3/1 k=1", injection="weights", targets="attention", k=1, ranks=(6, 3, 1))],
 }
 ALIASES = {"table5": "methods", "table7": "methods", "table9": "methods", "table10": "ranks", "table11": "modules"}
 
@@ -131,13 +144,18 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config: TrainCo
                "sweep_only": sweep_only, "rows": []}
     started = time.time()
     runner = _Runner(config, base, sampler_steps, progress, log)
+    to_sweep = [spec for spec in specs if lr_sweep and spec.lr is None and spec.label not in learning_rates]
+    if to_sweep:
+        val_task = validation_split(task, validation_fraction)
+        if jobs > 1:
+            runner.in_parallel([(spec, seeds[0], candidate, _sweep_folder(out_dir, spec, candidate))
+                                for spec in to_sweep for candidate in _candidates(spec, lr_sweep)], val_task, jobs)
     rows = []
     for spec in specs:
         row = {"label": spec.label, "method": spec.method, "options": spec.options}
-        row["lr"] = spec.lr or learning_rates.get(spec.label) or method_config(spec.method, spec.options).default_lr()
-        if lr_sweep and spec.lr is None and spec.label not in learning_rates:
-            row["sweep"] = _sweep(runner, spec, row["lr"], lr_sweep, validation_split(task, validation_fraction),
-                                  seeds[0], out_dir / "sweep" / _safe(spec.label))
+        row["lr"] = spec.lr or learning_rates.get(spec.label) or _default_lr(spec)
+        if spec in to_sweep:
+            row["sweep"] = _sweep(runner, spec, lr_sweep, val_task, seeds[0], out_dir)
             row["lr"] = max(row["sweep"], key=lambda s: (s["validation_score"],
                                                          s["validation_verbalizer_accuracy"] or 0))["lr"]
         if sweep_only:
@@ -167,9 +185,9 @@ def _check_request(specs: list[Spec], lr_sweep, sweep_only: bool, learning_rates
         raise UserError("--sweep-only needs --lr-sweep")
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, not {jobs}")
-    missing = [s.label for s in specs if learning_rates and s.label not in learning_rates]
-    if missing:
-        raise UserError(f"no learning rate given for {', '.join(missing)}")
+    missing = [s.label for s in specs if learning_rates and s.label not in learning_rates and s.lr is None]
+    if missing and not lr_sweep:  # with a sweep, the rows without a given lr are swept
+        raise UserError(f"no learning rate given for {', '.join(missing)} (or add --lr-sweep to sweep them)")
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise UserError(f"two rows share a label: {labels}")
@@ -181,13 +199,24 @@ def _seed_folder(out_dir: Path, spec: Spec, seed: int) -> Path:
     return out_dir / _safe(spec.label) / f"seed-{seed}"
 
 
-def _sweep(runner: "_Runner", spec: Spec, default_lr: float, factors: list[float], val_task: Task, seed: int,
-           folder: Path) -> list[dict]:
+def _default_lr(spec: Spec) -> float:
+    return method_config(spec.method, spec.options).default_lr()
+
+
+def _candidates(spec: Spec, factors: list[float]) -> list[float]:
+    """The learning rates a sweep tries: multiples of the method's default."""
+    return [_default_lr(spec) * factor for factor in factors]
+
+
+def _sweep_folder(out_dir: Path, spec: Spec, lr: float) -> Path:
+    return out_dir / "sweep" / _safe(spec.label) / f"lr-{lr:g}"
+
+
+def _sweep(runner: "_Runner", spec: Spec, factors: list[float], val_task: Task, seed: int, out_dir: Path) -> list[dict]:
     """Validation score of `spec` at each multiple of its default learning rate."""
     sweep = []
-    for factor in factors:
-        candidate = default_lr * factor
-        r = runner.run(spec, seed, candidate, val_task, folder / f"lr-{candidate:g}")
+    for candidate in _candidates(spec, factors):
+        r = runner.run(spec, seed, candidate, val_task, _sweep_folder(out_dir, spec, candidate))
         sweep.append({"lr": candidate, "validation_score": score(r),
                       "validation_verbalizer_accuracy": r.get("verbalizer_accuracy")})
     return sweep
