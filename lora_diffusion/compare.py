@@ -66,10 +66,11 @@ PRESETS: dict[str, list[Spec]] = {
                   _ld("blocks, all positions", injection="blocks", blocks_positions="all"),
                   _ld("weights", injection="weights")],
     # Does knowing the step help an adapter? Weight LoRA r=16 (294,912 parameters on the
-    # shipped base) against the step-aware forms at no more parameters: LoRA-Diffusion at
-    # each injection site (ranks cut in the schedule's proportions where needed), NaRA-
-    # and T-LoRA-style LoRA. The labels "lora" and "lora_diffusion" match the methods
-    # table's, so that sweep's learning rates carry over with --lr-from.
+    # shipped base) against the step-aware forms: LoRA-Diffusion at each injection site at
+    # no more parameters (ranks cut in about the schedule's proportions where needed),
+    # T-LoRA-style LoRA (LoRA's count) and NaRA-style LoRA (LoRA's plus its hypernetwork,
+    # +6%). The labels "lora" and "lora_diffusion" are the methods table's, so that
+    # table's swept learning rates carry over with --lr-from.
     "stepaware": [Spec("lora", "lora"), Spec("nara", "nara"), Spec("tlora", "tlora"), _ld("lora_diffusion"),
                   _ld("LD blocks 12/6/1", injection="blocks", ranks=(12, 6, 1)),
                   _ld("LD blocks all 12/6/1", injection="blocks", blocks_positions="all", ranks=(12, 6, 1)),

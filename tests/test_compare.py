@@ -57,6 +57,39 @@ def test_sweep_only_then_lr_from(capsys, tmp_path, tiny_base_dir):
                            "--out", str(tmp_path / "table"))
     assert code == 0, err
     assert json.loads((tmp_path / "table" / "results.json").read_text())["rows"][0]["lr"] == chosen
+    # With --lr-sweep as well, only the rows the file does not name are swept (here in
+    # two processes); the named ones keep the file's lr.
+    common[common.index("bitfit")] = "bitfit,lora"
+    code, _, err = run_cli(capsys, "compare", *common, "--seed", "0", "--lr-from", str(tmp_path / "sweep" / "results.json"),
+                           "--lr-sweep", "0.5,2", "--jobs", "2", "--out", str(tmp_path / "mixed"))
+    assert code == 0, err
+    bitfit, lora = json.loads((tmp_path / "mixed" / "results.json").read_text())["rows"]
+    assert bitfit["lr"] == chosen and "sweep" not in bitfit
+    assert [s["lr"] for s in lora["sweep"]] == [1e-3, 4e-3] and lora["lr"] in (1e-3, 4e-3)
+    assert sorted(p.name for p in (tmp_path / "mixed" / "sweep" / "lora").iterdir()) == ["lr-0.001", "lr-0.004"]
+    # Without --lr-sweep a row the file does not name is refused before any training.
+    code, _, err = run_cli(capsys, "compare", *common, "--seed", "0", "--lr-from", str(tmp_path / "sweep" / "results.json"),
+                           "--out", str(tmp_path / "refused"))
+    assert code == 2 and "no learning rate given for lora" in err and not (tmp_path / "refused").exists()
+
+
+def test_every_preset_is_valid_and_stepaware_stays_near_loras_budget():
+    from lora_diffusion.backbone import load_backbone
+    from lora_diffusion.compare import PRESETS
+    from lora_diffusion.diffusion import DiffusionLM
+    from lora_diffusion.methods import make_method
+
+    model = DiffusionLM(load_backbone())  # the shipped base: the counts the preset's comment states
+    counts = {}
+    for spec in PRESETS["stepaware"]:
+        method = make_method(spec.method, spec.options)
+        method.attach(model)
+        counts[spec.label] = method.accounting()["trainable_parameters"]
+        method.detach()
+    assert counts["lora"] == 294_912
+    assert all(n <= counts["lora"] for label, n in counts.items() if label != "nara")
+    assert counts["nara"] <= 1.07 * counts["lora"]
+    assert all(len({s.label for s in specs}) == len(specs) for specs in PRESETS.values())
 
 
 def test_compare_with_two_jobs_gives_the_sequential_results(capsys, tmp_path, tiny_base_dir):
