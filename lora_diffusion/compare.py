@@ -65,6 +65,11 @@ PRESETS: dict[str, list[Spec]] = {
     "injection": [_ld("final"), _ld("blocks", injection="blocks"),
                   _ld("blocks, all positions", injection="blocks", blocks_positions="all"),
                   _ld("weights", injection="weights")],
+    # Phase-specific modules against one shared set of the same parameters, at two sites.
+    "phases": [_ld("final, per phase"), _ld("final, shared", phases="shared"),
+               _ld("weights 6/3/1 k=1, per phase", injection="weights", targets="attention", k=1, ranks=(6, 3, 1)),
+               _ld("weights 6/3/1 k=1, shared", injection="weights", targets="attention", k=1, ranks=(6, 3, 1),
+                   phases="shared")],
     # Does knowing the step help an adapter? Weight LoRA r=16 (294,912 parameters on the
     # shipped base) against the step-aware forms: LoRA-Diffusion at each injection site at
     # no more parameters (ranks cut in about the schedule's proportions where needed),

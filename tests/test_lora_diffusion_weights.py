@@ -311,3 +311,29 @@ def test_blocks_on_all_positions_moves_the_prompt_too(tiny):
     assert torch.equal(outputs["denoised"][prompt], torch.zeros_like(outputs["denoised"][prompt]))
     assert outputs["all"][prompt].abs().amax(-1).min() > 0
     assert torch.equal(outputs["all"][~prompt], outputs["denoised"][~prompt])
+
+
+@pytest.mark.parametrize("injection", ["final", "weights"])
+def test_one_shared_module_set_has_the_phases_parameters_and_one_set(injection, tiny):
+    # The ablation "does the phase matter?": one set of rank sum(ranks) acts at every step.
+    counts = {}
+    for phases in ("separate", "shared"):
+        method = make_method("lora_diffusion", {"injection": injection, "phases": phases, "ranks": [4, 2, 1]})
+        method.attach(DiffusionLM(tiny_backbone(seed=0)))
+        acc = method.accounting()
+        counts[phases] = acc["trainable_parameters"]
+        assert acc["formula_total"] == acc["trainable_parameters"]
+        sets = {name for _, name, _ in method.modules_by_phase()}
+        assert sets == (set(PHASES) if phases == "separate" else {"all"})
+    assert counts["separate"] == counts["shared"]
+
+
+def test_a_shared_weights_update_is_the_same_at_every_step(tiny):
+    batch = one_instruction(tiny_batch(tiny, padded=True))
+    model, method = attached(phases="shared", ranks=[2, 1, 1])
+    perturb(method)
+    early, late = logits(model, batch, 0.9), logits(model, batch, 0.1)
+    assert torch.equal(early, late) and not torch.equal(early, logits(DiffusionLM(tiny_backbone(seed=0)), batch, 0.9))
+    with method.merged_for("early", batch["instruction"]):
+        merged_late = logits(model, batch, 0.1)  # one merge serves every phase
+    assert torch.allclose(merged_late, late, atol=1e-5)

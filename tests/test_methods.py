@@ -22,6 +22,7 @@ VARIANTS = [(name, {}) for name in ALL] + [
     ("prefix", {"reparam": False}),
     ("lora_diffusion", {"injection": "weights", "ranks": [4, 2, 1]}),
     ("lora_diffusion", {"injection": "blocks", "blocks_positions": "all"}),
+    ("lora_diffusion", {"injection": "weights", "phases": "shared", "ranks": [2, 1, 1]}),
 ]
 # Methods whose trainable part starts at zero (or is the base itself): the adapted model
 # starts equal to the base. Prefix tuning adds attention positions, so it does not.

@@ -16,6 +16,9 @@ In code B_i is `down`, W_A,i is `up` and W_gamma,i is `gate` (of a `TrajectoryMo
 * phases (`diffusion.PHASES`): early t > 2/3, middle 1/3 < t <= 2/3, late t <= 1/3, each
   with its own k modules shared by the steps inside it; default ranks 64/32/8, scales
   1/0.5/0.25;
+* `phases="shared"` (an ablation: does the phase matter?): one set of k modules of rank
+  r_early + r_middle + r_late, scale 1, acts at every step, with the same parameter count;
+  `final`/`blocks` still read e(t), `weights` is then blind to the step;
 * regularisers: lambda_rank * sum(||up||_* + ||down||_*), lambda_orth * sum_{i != j}
   ||up_i^T up_j||_F^2 inside a phase;
 * injection `final` (default): one perturbation after the last block; the base runs
@@ -80,6 +83,9 @@ class LoRADiffusionConfig(MethodConfig):
     blocks_positions: str = option("denoised", "the positions injection=blocks perturbs: those being denoised, "
                                                "or all (the context standardised with its own statistics)",
                                    choices=("denoised", "all"))
+    phases: str = option("separate", "one set of k modules per phase (the method), or one shared set for every "
+                                     "step with rank = the sum of the phase ranks and scale 1: equal parameters, "
+                                     "no phase (an ablation)", choices=("separate", "shared"))
     condition: bool = option(True, "gate the rank directions by the instruction")
     calibrate: bool = option(True, "standardise h with statistics of the first batch (saved); final and "
                                    "blocks only, weights reads LayerNorm'd inputs")
@@ -103,6 +109,18 @@ class LoRADiffusionConfig(MethodConfig):
         if self.ranks is not None:
             return self.ranks
         return (self.rank,) * 3 if self.schedule == "uniform" else RANK_SCHEDULES[self.schedule]
+
+    def module_ranks(self) -> tuple[int, ...]:
+        """The rank of each set of modules: one per phase, or one shared set of their summed rank."""
+        ranks = self.phase_ranks()
+        return ranks if self.phases == "separate" else (sum(ranks),)
+
+    def module_scales(self) -> tuple[float, ...]:
+        return self.scales if self.phases == "separate" else (1.0,)
+
+    def module_sets(self) -> tuple[str, ...]:
+        """The names of the module sets: the phases, or one set for all of them."""
+        return PHASES if self.phases == "separate" else ("all",)
 
     def default_lr(self) -> float:
         # Adam moves every site by ~lr per step, and a perturbation inside the body is
@@ -332,7 +350,7 @@ class LoRADiffusion(Method):
         backbone = model.backbone
         c = self.config
         d, d_c = backbone.hidden_size, backbone.word_embeddings.embedding_dim
-        ranks = c.phase_ranks()
+        ranks = c.module_ranks()
         if c.injection == "weights":
             self.projections = list(backbone.projections(*TARGETS[c.targets]).items())
         _check_size(self.formula()["formula_total"])  # before anything on the model changes
@@ -348,7 +366,7 @@ class LoRADiffusion(Method):
             context_stats = c.injection == "blocks" and c.blocks_positions == "all"
             sites = [PhaseModules(d, c.time_dim, d_c, ranks, c.k, context_stats) for _ in range(n_sites)]
         trajectory.sites = nn.ModuleList(sites)
-        trajectory.register_buffer("scales", torch.tensor(c.scales), persistent=False)
+        trajectory.register_buffer("scales", torch.tensor(c.module_scales()), persistent=False)
         self.trajectory = trajectory.to(next(backbone.parameters()).device)
         model.add_module(module_name, self.trajectory)
 
@@ -357,6 +375,11 @@ class LoRADiffusion(Method):
         delattr(self.model, self.module_name)
         self.model.grad_through_body = False
         super().detach()
+
+    def module_set(self, t: torch.Tensor) -> torch.Tensor:
+        """Which set of modules acts at times t [B]: the phase of each, or the one shared set."""
+        phase = phase_of(t)
+        return phase if self.config.phases == "separate" else torch.zeros_like(phase)
 
     def instruction_encoding(self, instruction):
         """Enc(c) when the method is conditioned on the instruction, else None."""
@@ -380,7 +403,7 @@ class LoRADiffusion(Method):
         t = t.to(h.device).float()
         e = self.trajectory.time(t)
         c = self.instruction_encoding(instruction)
-        return modules(h, e, c, phase_of(t), self.trajectory.scales, positions)
+        return modules(h, e, c, self.module_set(t), self.trajectory.scales, positions)
 
     def _final_hook(self, h, context: StepContext):
         return self.perturbation(0, h, context.t, context.instruction, context.positions)
@@ -409,7 +432,7 @@ class LoRADiffusion(Method):
                             "through DiffusionLM (which gives it t), not the backbone alone")
         t, instruction, _ = self.model.step_context
         device = self.trajectory.scales.device
-        phase, c = phase_of(t.to(device).float()), self.instruction_encoding(instruction)
+        phase, c = self.module_set(t.to(device).float()), self.instruction_encoding(instruction)
         if self.merged:
             self._check_merged_step(phase, c)
         self._step = (phase, c)
@@ -436,6 +459,8 @@ class LoRADiffusion(Method):
         p = PHASES.index(phase) if phase in PHASES else phase
         if p not in range(len(PHASES)):
             raise UserError(f"a phase is one of {', '.join(PHASES)} (or 0, 1, 2), not {phase!r}")
+        if self.config.phases == "shared":
+            p = 0  # one set for every phase
         self.unmerge()
         c = self.instruction_encoding(None if instruction is None else _one_instruction(instruction))
         self._premerge = BaseSnapshot({name: layer.weight for name, layer in self.projections})
@@ -463,7 +488,7 @@ class LoRADiffusion(Method):
     def _check_merged_step(self, phase, c) -> None:
         p, merged_c = self._merged_step
         if not bool((phase == p).all()):
-            raise UserError(f"the weights are merged for the {PHASES[p]} phase, and this step is not "
+            raise UserError(f"the weights are merged for the {self.config.module_sets()[p]} phase, and this step is not "
                             "(all of it) in it: unmerge first")
         same = (c is None) == (merged_c is None) and (c is None or torch.allclose(c, merged_c.expand_as(c)))
         if not same:
@@ -484,7 +509,8 @@ class LoRADiffusion(Method):
 
     def modules_by_phase(self):
         """[(site, phase, [module, ...])] for every site (a block, the final states or a projection) and phase."""
-        return [(s, PHASES[p], list(mods)) for s, site in enumerate(self.trajectory.sites)
+        names = self.config.module_sets()
+        return [(s, names[p], list(mods)) for s, site in enumerate(self.trajectory.sites)
                 for p, mods in enumerate(site.phases)]
 
     def regularization(self):
@@ -539,10 +565,10 @@ class LoRADiffusion(Method):
         backbone = self.model.backbone
         d, d_c, d_t, k = backbone.hidden_size, backbone.word_embeddings.embedding_dim, c.time_dim, c.k
         sites = 1 if c.injection == "final" else len(backbone.blocks())
-        per_phase = {phase: k * ((d + d_t) * r + r * d + d_c * r + 2 * r) for phase, r in zip(PHASES, c.phase_ranks())}
+        per_phase = {phase: k * ((d + d_t) * r + r * d + d_c * r + 2 * r) for phase, r in zip(c.module_sets(), c.module_ranks())}
         time_mlp = 2 * (d_t * d_t + d_t)
         return {"formula": "sites * sum_phases k*((d + d_t)*r + r*d + d_c*r + 2r) + 2*(d_t^2 + d_t)",
-                "terms": {"d": d, "d_t": d_t, "d_c": d_c, "k": k, "ranks": list(c.phase_ranks()), "sites": sites,
+                "terms": {"d": d, "d_t": d_t, "d_c": d_c, "k": k, "ranks": list(c.module_ranks()), "sites": sites,
                           "per_phase": per_phase, "time_mlp": time_mlp},
                 "formula_total": sites * sum(per_phase.values()) + time_mlp}
 
@@ -552,9 +578,9 @@ class LoRADiffusion(Method):
         d_c, k = self.model.backbone.word_embeddings.embedding_dim, c.k
         shapes = Counter((layer.in_features, layer.out_features) for _, layer in self.projections)
         per_phase = {phase: sum(n * k * (d_in * r + r * d_out + d_c * r + r) for (d_in, d_out), n in shapes.items())
-                     for phase, r in zip(PHASES, c.phase_ranks())}
+                     for phase, r in zip(c.module_sets(), c.module_ranks())}
         return {"formula": "sum_projections sum_phases k*(d_in*r + r*d_out + d_c*r + r)",
-                "terms": {"d_c": d_c, "k": k, "ranks": list(c.phase_ranks()), "sites": len(self.projections),
+                "terms": {"d_c": d_c, "k": k, "ranks": list(c.module_ranks()), "sites": len(self.projections),
                           "projections": {f"{d_in}x{d_out}": n for (d_in, d_out), n in shapes.items()},
                           "per_phase": per_phase},
                 "formula_total": sum(per_phase.values())}
