@@ -184,7 +184,7 @@ def scaling_figures(report: dict) -> dict:
                ("peak_memory_bytes", "peak training memory (MB)", 2**20), ("sec_per_step", "train step (s)", 1)]
     fig = make_subplots(rows=2, cols=2, subplot_titles=[m[1] for m in metrics])
     palette = {"lora": "#1f77b4", "lora_diffusion": "#d62728", "full": "#2ca02c", "adapter": "#9467bd",
-               "bitfit": "#8c564b", "prefix": "#e377c2"}
+               "bitfit": "#8c564b", "prefix": "#e377c2", "dora": "#17becf", "nara": "#ff7f0e", "tlora": "#bcbd22"}
     for k, (key, title, scale) in enumerate(metrics):
         r, c = k // 2 + 1, k % 2 + 1
         for method in ("lora", "lora_diffusion"):

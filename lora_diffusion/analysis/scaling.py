@@ -18,7 +18,7 @@ OTHERS = ("full", "adapter", "bitfit", "prefix")
 
 
 def _rank_options(method: str, rank: int) -> dict:
-    return {"r": rank} if method in ("lora", "dora") else {"schedule": "uniform", "rank": rank}
+    return {"schedule": "uniform", "rank": rank} if method == "lora_diffusion" else {"r": rank}  # the LoRA family
 
 
 def rank_scaling_report(ranks=RANKS, others=OTHERS, base: str = "shipped", batch_size: int = 16,
