@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, cut, quoted
 from .paths import SUITE_DIR, default_data_dir
 
 SPLIT_SEED = 0  # held-out carving and eval subsets: the same for every training seed
@@ -145,19 +145,9 @@ class Row(dict):
         self.path, self.line = path, line
 
 
-def _cut(value, limit: int = 40) -> str:
-    """A user's value, cut short: a message never shows more of the data than needed."""
-    text = str(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _quoted(value) -> str:
-    return repr(_cut(value))
-
-
 def _listing(words, limit: int = 12) -> str:
     """'a, b, c' of at most `limit` names (each cut short), then how many there are."""
-    words = [w if w.isprintable() else repr(w) for w in map(_cut, words)]  # one line, always
+    words = [w if w.isprintable() else repr(w) for w in map(cut, words)]  # one line, always
     more = f", ... ({len(words)} in all)" if len(words) > limit else ""
     return ", ".join(words[:limit]) + more
 
@@ -241,7 +231,7 @@ def _check_names(names: list[str], where: str) -> None:
     seen = set()
     for name in names:
         if name in seen:
-            raise UserError(f"{where} names column {_quoted(name)} twice; column names must be distinct")
+            raise UserError(f"{where} names column {quoted(name)} twice; column names must be distinct")
         seen.add(name)
 
 
@@ -278,7 +268,7 @@ def _json_error(err: ValueError) -> str:
     if "integer string conversion" in str(err):
         return (f"a number of more than {sys.get_int_max_str_digits():,} digits; "
                 "write it as a string, in quotes")
-    return _cut(" ".join(str(err).split()), 80)
+    return cut(" ".join(str(err).split()), 80)
 
 
 def _json_rows(path: Path):
@@ -344,15 +334,15 @@ def _column(rows: list[dict], column: str, where, role: str = "value") -> list[s
         value = row.get(column)
         if value is None:
             if not any(column in other for other in rows):  # a wrong name, not one incomplete row
-                raise UserError(f"column {_quoted(column)} not in {getattr(row, 'path', where)}; "
+                raise UserError(f"column {quoted(column)} not in {getattr(row, 'path', where)}; "
                                 f"it has: {_listing(row.keys())}")
             what = "has no" if column not in row else "has a null"
-            raise UserError(f"{_place(row, i, where)} {what} value in column {_quoted(column)}; "
+            raise UserError(f"{_place(row, i, where)} {what} value in column {quoted(column)}; "
                             "fill it in or drop the row")
         if not isinstance(value, (str, numbers.Number)):
             kind = ("a list" if isinstance(value, (list, tuple)) else "an object" if isinstance(value, dict)
                     else f"a {type(value).__name__}")
-            raise UserError(f"{_place(row, i, where)} has {kind} in column {_quoted(column)}; "
+            raise UserError(f"{_place(row, i, where)} has {kind} in column {quoted(column)}; "
                             f"the {role} must be text or a number")
         values.append(str(value).strip())
     return values
@@ -363,7 +353,7 @@ def _filled(rows: list[dict], column: str, where, role: str) -> list[str]:
     values = _column(rows, column, where, role)
     for i, value in enumerate(values):
         if not value:
-            raise UserError(f"{_place(rows[i], i, where)} has an empty {role} (column {_quoted(column)}); "
+            raise UserError(f"{_place(rows[i], i, where)} has an empty {role} (column {quoted(column)}); "
                             "fill it in or drop the row")
     return values
 
@@ -371,7 +361,7 @@ def _filled(rows: list[dict], column: str, where, role: str) -> list[str]:
 def _check_columns(text_column: str, other: str, role: str) -> None:
     """The input and the answer (label or response) must come from two different columns."""
     if text_column == other:
-        raise UserError(f"the text and {role} columns are both {_quoted(other)}; "
+        raise UserError(f"the text and {role} columns are both {quoted(other)}; "
                         f"name the {role}s with --{role}-column and the inputs with --text-column")
 
 
@@ -381,8 +371,8 @@ def _label_column(rows: list[dict], column: str, where) -> list[str]:
     labels = _column(rows, column, where, "label")
     for i, label in enumerate(labels):
         if label.lower() in MISSING_LABELS:
-            raise UserError(f"{_place(rows[i], i, where)} has no label ({_quoted(label)} in column "
-                            f"{_quoted(column)}); give every row a label or drop the row")
+            raise UserError(f"{_place(rows[i], i, where)} has no label ({quoted(label)} in column "
+                            f"{quoted(column)}); give every row a label or drop the row")
     return labels
 
 
@@ -402,12 +392,12 @@ def parse_verbalizers(spec: str | None) -> dict[str, str] | None:
         raw, eq, word = (piece.strip() for piece in part.partition("="))
         word = (word if eq else raw).lower()
         if not raw or not word:
-            raise UserError(f"--verbalizers part {_quoted(part.strip())} needs a label and a word; {VERBALIZER_FORMAT}")
+            raise UserError(f"--verbalizers part {quoted(part.strip())} needs a label and a word; {VERBALIZER_FORMAT}")
         if raw in out:
-            raise UserError(f"--verbalizers maps label {_quoted(raw)} twice; map each label once")
+            raise UserError(f"--verbalizers maps label {quoted(raw)} twice; map each label once")
         same = next((label for label, w in out.items() if w == word), None)
         if same is not None:
-            raise UserError(f"labels {_quoted(same)} and {_quoted(raw)} both map to {_quoted(word)}; "
+            raise UserError(f"labels {quoted(same)} and {quoted(raw)} both map to {quoted(word)}; "
                             "verbalizer words must be distinct")
         out[raw] = word
     return out
@@ -425,7 +415,7 @@ def classification_examples(texts, raw_labels, instruction, verbalizers: dict | 
     for i, (text, raw) in enumerate(zip(texts, raw_labels)):
         if raw not in verbalizers:
             place = _place(rows[i], i, where) if rows else where
-            raise UserError(f"label {_quoted(raw)} in {place} is not among the verbalizers "
+            raise UserError(f"label {quoted(raw)} in {place} is not among the verbalizers "
                             f"({_listing(verbalizers)}); pass --verbalizers to map it")
         examples.append({"instruction": instruction, "input": text, "response": verbalizers[raw]})
     labels = sorted(set(verbalizers.values()), key=list(verbalizers.values()).index)
@@ -435,7 +425,7 @@ def classification_examples(texts, raw_labels, instruction, verbalizers: dict | 
 def _check_two_labels(train: list[dict]) -> None:
     words = {ex["response"] for ex in train}
     if len(words) == 1:  # none at all is load_task's "no training examples"
-        raise UserError(f"the train data has only one label ({_quoted(words.pop())}); a classifier needs at least two")
+        raise UserError(f"the train data has only one label ({quoted(words.pop())}); a classifier needs at least two")
 
 
 def _check_eval_labels_seen(evals: list[dict], eval_rows: list[dict], raw_eval: list[str], train: list[dict]) -> None:
@@ -445,7 +435,7 @@ def _check_eval_labels_seen(evals: list[dict], eval_rows: list[dict], raw_eval: 
     for i, ex in enumerate(evals):
         if ex["response"] not in seen:
             place = _place(eval_rows[i], i, "the eval data")
-            raise UserError(f"the eval data has label {_quoted(raw_eval[i])} ({place}) that the train data never has; "
+            raise UserError(f"the eval data has label {quoted(raw_eval[i])} ({place}) that the train data never has; "
                             "give the train data examples of every label")
 
 
@@ -539,7 +529,7 @@ HUB_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?")
 
 
 def _printable(text: str) -> str:
-    text = _cut(text)
+    text = cut(text)
     return text if text.isprintable() else repr(text)
 
 
@@ -576,7 +566,7 @@ def _hub_task(spec: str, text_column: str, label_column: str | None, response_co
     try:
         ds = load_dataset(name, config)
     except Exception as err:  # offline, unknown name, ...
-        reason = _cut(" ".join(str(err).split()) or type(err).__name__, 200)
+        reason = cut(" ".join(str(err).split()) or type(err).__name__, 200)
         raise UserError(f"could not load {name!r} from the hub ({reason}); "
                         "offline, use a local file with --task csv/tsv/jsonl") from None
     split_names = list(ds.keys())
@@ -714,7 +704,7 @@ def load_eval_task(fmt: str | None, eval_file, adapter_task: dict, text_column: 
         examples, _ = classification_examples(texts, raw, instruction, words, eval_file, rows)
         for i, ex in enumerate(examples):
             if ex["response"] not in known:
-                raise UserError(f"label {_quoted(raw[i])} in {_place(rows[i], i, eval_file)} is not one the adapter "
+                raise UserError(f"label {quoted(raw[i])} in {_place(rows[i], i, eval_file)} is not one the adapter "
                                 f"knows ({_listing(known)}); pass --verbalizers to map it")
     task = Task(Path(eval_file).stem, kind, [], examples, list(known) if kind == "classification" else None,
                 source=f"{eval_file}, posed as the adapter's task {adapter_task.get('name')}")

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .diffusion import DiffusionLM, diffusion_loss
-from .errors import UserError
+from .errors import UserError, cut
 from .files import append_jsonl, load_tensors, read_json, read_jsonl, save_tensors, write_json, write_jsonl
 from .methods import Method
 
@@ -277,14 +277,9 @@ def _check_same_run(out_dir: Path, saved: dict, config: TrainConfig | None, iden
         now = json.loads(json.dumps(identity))  # as it would read back: lists, not tuples
         was.update({k: saved["identity"].get(k) for k in now if saved["identity"].get(k) != now[k]})
     if was:
-        shown = ", ".join(f"{k}={_short(v)}" for k, v in was.items())
+        shown = ", ".join(f"{k}={cut(json.dumps(v))}" for k, v in was.items())
         raise UserError(f"{out_dir} holds a run with {shown}; resume it with the same settings, "
                         "or give a new --out")
-
-
-def _short(value) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _remove_unfinished(folder: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .adapters import CONFIG_FILE, TENSORS_FILE, check_adapter, load_adapter
 from .backbone import load_backbone
-from .errors import UserError
+from .errors import UserError, quoted
 from .files import atomic_write, load_tensors
 
 # What an adapter upload may hold: its own files, each with a size bound (JSON is small).
@@ -33,12 +33,6 @@ NOT_A_ZIP = "the upload is not a valid zip file"
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, RuntimeError, NotImplementedError, zlib.error,
                ValueError)
 OFFLINE = "this workbench runs offline: adapters of hub tasks cannot be used here"
-
-
-def shown(name: str) -> str:
-    """A name from an upload as a message may repeat it: short, on one line."""
-    name = name.replace("\n", " ")
-    return repr(name if len(name) <= 60 else name[:57] + "...")
 
 
 def offline_refusal(config: dict) -> str | None:
@@ -78,7 +72,7 @@ def _extract(archive: Path, target: Path) -> None:
         names = [m.filename for m in files]
         for name in names:
             if name not in ADAPTER_ENTRIES:
-                raise UserError(f"the zip holds {shown(name)}; an adapter zip holds only "
+                raise UserError(f"the zip holds {quoted(name, 60)}; an adapter zip holds only "
                                 f"{', '.join(ADAPTER_ENTRIES)}")
         if len(set(names)) != len(names):
             raise UserError("the zip holds the same file twice")
@@ -111,7 +105,7 @@ def copy_adapter_files(paths: list[Path], target: Path) -> None:
     for p in paths:
         kind = next((f for f in (TENSORS_FILE, CONFIG_FILE) if p.name == f or p.name.endswith("_" + f)), None)
         if kind is None:
-            raise UserError(f"{shown(p.name)}: upload {TENSORS_FILE} and {CONFIG_FILE}, "
+            raise UserError(f"{quoted(p.name, 60)}: upload {TENSORS_FILE} and {CONFIG_FILE}, "
                             "or the zip the workbench exports")
         if p.stat().st_size > ADAPTER_ENTRIES[kind]:
             raise UserError(f"{kind} is larger than {ADAPTER_ENTRIES[kind] // 2**20} MB")

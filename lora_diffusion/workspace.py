@@ -43,7 +43,7 @@ from pathlib import Path
 from .adapters import CONFIG_FILE, RUN_ADAPTER, TENSORS_FILE, check_adapter
 from .backbone import load_backbone
 from .data import BUILTIN, SUITE_TASKS
-from .errors import UserError
+from .errors import UserError, quoted
 from .files import atomic_write, read_json, write_json, write_text
 from .jobs import STOPPED_FILE, JobLimits, JobQueue, StoppedInEvaluation, TrainJob
 from .methods import make_method
@@ -52,7 +52,7 @@ from .router import Composition, trained_composition
 from .runs import fine_tune
 from .training import TrainConfig
 from .uploads import (ADAPTER_ENTRIES, MAX_UPLOAD_BYTES, OFFLINE, check_whole_adapter, copy_adapter_files,
-                      extract_adapter_zip, offline_refusal, shown)
+                      extract_adapter_zip, offline_refusal)
 
 SHARED = "shared:"          # the prefix of an adapter from the root's shared/ folder
 MAX_NAME = 128              # characters of an adapter name, a user id or a job id
@@ -359,7 +359,7 @@ class Workspace:
             raise UserError(f"adapter {name!r} is broken: {self.public(str(e))}") from None
         task = config["task"]["name"]
         if needs_task and task not in LOADABLE_TASKS:
-            raise UserError(f"adapter {name!r} was trained on {shown(task)}, a CSV file the workbench does not keep; "
+            raise UserError(f"adapter {name!r} was trained on {quoted(task, 60)}, a CSV file the workbench does not keep; "
                             f"this needs adapters of one of: {', '.join(LOADABLE_TASKS)}")
         return path
 
@@ -412,7 +412,7 @@ class Workspace:
             if not p.is_file():
                 raise UserError("the upload is missing; upload it again")
             if p.stat().st_size > MAX_UPLOAD_BYTES:
-                raise UserError(f"{shown(p.name)} is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+                raise UserError(f"{quoted(p.name, 60)} is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
         run_id, folder = self._new_folder("imported")
         target = folder / RUN_ADAPTER
         try:
