@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from .bounds import MAX_EPOCHS, MAX_LR, MAX_SEED, MAX_TEMPERATURE
 from .errors import UserError
 
 # Each command imports what it needs when it runs (torch, transformers, peft, gradio take
@@ -401,21 +402,21 @@ def count_or_zero(text: str) -> int:
 
 
 def seed(text: str) -> int:
-    return _number(text, int, 0, most=2**31 - 1)
+    return _number(text, int, 0, most=MAX_SEED)
 
 
 def learning_rate(text: str) -> float:
-    """> 0, and small enough that AdamW's float32 arithmetic stays finite (training.MAX_LR)."""
-    return _number(text, float, 0, strictly=True, most=10)
+    """> 0, and small enough that AdamW's float32 arithmetic stays finite."""
+    return _number(text, float, 0, strictly=True, most=MAX_LR)
 
 
 def epochs(text: str) -> float:
-    return _number(text, float, 0, strictly=True, most=10_000)
+    return _number(text, float, 0, strictly=True, most=MAX_EPOCHS)
 
 
 def temperature(text: str) -> float:
-    """0 (greedy) or more; beyond 100 the sampler's scaled logits overflow."""
-    return _number(text, float, 0, most=100)
+    """0 (greedy) or more, up to MAX_TEMPERATURE."""
+    return _number(text, float, 0, most=MAX_TEMPERATURE)
 
 
 def non_negative(text: str) -> float:

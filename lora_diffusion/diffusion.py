@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .backbone import Backbone
+from .bounds import MAX_TEMPERATURE
 from .errors import UserError
 
 EPS = 1e-3  # smallest mask rate, so the 1/t weight stays finite
@@ -281,8 +282,8 @@ def _check_sampler(steps, remasking, block_length, temperature) -> None:
         raise UserError(f"the sampler needs at least one denoising step, not {steps!r}")
     if block_length is not None and block_length < 1:
         raise UserError(f"the block length must be at least 1, not {block_length!r}")
-    if not (math.isfinite(temperature) and 0 <= temperature <= 100):  # beyond, scaled logits overflow
-        raise UserError(f"the temperature must be a number from 0 to 100, not {temperature!r}")
+    if not (math.isfinite(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
+        raise UserError(f"the temperature must be a number from 0 to {MAX_TEMPERATURE:g}, not {temperature!r}")
 
 
 def sample(model: DiffusionLM, input_ids, attention_mask, response_mask, instruction=None,

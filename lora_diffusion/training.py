@@ -29,12 +29,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .diffusion import DiffusionLM, diffusion_loss
+from .bounds import MAX_LR, MAX_SEED
 from .errors import UserError, cut
 from .files import append_jsonl, load_tensors, read_json, read_jsonl, save_tensors, write_json, write_jsonl
 from .methods import Method
 
 
-MAX_LR = 10.0  # far above any useful rate; beyond ~1e38 AdamW's float32 state overflows
 
 
 @dataclass
@@ -59,7 +59,7 @@ class TrainConfig:
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("eval_every", "checkpoint_every"):
             _check_int(name, getattr(self, name), minimum=0)
-        _check_int("seed", self.seed)
+        _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         if self.lr is not None:  # None: the method's default (0 is refused, not read as the default)
             _check_number("lr", self.lr, f"a number > 0 and <= {MAX_LR:g}", lambda x: 0 < x <= MAX_LR)
         _check_number("warmup", self.warmup, "a finite number from 0 to 1", lambda x: 0 <= x <= 1)
@@ -68,10 +68,11 @@ class TrainConfig:
         check_device(self.device)
 
 
-def _check_int(name: str, value, minimum: int | None = None) -> None:
+def _check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> None:
     if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-            or (minimum is not None and value < minimum)):
+            or (minimum is not None and value < minimum) or (maximum is not None and value > maximum)):
         wanted = "an integer" if minimum is None else f"an integer >= {minimum}"
+        wanted += "" if maximum is None else f" and <= {maximum}"
         raise UserError(f"--{name.replace('_', '-')} must be {wanted}, not {value!r}")
 
 

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
-    ("errors", "paths"),                                # leaves: the one exception type, where files are
+    ("errors", "paths", "bounds"),                      # leaves: the one exception type, where files are, limits
     ("files",),                                         # atomic JSON / text / safetensors
     ("backbone", "metrics"),                            # a base model; scores of plain data
     ("diffusion", "data"),                              # forward process, loss, sampler; tasks and batches
