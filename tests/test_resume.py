@@ -213,7 +213,7 @@ def test_resuming_with_other_settings_is_refused(tmp_path, change):
     ("grad_accum", 0, "--grad-accum"), ("log_every", 0, "--log-every"), ("eval_every", -1, "--eval-every"),
     ("checkpoint_every", -1, "--checkpoint-every"), ("warmup", math.nan, "--warmup"), ("warmup", 2, "--warmup"),
     ("weight_decay", -0.1, "--weight-decay"), ("clip", -1, "--clip"), ("clip", math.nan, "--clip"),
-    ("seed", 1.5, "--seed"), ("device", "gpu", "--device"), ("device", "cuda:x", "--device"),
+    ("seed", 1.5, "--seed"), ("seed", -3, "--seed"), ("seed", 2**31, "--seed"), ("device", "gpu", "--device"), ("device", "cuda:x", "--device"),
 ])
 def test_a_bad_train_config_is_refused_naming_the_flag(field, value, flag):
     with pytest.raises(UserError, match=f"^{flag} ") as err:
@@ -238,7 +238,8 @@ def test_a_device_this_machine_lacks_is_refused():
 
 
 def test_good_values_pass():
-    TrainConfig(lr=None, warmup=0, clip=0, eval_every=0, checkpoint_every=0, seed=-3, device="cpu")
+    TrainConfig(lr=None, warmup=0, clip=0, eval_every=0, checkpoint_every=0, seed=0, device="cpu")
+    TrainConfig(seed=2**31 - 1)  # the CLI's bound
     TrainConfig(lr=1, warmup=1.0, device="auto")
 
 
