@@ -272,12 +272,16 @@ def cmd_app(args) -> None:
 
 def analyze_effective_rank(args):
     from .analysis.rank import effective_rank_report
-    from .plots import effective_rank_figure
+    from .plots import effective_rank_figure, effective_rank_per_layer_figure
 
     report = effective_rank_report(args.adapters, base=args.base, task_name=args.task, data_dir=args.data_dir,
-                                   n_examples=args.examples, steps=args.sampler_steps, seed=args.seed)
+                                   n_examples=args.examples, steps=args.sampler_steps, seed=args.seed,
+                                   per_layer=args.per_layer)
     summary = {r["label"]: [round(x, 2) for x in r["effective_rank"]] for r in report["methods"]}
-    return report, {"effective_rank": effective_rank_figure(report)}, summary
+    figures = {"effective_rank": effective_rank_figure(report)}
+    if args.per_layer:
+        figures["effective_rank_per_layer"] = effective_rank_per_layer_figure(report)
+    return report, figures, summary
 
 
 def analyze_tsne(args):
@@ -657,6 +661,7 @@ def _add_analyze(sub) -> None:
     a = analysis("effective-rank", "effective rank of each adapter's perturbation per denoising step")
     a.add_argument("--examples", type=count, default=64, help="held-out examples")
     a.add_argument("--sampler-steps", type=count, default=16, help="denoising steps")
+    a.add_argument("--per-layer", action="store_true", help="also per transformer block (each block's output change)")
     a = analysis("tsne", "2-D map of the per-step perturbations (t-SNE or PCA)")
     a.add_argument("--examples", type=count, default=64, help="held-out examples")
     a.add_argument("--sampler-steps", type=count, default=16, help="denoising steps")

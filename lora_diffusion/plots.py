@@ -121,6 +121,26 @@ def effective_rank_figure(report: dict):
     return fig
 
 
+def effective_rank_per_layer_figure(report: dict):
+    """One heatmap per adapter: effective rank of each block's output change (rows) per step (columns)."""
+    rows = [row for row in report["methods"] if "per_layer" in row]
+    fig = make_subplots(rows=len(rows), cols=1, subplot_titles=[row["label"] for row in rows],
+                        vertical_spacing=0.5 / max(1, len(rows)))
+    for i, row in enumerate(rows, start=1):
+        layers = row["per_layer"]
+        ranks = [list(col) for col in zip(*layers["effective_rank"])]  # [block][step]
+        fig.add_trace(go.Heatmap(z=ranks, x=[f"{t:.2f}" for t in layers["t"]], y=list(range(1, layers["blocks"] + 1)),
+                                 coloraxis="coloraxis",
+                                 hovertemplate="t=%{x}<br>block %{y}<br>effective rank %{z:.1f}<extra></extra>"),
+                      row=i, col=1)
+        fig.update_yaxes(title_text="block", row=i, col=1)
+    fig.update_xaxes(title_text="t (sampling runs left to right)")
+    fig.update_layout(title="Effective rank of each block's output change (fine-tuned - base) per step",
+                      coloraxis=dict(colorscale="Viridis", colorbar_title="eff. rank"), template="plotly_white",
+                      height=max(300, 260 * len(rows)))
+    return fig
+
+
 def tsne_figure(report: dict, which: str = "perturbations", colour: str = "task"):
     """Scatter of one map, coloured by task (or adapter) or by step."""
     data = report[which]

@@ -9,7 +9,8 @@ from conftest import tiny_batch, write_lines
 from lora_diffusion.adapters import load_adapter, save_adapter
 from lora_diffusion.analysis.composition import score_composition
 from lora_diffusion.analysis.forgetting import forgetting_report
-from lora_diffusion.analysis.trajectories import effective_rank, effective_rank_per_step, perturbation_trajectories
+from lora_diffusion.analysis.trajectories import (effective_rank, effective_rank_per_layer, effective_rank_per_step,
+                                                  perturbation_trajectories)
 from lora_diffusion.backbone import tiny_backbone
 from lora_diffusion.data import Task, collate, encode, load_task
 from lora_diffusion.diffusion import DiffusionLM
@@ -58,6 +59,33 @@ def test_effective_rank_per_step_recovers_a_planted_rank_r_perturbation(tiny):
     result = effective_rank_per_step(traj)
     assert traj.source == "delta" and len(result["effective_rank"]) == 4 == len(result["t"])
     assert all(abs(x - r) < 0.25 for x in result["effective_rank"])
+
+
+def test_per_layer_effective_rank_finds_where_a_method_acts():
+    # A rank-r change planted at the output of block 1 (of 2) and nowhere else: block 0's
+    # change is zero, block 1's has effective rank r; LoRA-Diffusion `final` changes no block.
+    r = 3
+    base = tiny_backbone(seed=0)
+    d = base.hidden_size
+    basis, _ = torch.linalg.qr(torch.randn(d, r, generator=torch.Generator().manual_seed(0)))
+    model = DiffusionLM(tiny_backbone(seed=0))
+    model.backbone.blocks()[1].register_forward_hook(
+        lambda module, args, output: (output[0] + torch.randn(*output[0].shape[:2], r) @ basis.T,) + tuple(output[1:])
+        if isinstance(output, tuple) else output + torch.randn(*output.shape[:2], r) @ basis.T)
+    task = load_task("suite_struct", max_eval=48)
+    enc = encode(base.tokenizer, task.eval, 16, 128)
+    result = effective_rank_per_layer(model, DiffusionLM(base), enc, steps=3)
+    assert result["blocks"] == 2 and len(result["effective_rank"]) == 3 == len(result["t"])
+    for step in result["effective_rank"]:
+        assert step[0] == 0.0 and abs(step[1] - r) < 0.25
+    final = DiffusionLM(tiny_backbone(seed=0))
+    method = make_method("lora_diffusion")
+    method.attach(final)
+    with torch.no_grad():
+        for p in method.trainable_parameters().values():
+            p.add_(0.1)
+    result = effective_rank_per_layer(final, DiffusionLM(base), encode(base.tokenizer, task.eval[:8], 16, 128), steps=2)
+    assert all(x == 0.0 for step in result["mean_norm"] for x in step)
 
 
 def test_a_difference_perturbation_is_zero_for_an_untouched_model(tiny):
@@ -209,10 +237,12 @@ def test_an_untouched_adapter_forgets_nothing(tmp_path, tiny_base_dir):
 def test_effective_rank_and_tsne_from_the_cli(capsys, tmp_path, adapters, tiny_base_dir):
     paths = [str(adapters[(m, "suite_topic")]) for m in ("lora_diffusion", "lora")]
     code, out, err = run_cli(capsys, "analyze", "effective-rank", "--adapters", *paths, "--base", str(tiny_base_dir),
-                             "--examples", "8", "--sampler-steps", "2", "--out", tmp_path / "rank")
+                             "--examples", "8", "--sampler-steps", "2", "--per-layer", "--out", tmp_path / "rank")
     assert code == 0, err
     report = json.loads((tmp_path / "rank" / "effective_rank.json").read_text())
     assert [r["method"] for r in report["methods"]] == ["lora_diffusion", "lora"]
+    assert all(len(r["per_layer"]["effective_rank"]) == 2 and r["per_layer"]["blocks"] == 2 for r in report["methods"])
+    assert (tmp_path / "rank" / "effective_rank_per_layer.html").is_file()
     assert [r["source"] for r in report["methods"]] == ["delta", "difference"]
     assert all(len(r["effective_rank"]) == len(r["t"]) == 2 for r in report["methods"])
     assert (tmp_path / "rank" / "effective_rank.html").stat().st_size > 100_000  # plotly.js embedded

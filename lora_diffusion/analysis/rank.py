@@ -12,7 +12,7 @@ from ..adapters import adapter_label, load_adapter
 from ..backbone import load_backbone
 from ..data import encode, load_task
 from ..diffusion import DiffusionLM
-from .trajectories import effective_rank_per_step, perturbation_trajectories
+from .trajectories import effective_rank_per_layer, effective_rank_per_step, perturbation_trajectories
 
 
 def load_for_analysis(adapters, base=None, task_name=None, data_dir=None, n_examples=64, seed=0):
@@ -36,14 +36,20 @@ def load_for_analysis(adapters, base=None, task_name=None, data_dir=None, n_exam
 
 
 def effective_rank_report(adapters, base=None, task_name=None, data_dir=None, n_examples=64, steps=16,
-                          seed=0) -> dict:
-    """{"steps": T, "methods": [{label, method, task, t, effective_rank, mean_norm, rows, source}]}"""
+                          seed=0, per_layer: bool = False) -> dict:
+    """{"steps": T, "methods": [{label, method, task, t, effective_rank, mean_norm, rows, source}]}
+
+    per_layer: each row also gets "per_layer", the effective rank and mean norm of every
+    block's output change (fine-tuned - base) per step: where in the body a method acts.
+    """
     base_model, loaded = load_for_analysis(adapters, base, task_name, data_dir, n_examples, seed)
     rows = []
     for label, model, method, config, task, enc in loaded:
         trajectory = perturbation_trajectories(model, base_model, enc, steps=steps, seed=seed)
         rows.append({"label": label, "method": config["method"], "options": config["options"],
                      "task": task.name, "n_examples": len(enc.prompts), **effective_rank_per_step(trajectory)})
+        if per_layer:
+            rows[-1]["per_layer"] = effective_rank_per_layer(model, base_model, enc, steps=steps, seed=seed)
     return {"analysis": "effective_rank_per_step", "steps": steps, "seed": seed, "methods": rows,
             "measure": "exp(entropy of normalised singular values) of the stacked per-token perturbations "
                        "of the final hidden states at the response positions, per sampler step"}

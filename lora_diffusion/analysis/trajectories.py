@@ -19,6 +19,7 @@ Generate tab and the notebooks.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -50,21 +51,30 @@ class PerturbationTrajectory:
     source: str                           # "delta" (the method's own) or "difference" (fine-tuned - base)
 
 
+def sampled_steps(model: DiffusionLM, enc: Encoded, steps: int, batch_size: int, seed: int):
+    """Sample with `model` on `enc` batch by batch; yields (idx, batch, trajectory, inputs).
+
+    inputs[s] is what step s saw: the all-[MASK] response, then the state after step s - 1.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, len(enc.prompts), batch_size):
+        idx = list(range(start, min(start + batch_size, len(enc.prompts))))
+        batch = {k: v.to(device) for k, v in collate(enc, idx, model.backbone.pad_id).items()}
+        _, traj = sample(model, **batch, steps=steps, generator=generator, record=True)
+        inputs = [batch["input_ids"].masked_fill(batch["response_mask"], model.backbone.mask_id)] + traj.tokens[:-1]
+        yield idx, batch, traj, inputs
+
+
 @torch.no_grad()
 def perturbation_trajectories(model: DiffusionLM, base: DiffusionLM, enc: Encoded, steps: int = 16,
                               batch_size: int = 32, seed: int = 0) -> PerturbationTrajectory:
     """Sample with `model` on every example of `enc` and collect per-step perturbations."""
     device = next(model.parameters()).device
     uses_delta = bool(model.step_hooks)  # only LoRA-Diffusion (final) perturbs through a step hook
-    generator = torch.Generator().manual_seed(seed)
     per_step_delta, per_step_base, examples, times = None, None, [], None
-    for start in range(0, len(enc.prompts), batch_size):
-        idx = list(range(start, min(start + batch_size, len(enc.prompts))))
-        batch = {k: v.to(device) for k, v in collate(enc, idx, model.backbone.pad_id).items()}
-        _, traj = sample(model, **batch, steps=steps, generator=generator, record=True)
+    for idx, batch, traj, inputs in sampled_steps(model, enc, steps, batch_size, seed):
         response = batch["response_mask"]
-        # the input of step s is the state before it: all-[MASK] response, then traj.tokens[s - 1]
-        inputs = [batch["input_ids"].masked_fill(response, model.backbone.mask_id)] + traj.tokens[:-1]
         deltas, bases = [], []
         for s, x in enumerate(inputs):
             t = torch.full((len(idx),), traj.t[s], device=device)
@@ -85,6 +95,58 @@ def perturbation_trajectories(model: DiffusionLM, base: DiffusionLM, enc: Encode
         examples.append(torch.repeat_interleave(torch.tensor(idx), rows))
     return PerturbationTrajectory(times, per_step_delta, per_step_base, torch.cat(examples),
                                   "delta" if uses_delta else "difference")
+
+
+@contextlib.contextmanager
+def block_outputs(backbone):
+    """{block index: its output hidden states [B, L, d]} of the forward passes run inside the block.
+
+    The hooks go after any a method registered, so they see what the method made of the
+    output (LoRA-Diffusion's `blocks` perturbation included).
+    """
+    outputs = {}
+
+    def capture(i):
+        def hook(module, args, output):
+            outputs[i] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    handles = [block.register_forward_hook(capture(i)) for i, block in enumerate(backbone.blocks())]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def effective_rank_per_layer(model: DiffusionLM, base: DiffusionLM, enc: Encoded, steps: int = 16,
+                             batch_size: int = 32, seed: int = 0) -> dict:
+    """Effective rank (and mean norm) of each block's output change, fine-tuned - base, per step.
+
+    Both models read the same partly-revealed inputs the fine-tuned model's sampler went
+    through; rows are the response positions. A perturbation after the last block
+    (LoRA-Diffusion `final`) changes no block's output, so it shows as zeros here.
+    """
+    device = next(model.parameters()).device
+    diffs = None  # [step][block] -> list of [N_tokens, d]
+    times = None
+    for idx, batch, traj, inputs in sampled_steps(model, enc, steps, batch_size, seed):
+        response, mask = batch["response_mask"], batch["attention_mask"]
+        times = traj.t
+        for s, x in enumerate(inputs):
+            with block_outputs(model.backbone) as mine:
+                model.denoise(x, mask, torch.full((len(idx),), traj.t[s], device=device), batch["instruction"])
+            with block_outputs(base.backbone) as theirs:
+                base.backbone.hidden_states(x, mask)
+            if diffs is None:
+                diffs = [[[] for _ in mine] for _ in inputs]
+            for layer in range(len(mine)):
+                diffs[s][layer].append((mine[layer][response].float() - theirs[layer][response].float()).cpu())
+    stacks = [[torch.cat(parts) for parts in step] for step in diffs]
+    return {"t": times, "blocks": len(stacks[0]),
+            "effective_rank": [[effective_rank(d) for d in step] for step in stacks],
+            "mean_norm": [[float(d.norm(dim=-1).mean()) for d in step] for step in stacks]}
 
 
 def effective_rank_per_step(trajectory: PerturbationTrajectory) -> dict:
