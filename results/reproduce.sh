@@ -72,3 +72,12 @@ $LD analyze data-efficiency --task sst2 --sizes 100,1000,8000 --methods lora_dif
 # Rank scaling of memory and speed (alone on the machine: it times things).
 # (Responses of 16, 64 and 128 tokens, the default: 26 minutes on 2 cores.)
 $LD analyze scaling --out results/analysis/scaling --png
+
+# Issue 14: does knowing the step help an adapter? Weight LoRA r=16 against NaRA- and
+# T-LoRA-style LoRA and LoRA-Diffusion at each injection site, at about LoRA's parameter
+# count (compare --preset stepaware). Learning rates: LoRA's and LoRA-Diffusion final's
+# from the methods table's sweep; every other row swept (x0.3, 1, 3 of its default) on the
+# same 2% validation split of train, seed 0. fp32 (this CPU runs bf16 slower), --jobs 2.
+$LD compare --task sst2 --preset stepaware --lr-sweep 0.3,1,3 --validation-fraction 0.02 \
+    --lr-from results/lr_sweep_sst2.json --steps 600 --seed 0 1 2 --jobs 2 \
+    --out runs/stepaware-sst2 --results results/stepaware_sst2.json
