@@ -28,7 +28,7 @@ demo: setup
 	    --out runs/demo --sampler-steps 16
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The installed package as a user gets it: wheel -> fresh venv outside the checkout -> sample,
 # train and the app on the shipped base (.ci/run runs it before the tests).
