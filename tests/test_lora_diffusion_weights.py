@@ -213,8 +213,8 @@ def test_a_short_training_run_lowers_the_loss(tiny):
 
     A frozen random base reads logits through its random tied embeddings (norm ~0.1), so no
     change of h takes the loss far below log(vocab) = 10.3: at lr 2e-3 weight LoRA gains
-    0.04 in these 30 steps, `final` 0.09 and `weights` 0.08 (0.015 at its default 5e-4,
-    chosen on the shipped base).
+    0.04 in these 30 steps, `final` 0.09 and `weights` 0.08 (0.015 at 5e-4, the
+    default of its default ranks on the shipped base).
     """
     model, method = attached()
     batch = tiny_batch(tiny, n=8, padded=True)
@@ -258,7 +258,9 @@ def test_the_options_are_in_the_help_and_checked(capsys, tmp_path):
     assert code == 0
     assert "'final' or 'blocks' or 'weights'" in out
     assert "targets" in out and "blocks_positions" in out
-    assert make_method("lora_diffusion", {"injection": "weights"}).default_lr == 5e-4
+    # weights: 2e-3 at LoRA's budget (k = 1, ranks 6/3/1), falling as 1/sqrt(k * r_early)
+    assert make_method("lora_diffusion", {"injection": "weights", "k": 1, "ranks": [6, 3, 1]}).default_lr == 2e-3
+    assert make_method("lora_diffusion", {"injection": "weights"}).default_lr == pytest.approx(2e-3 * (6 / 128) ** 0.5)
     base = ["train", "--task", "suite_topic", "--steps", "1", "--out", tmp_path / "run", "--method", "lora_diffusion"]
     for options, message in [
             (["injection=weights", "targets=bogus"], "'targets' must be 'attention' or 'attention+mlp'"),
