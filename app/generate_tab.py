@@ -6,9 +6,10 @@ import html
 
 import gradio as gr
 
-from lora_diffusion.adapters import load_model
+from lora_diffusion.adapters import load_model, read_adapter_config
 from lora_diffusion.analysis.trajectories import denoising_trajectory
 from lora_diffusion.data import SENTIMENT_INSTRUCTION
+from lora_diffusion.errors import UserError
 from lora_diffusion.plots import perturbation_norm_figure
 
 from .common import (BASE_ONLY, Context, adapter_paths, handler, number, readable_errors, short_text, user_workspace,
@@ -56,6 +57,18 @@ def generate(ctx: Context, user, adapter_name, composed, instruction, text, leng
             perturbation_norm_figure(reports))
 
 
+def response_length_of(ctx: Context, user, adapter_name):
+    """The picked adapter's trained response length, for the length slider: positions past
+    it were never trained, so an answer decoded longer repeats or wanders."""
+    if not adapter_name or adapter_name == BASE_ONLY:
+        return gr.update()
+    try:
+        config = read_adapter_config(user_workspace(ctx, user).adapter_path(adapter_name))
+        return gr.update(value=min(32, max(1, int(config["response_length"]))))
+    except (UserError, KeyError, TypeError, ValueError):
+        return gr.update()  # a bad name: Generate itself says what is wrong
+
+
 def tab(ctx: Context, user) -> dict:
     with gr.Row():
         gen_adapter = gr.Dropdown([BASE_ONLY], value=BASE_ONLY, label="adapter",
@@ -74,6 +87,7 @@ def tab(ctx: Context, user) -> dict:
     gen_btn = gr.Button("Generate", variant="primary")
     gen_html = gr.HTML(elem_id="trajectory")
     gen_plot = gr.Plot(label="perturbation norm per step")
+    gen_adapter.change(handler(response_length_of, ctx), [user, gen_adapter], length_in, api_visibility="undocumented")
     gen_btn.click(handler(generate, ctx), [user, gen_adapter, composed, instruction_in, input_in, length_in, steps_in,
                                            temp_in, seed_in], [gen_html, gen_plot], api_name="generate")
     return {"adapter": gen_adapter, "composed": composed, "refresh": refresh_btn}

@@ -91,6 +91,10 @@ def test_generate_decodes_with_the_base_and_the_adapter(ctx):
     page, figure = generate_tab.generate(ctx, USER, name, [], "is it good ?", "a great film .", 2, 2, 0.0, 0)
     assert page.count("<h4>") == 2 and "step 2" in page and name in page
     assert len(figure.data) == 1  # the LoRA-Diffusion adapter's perturbation norm; the base has none
+    # Picking the adapter sets the response length it was trained with (suite_sentiment: 2).
+    assert generate_tab.response_length_of(ctx, USER, name)["value"] == 2
+    assert "value" not in generate_tab.response_length_of(ctx, USER, common.BASE_ONLY)
+    assert "value" not in generate_tab.response_length_of(ctx, USER, "../escape")  # refused, nothing read
 
 
 @pytest.mark.skipif(CHECKOUT is None or not (CHECKOUT / "results" / "compare_sst2.json").is_file(),
