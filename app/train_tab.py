@@ -207,7 +207,7 @@ def tab(ctx: Context, user) -> dict:
                 label_col = gr.Textbox("label", label="label column")
             max_train = gr.Number(0, label="max train examples (0 = all)", precision=0)
         with gr.Column():
-            method_in = gr.Dropdown(list(METHODS), value="lora_diffusion", label="method")
+            method_in = gr.Dropdown(list(METHODS), value="lora_diffusion", label="method", elem_id="train-method")
             controls, groups = [], []
             for m in METHODS:
                 with gr.Group(visible=m == "lora_diffusion") as group:
