@@ -43,6 +43,7 @@ class StepContext(NamedTuple):
     t: torch.Tensor                    # [B] the step's time (the masked fraction)
     instruction: torch.Tensor | None   # [B, Li] instruction token ids (the conditioning c)
     positions: torch.Tensor | None     # [B, L] bool: where logits are read (None: everywhere)
+    attention_mask: torch.Tensor | None = None  # [B, L]: 1 for real tokens, 0 for padding
 
 
 StepHook = Callable[[torch.Tensor, StepContext], torch.Tensor]
@@ -83,7 +84,7 @@ class DiffusionLM(nn.Module):
         # A frozen body needs no graph: a method acting after it trains without a
         # backward pass through the base (the `final` injection point).
         grad_ctx = contextlib.nullcontext() if self._body_needs_grad() else torch.no_grad()
-        context = self.step_context = StepContext(t, instruction, positions)
+        context = self.step_context = StepContext(t, instruction, positions, attention_mask)
         try:
             with grad_ctx:
                 h = self.backbone.hidden_states(input_ids, attention_mask)

@@ -11,7 +11,7 @@ from lora_diffusion.adapters import load_adapter, save_adapter
 from lora_diffusion.backbone import tiny_backbone
 from lora_diffusion.cli import main
 from lora_diffusion.data import load_task
-from lora_diffusion.diffusion import PHASES, DiffusionLM, diffusion_loss, sample
+from lora_diffusion.diffusion import PHASES, DiffusionLM, StepContext, diffusion_loss, sample
 from lora_diffusion.errors import UserError
 from lora_diffusion.methods import make_method
 from lora_diffusion.router import Composition
@@ -285,8 +285,10 @@ def test_blocks_on_all_positions_calibrates_the_context_apart_and_saves_it(tmp_p
     spy.remove()
     site, read = method.trajectory.sites[0], batch["response_mask"]
     assert torch.allclose(site.h_mean, h["h"][read].mean(0), atol=1e-5)
-    assert torch.allclose(site.context_mean, h["h"][~read].mean(0), atol=1e-5)
-    assert torch.allclose(site.context_std, h["h"][~read].std(0), atol=1e-5)
+    real = batch["attention_mask"].bool()
+    assert not bool(real.all())  # the batch has padding, which the context statistics leave out
+    assert torch.allclose(site.context_mean, h["h"][~read & real].mean(0), atol=1e-5)
+    assert torch.allclose(site.context_std, h["h"][~read & real].std(0), atol=1e-5)
     assert "trajectory.sites.1.context_std" in method.buffers()
     perturb(method)
     expected = logits(model, batch, MIXED)
@@ -305,7 +307,8 @@ def test_blocks_on_all_positions_moves_the_prompt_too(tiny):
         torch.manual_seed(0)  # the same modules for both
         method.attach(model)
         perturb(method)
-        model.step_context = (torch.full((4,), 0.9), batch["instruction"], batch["response_mask"])
+        model.step_context = StepContext(torch.full((4,), 0.9), batch["instruction"], batch["response_mask"],
+                                         batch["attention_mask"])
         h = torch.randn(4, batch["input_ids"].shape[1], 32, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             outputs[where] = method._block_hook(0)(None, None, (h,))[0] - h

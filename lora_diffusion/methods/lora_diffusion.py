@@ -135,7 +135,7 @@ class LoRADiffusionConfig(MethodConfig):
         # sum over k * r directions that each move ~lr per step, so the rate falls as
         # 1/sqrt(k * r_early), through both measured points.
         if self.injection == "weights":
-            return 2e-3 * min(1.0, math.sqrt(6 / (self.k * self.module_ranks()[0])))
+            return 2e-3 * min(1.0, math.sqrt(6 / (self.k * max(self.module_ranks()))))
         return {"final": 3e-3, "blocks": 3e-4}[self.injection]
 
 
@@ -395,16 +395,20 @@ class LoRADiffusion(Method):
 
     # -- final and blocks: a perturbation of the hidden states --------------------------
 
-    def perturbation(self, site: int, h, t, instruction, positions=None):
+    def perturbation(self, site: int, h, t, instruction, positions=None, attention_mask=None):
         """delta_t at one injection site, for hidden states h [B, L, d] at times t [B].
 
         `positions` [B, L] marks where logits are read; the first call calibrates the
-        site's standardisation on h there (and on the rest, with context statistics).
+        site's standardisation on h there (and, with context statistics, on the other real
+        tokens: padding, where `attention_mask` is 0, is left out).
         """
         modules = self.trajectory.sites[site]
         if self.config.calibrate and not bool(modules.calibrated):
             read = positions is not None and bool(positions.any())
-            context = h[~positions] if modules.context_stats and read and bool((~positions).any()) else None
+            context = None
+            if modules.context_stats and read:
+                others = ~positions if attention_mask is None else ~positions & attention_mask.bool()
+                context = h[others] if bool(others.any()) else None
             modules.calibrate(h[positions] if read else h, context)
         t = t.to(h.device).float()
         e = self.trajectory.time(t)
@@ -416,9 +420,9 @@ class LoRADiffusion(Method):
 
     def _block_hook(self, site: int):
         def hook(module, args, output):
-            t, instruction, positions = self.model.step_context
+            t, instruction, positions, attention_mask = self.model.step_context
             h = output[0] if isinstance(output, tuple) else output
-            delta = self.perturbation(site, h, t, instruction, positions).to(h.dtype)
+            delta = self.perturbation(site, h, t, instruction, positions, attention_mask).to(h.dtype)
             # By default only the positions being denoised move, as with `final`: the
             # prompt's tokens differ from them in scale, and perturbing them with modules
             # calibrated on the response blew them up (measured: SST-2 at chance, outputs
@@ -436,7 +440,7 @@ class LoRADiffusion(Method):
         if self.model.step_context is None:
             raise UserError("LoRA-Diffusion (injection=weights) acts at a denoising step: run the model "
                             "through DiffusionLM (which gives it t), not the backbone alone")
-        t, instruction, _ = self.model.step_context
+        t, instruction = self.model.step_context.t, self.model.step_context.instruction
         device = self.trajectory.scales.device
         phase, c = self.module_set(t.to(device).float()), self.instruction_encoding(instruction)
         if self.merged:
