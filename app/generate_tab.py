@@ -7,6 +7,7 @@ import html
 import gradio as gr
 
 from lora_diffusion.adapters import load_model, read_adapter_config
+from lora_diffusion.bounds import MAX_SEED
 from lora_diffusion.analysis.trajectories import denoising_trajectory
 from lora_diffusion.data import SENTIMENT_INSTRUCTION
 from lora_diffusion.errors import UserError
@@ -15,6 +16,7 @@ from lora_diffusion.plots import perturbation_norm_figure
 from .common import (BASE_ONLY, Context, adapter_paths, handler, number, readable_errors, short_text, user_workspace,
                      whole)
 
+MAX_LENGTH = 32  # response tokens the page decodes at most
 COLOURS = {"masked": "#d0d0d0", "new": "#ffb347", "settled": "#8fd18f"}
 LEGEND = ('<p><span style="background:#d0d0d0;padding:1px 4px">masked</span> '
           '<span style="background:#ffb347;padding:1px 4px">revealed at this step</span> '
@@ -41,8 +43,8 @@ def generate(ctx: Context, user, adapter_name, composed, instruction, text, leng
     if composed:
         adapter_paths(ws, composed, needs_task=True)  # every name checked before anything is loaded
     instruction, text = short_text(instruction, "the instruction"), short_text(text, "the input")
-    length, steps = whole(length, "the response length", 1, 32), whole(steps, "the denoising steps", 1, 64)
-    temperature, seed = number(temperature, "the temperature", 0, 1.5), whole(seed, "the seed", 0, 2**31 - 1)
+    length, steps = whole(length, "the response length", 1, MAX_LENGTH), whole(steps, "the denoising steps", 1, 64)
+    temperature, seed = number(temperature, "the temperature", 0, 1.5), whole(seed, "the seed", 0, MAX_SEED)
 
     def decode(model) -> dict:
         return denoising_trajectory(model, instruction, text, length, steps, temperature, seed)
@@ -64,7 +66,7 @@ def response_length_of(ctx: Context, user, adapter_name):
         return gr.update()
     try:
         config = read_adapter_config(user_workspace(ctx, user).adapter_path(adapter_name))
-        return gr.update(value=min(32, max(1, int(config["response_length"]))))
+        return gr.update(value=min(MAX_LENGTH, max(1, int(config["response_length"]))))
     except (UserError, KeyError, TypeError, ValueError):
         return gr.update()  # a bad name: Generate itself says what is wrong
 
@@ -77,7 +79,7 @@ def tab(ctx: Context, user) -> dict:
     instruction_in = gr.Textbox(SENTIMENT_INSTRUCTION, label="instruction")
     input_in = gr.Textbox("the film is not bad at all , i loved it .", label="input")
     with gr.Row():
-        length_in = gr.Slider(1, 32, value=4, step=1, label="response length (tokens)")
+        length_in = gr.Slider(1, MAX_LENGTH, value=4, step=1, label="response length (tokens)", elem_id="gen-length")
         steps_in = gr.Slider(1, 64, value=4, step=1, label="denoising steps")
         temp_in = gr.Slider(0.0, 1.5, value=0.0, step=0.1, label="temperature")
         seed_in = gr.Number(0, label="seed", precision=0)

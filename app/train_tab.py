@@ -8,6 +8,7 @@ import time
 
 import gradio as gr
 
+from lora_diffusion.bounds import MAX_SEED
 from lora_diffusion.data import SUITE_TASKS, load_task
 from lora_diffusion.errors import UserError
 from lora_diffusion.methods import METHODS, OptionSpec, describe, option_specs, option_text
@@ -133,7 +134,7 @@ def train(ctx: Context, user, task_name, csv_file, text_column, label_column, ma
           batch_size, seed, progress=gr.Progress()):
     """Start a training job and stream (job id, status, loss figure, score) until it ends."""
     ws = user_workspace(ctx, user)
-    seed, steps = whole(seed, "the seed", 0, 2**31 - 1), whole(steps, "steps", 1, ws.limits.steps)
+    seed, steps = whole(seed, "the seed", 0, MAX_SEED), whole(steps, "steps", 1, ws.limits.steps)
     config = TrainConfig(steps=steps, batch_size=whole(batch_size, "the batch size", 1, ws.limits.batch_size),
                          lr=number(lr, "the learning rate", 0, 1) or None, seed=seed,
                          log_every=max(1, min(10, steps // 20)), eval_every=max(10, steps // 4),

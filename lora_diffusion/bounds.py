@@ -1,7 +1,8 @@
 """Numeric bounds that the command line's argument types and the library's checks share.
 
 Torch-free, so the CLI can use them and `lora-diffusion --help` stays quick. Each is far
-above any useful value and below where float32 arithmetic stops being finite.
+above any useful value; the lr and the temperature also stop where float32 arithmetic
+would stop being finite, the seed where generators' 32-bit seeds end.
 """
 
 MAX_LR = 10.0               # beyond ~1e38 AdamW's float32 state overflows

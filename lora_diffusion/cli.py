@@ -510,7 +510,8 @@ def _run_args(p: argparse.ArgumentParser, checkpoint_every: int = 0) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--lr-from", nargs="+", metavar="RESULTS",
-                   help="results.json of earlier compares (e.g. --sweep-only): each row's lr")
+                   help="results.json of earlier compares (e.g. --sweep-only): each row's lr by its label "
+                        "(with --lr-sweep, the rows they do not name are swept)")
     p.add_argument("--jobs", type=count, default=1,
                    help="runs trained at a time, each in its own process with its share of the threads "
                         "(default 1; 2 finishes sooner on a 2-core CPU)")
@@ -606,7 +607,7 @@ def _add_compare_profile(sub) -> None:
     p.add_argument("--base", help="base model folder (default: the shipped base)")
     _task_args(p)
     p.add_argument("--preset", help="methods (= table5/7/9), ranks (= table10), modules (= table11), "
-                                    "regularizers, schedule, injection")
+                                    "regularizers, schedule, injection, phases, stepaware")
     p.add_argument("--methods", help="comma-separated method names instead of a preset")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="options for --methods rows")
     p.add_argument("--seed", type=seed, nargs="+", default=[0, 1, 2])

@@ -134,7 +134,8 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config: TrainCo
     `config`'s lr is ignored (each method's own, or the sweep's); `lr_sweep` multiplies each
     method's default lr, e.g. [0.3, 1, 3]; `sweep_only` stops after the sweep (the rows then
     carry only the chosen lr and the validation scores); `learning_rates` (label -> lr) fixes
-    rows' learning rates, e.g. from a sweep; `results_file` also receives the results (and a
+    rows' learning rates, e.g. from a sweep (with `lr_sweep`, the rows it does not name are
+    swept); `results_file` also receives the results (and a
     .md table beside it); `jobs` > 1 trains that many runs at a time in separate processes
     (the threads split between them).
     """
@@ -328,6 +329,8 @@ def sweep_markdown(results: dict) -> str:
     for row in results["rows"]:
         cells = [(f"**{100 * s['validation_score']:.1f}** ({s['lr']:g})" if s["lr"] == row["lr"]
                   else f"{100 * s['validation_score']:.1f} ({s['lr']:g})") for s in row.get("sweep", [])]
+        if "sweep" not in row:  # its lr came from an earlier sweep (--lr-from)
+            cells = ["(given)"] * len(results["lr_sweep"])
         lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {row['lr']:g} |")
     return "\n".join(lines)
 

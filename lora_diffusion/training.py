@@ -28,13 +28,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion import DiffusionLM, diffusion_loss
 from .bounds import MAX_LR, MAX_SEED
+from .diffusion import DiffusionLM, diffusion_loss
 from .errors import UserError, cut
 from .files import append_jsonl, load_tensors, read_json, read_jsonl, save_tensors, write_json, write_jsonl
 from .methods import Method
-
-
 
 
 @dataclass

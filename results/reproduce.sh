@@ -77,7 +77,7 @@ $LD analyze scaling --out results/analysis/scaling --png
 # T-LoRA-style LoRA and LoRA-Diffusion at each injection site, at about LoRA's parameter
 # count (compare --preset stepaware). Learning rates: LoRA's and LoRA-Diffusion final's
 # from the methods table's sweep; every other row swept (x0.3, 1, 3 of its default) on the
-# same 2% validation split of train, seed 0. fp32 (this CPU runs bf16 slower), --jobs 2.
+# same 2% validation split of train, seed 0, 600 steps. fp32 (this CPU runs bf16 slower).
 $LD compare --task sst2 --preset stepaware --lr-sweep 0.3,1,3 --validation-fraction 0.02 \
-    --lr-from results/lr_sweep_sst2.json --steps 600 --seed 0 1 2 --jobs 2 \
-    --out runs/stepaware-sst2 --results results/stepaware_sst2.json
+    --lr-from results/lr_sweep_sst2.json --steps 600 --seed 0 --sweep-only --jobs 2 \
+    --out runs/stepaware-sst2 --results results/stepaware_sst2_sweep.json

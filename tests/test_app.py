@@ -193,6 +193,8 @@ def test_browser_trains_generates_and_shows_every_tab(app_url, tmp_path):
                        "steps": int(page.get_by_label("steps", exact=True).input_value()),
                        "seconds_to_first_loss_point": round(first_loss, 1), "seconds_to_finish": round(finished, 1),
                        "metric": page.inner_text("#train-metric"), "cpu_threads": os.cpu_count()}
+            (shots / "app_timings.json").write_text(json.dumps(timings, indent=2) + "\n")  # kept if a later step fails
+            assert first_loss < 30 and finished < 300, timings
         assert page.locator("#loss-plot .js-plotly-plot").count() == 1
         traces = page.evaluate("document.querySelector('#loss-plot .js-plotly-plot').data.length")
         points = page.evaluate("document.querySelector('#loss-plot .js-plotly-plot').data[0].x.length")
@@ -203,6 +205,9 @@ def test_browser_trains_generates_and_shows_every_tab(app_url, tmp_path):
         page.get_by_role("tab", name="Generate").click()
         trained = re.compile("lora_diffusion-suite_sentiment")
         _pick(page, "#gen-adapter", trained, page.get_by_role("button", name="Refresh adapters").first)
+        # picking the adapter sets the response length it was trained with (suite_sentiment: 2)
+        page.wait_for_function("document.querySelector('#gen-length input[type=number]')?.value === '2'",
+                               timeout=30_000)
         page.get_by_role("button", name="Generate", exact=True).click()
         page.wait_for_function("document.querySelector('#trajectory')?.innerText.includes('step 1')", timeout=120_000)
         assert page.locator("#trajectory h4").count() == 2  # base and adapter
@@ -214,7 +219,6 @@ def test_browser_trains_generates_and_shows_every_tab(app_url, tmp_path):
             timings["weight_lora_metric"] = _train_weight_lora(page)
             ld, lora = (_generative_accuracy(timings[k]) for k in ("metric", "weight_lora_metric"))
             (shots / "app_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
-            assert first_loss < 30 and finished < 300, timings
             assert answer.endswith("“positive”") and ld >= lora - 3, timings
 
         # Analyse: effective rank per step of the trained adapter.

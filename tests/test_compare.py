@@ -110,3 +110,14 @@ def test_compare_with_two_jobs_gives_the_sequential_results(capsys, tmp_path, ti
     assert "2 runs at a time" in (tmp_path / "2" / "results.md").read_text()
     code, _, err = run_cli(capsys, "compare", *common, "--jobs", "0", "--out", str(tmp_path / "bad"))
     assert code == 2 and "--jobs: wants a whole number >= 1" in err
+
+
+def test_a_sweep_table_row_with_a_given_lr_keeps_its_columns():
+    from lora_diffusion.compare import sweep_markdown
+
+    table = sweep_markdown({"lr_sweep": [0.5, 2], "rows": [
+        {"label": "swept", "lr": 2e-3, "sweep": [{"lr": 5e-4, "validation_score": 0.5}, {"lr": 2e-3, "validation_score": 0.75}]},
+        {"label": "given", "lr": 3e-3}]})
+    swept, given = table.splitlines()[2:]
+    assert swept == "| swept | 50.0 (0.0005) | **75.0** (0.002) | 0.002 |"
+    assert given == "| given | (given) | (given) | 0.003 |"

@@ -172,6 +172,9 @@ def test_a_merged_model_refuses_a_step_it_was_not_merged_for(tiny):
             logits(model, tiny_batch(tiny, padded=True), 0.9)  # each row has its own instruction
     with pytest.raises(UserError, match="these rows differ"):
         method.merge("early", tiny_batch(tiny)["instruction"])
+    _, unconditioned = attached(condition=False)  # the instruction is unused, so rows may differ
+    with unconditioned.merged_for("early", tiny_batch(tiny)["instruction"]):
+        pass
     with pytest.raises(UserError, match="not 'noon'"):
         method.merge("noon")
     with pytest.raises(UserError, match="one update per phase"):
@@ -265,7 +268,9 @@ def test_the_options_are_in_the_help_and_checked(capsys, tmp_path):
     for options, message in [
             (["injection=weights", "targets=bogus"], "'targets' must be 'attention' or 'attention+mlp'"),
             (["targets=attention"], "'targets' applies to injection=weights"),
-            (["blocks_positions=all"], "'blocks_positions' applies to injection=blocks")]:
+            (["blocks_positions=all"], "'blocks_positions' applies to injection=blocks"),
+            (["injection=weights", "time_dim=32"], "injection=weights has no time embedding"),
+            (["phases=shared", "scales=1,1,1"], "one shared module set has scale 1")]:
         code, _, err = run_cli(capsys, *base, *[a for o in options for a in ("--option", o)])
         assert code == 2 and message in err.strip().splitlines()[-1] and "Traceback" not in err
 

@@ -82,7 +82,8 @@ def perturbation_trajectories(model: DiffusionLM, base: DiffusionLM, enc: Encode
             if uses_delta:
                 delta = traj.perturbation[s]
             else:
-                h_model = model.denoise(x, batch["attention_mask"], t, batch["instruction"])[1]
+                h_model = model.denoise(x, batch["attention_mask"], t, batch["instruction"],
+                                        positions=still_masked(x, response, model))[1]
                 delta = h_model[response].float() - h_base
             deltas.append(delta.cpu())
             bases.append(h_base.cpu())
@@ -95,6 +96,12 @@ def perturbation_trajectories(model: DiffusionLM, base: DiffusionLM, enc: Encode
         examples.append(torch.repeat_interleave(torch.tensor(idx), rows))
     return PerturbationTrajectory(times, per_step_delta, per_step_base, torch.cat(examples),
                                   "delta" if uses_delta else "difference")
+
+
+def still_masked(x: torch.Tensor, response: torch.Tensor, model: DiffusionLM) -> torch.Tensor:
+    """The positions a sampler step reads logits at (as `diffusion.sample` passes them): a
+    `blocks` LoRA-Diffusion perturbs only there, so a replayed step must say the same."""
+    return (x == model.backbone.mask_id) & response
 
 
 @contextlib.contextmanager
@@ -136,7 +143,8 @@ def effective_rank_per_layer(model: DiffusionLM, base: DiffusionLM, enc: Encoded
         times = traj.t
         for s, x in enumerate(inputs):
             with block_outputs(model.backbone) as mine:
-                model.denoise(x, mask, torch.full((len(idx),), traj.t[s], device=device), batch["instruction"])
+                model.denoise(x, mask, torch.full((len(idx),), traj.t[s], device=device), batch["instruction"],
+                              positions=still_masked(x, response, model))
             with block_outputs(base.backbone) as theirs:
                 base.backbone.hidden_states(x, mask)
             if diffs is None:

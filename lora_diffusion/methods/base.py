@@ -72,6 +72,10 @@ class MethodConfig:
     def default_lr(self) -> float:
         raise NotImplementedError
 
+    def changed(self, name: str) -> bool:
+        """Whether option `name` was given a value other than its default."""
+        return getattr(self, name) != self.__dataclass_fields__[name].default
+
     @classmethod
     def specs(cls) -> list[OptionSpec]:
         hints = typing.get_type_hints(cls)

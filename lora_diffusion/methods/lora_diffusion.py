@@ -36,9 +36,11 @@ In code B_i is `down`, W_A,i is `up` and W_gamma,i is `gate` (of a `TrajectoryMo
 
   (a `WeightModule` per i: down d_in -> r_p, Kaiming; up r_p -> d_out, zero). The phase
   is all of t that enters: no e(t) and no ReLU, so dW_p(c) is one matrix per phase and
-  instruction, and it folds into W for sampling (`merged_for`). No time embedding is
+  instruction, and it folds into W for the steps of one phase (`merged_for`: a sampler
+  segment inside one phase, or the forward passes of an evaluation at one t; a step of
+  another phase is refused until `unmerge`). No time embedding is
   built for this site, and no calibration: a projection reads LayerNorm'd states (or
-  functions of them), so `calibrate` and `time_dim` are ignored.
+  functions of them), so `calibrate` is ignored (and `time_dim` refused).
 """
 
 from __future__ import annotations
@@ -95,12 +97,18 @@ class LoRADiffusionConfig(MethodConfig):
     def check(self) -> None:
         if self.time_dim % 2:
             raise UserError(f"method 'lora_diffusion' option 'time_dim' must be even, not {self.time_dim}")
+        if self.changed("time_dim") and self.injection == "weights":
+            raise UserError("method 'lora_diffusion' option 'time_dim' applies to injection=final or blocks; "
+                            "injection=weights has no time embedding")
+        if self.changed("scales") and self.phases == "shared":
+            raise UserError("method 'lora_diffusion' option 'scales' applies to phases=separate; "
+                            "one shared module set has scale 1")
         # An option of another injection site would be silently ignored: most likely the
         # injection itself was forgotten.
-        if self.targets != "attention+mlp" and self.injection != "weights":
+        if self.changed("targets") and self.injection != "weights":
             raise UserError("method 'lora_diffusion' option 'targets' applies to injection=weights, "
                             f"not injection={self.injection}")
-        if self.blocks_positions != "denoised" and self.injection != "blocks":
+        if self.changed("blocks_positions") and self.injection != "blocks":
             raise UserError("method 'lora_diffusion' option 'blocks_positions' applies to injection=blocks, "
                             f"not injection={self.injection}")
 
@@ -248,7 +256,7 @@ def _take(x, rows):
 
 
 class PhaseModules(nn.Module):
-    """The k modules of each of the three phases at one injection site of `final` or `blocks`.
+    """The k modules of each phase (or of the one shared set) at one injection site of `final` or `blocks`.
 
     `h_mean` / `h_std` standardise h per dimension before the modules see it. The base's
     hidden states at the positions it predicts vary across inputs by a few hundredths
@@ -472,7 +480,9 @@ class LoRADiffusion(Method):
         if self.config.phases == "shared":
             p = 0  # one set for every phase
         self.unmerge()
-        c = self.instruction_encoding(None if instruction is None else _one_instruction(instruction))
+        device = self.trajectory.scales.device
+        given = instruction is not None and self.config.condition  # unconditioned: the instruction is unused
+        c = self.instruction_encoding(_one_instruction(instruction.to(device)) if given else None)
         self._premerge = BaseSnapshot({name: layer.weight for name, layer in self.projections})
         scale = self.trajectory.scales[p]
         for (_, layer), site in zip(self.projections, self.trajectory.sites):
@@ -611,16 +621,16 @@ def _check_size(total: int) -> None:
 def _shrink_singular_values(w: torch.Tensor, threshold: float) -> torch.Tensor:
     """U diag(max(s - threshold, 0)) V^T for a stack of matrices [N, m, n] with SVDs U diag(s) V^T.
 
-    Through the eigendecomposition of the small Gram matrix (r x r: one side of every
-    module's matrix is its rank) in float64, which gives the same result as an SVD of the
-    wide matrix (to ~1e-6 relative) at a fraction of the cost.
+    Through the eigendecomposition, in float64, of the Gram matrix of the smaller side
+    (r x r for a module of rank r narrower than the model): the same result as an SVD
+    (to ~1e-6 relative) at a fraction of the cost.
     """
     wide = w.shape[-2] <= w.shape[-1]
-    x = (w if wide else w.transpose(-2, -1)).double()  # [N, r, n], r <= n
+    x = (w if wide else w.transpose(-2, -1)).double()  # [N, small, large]
     eigenvalues, u = torch.linalg.eigh(x @ x.transpose(-2, -1))
     s = eigenvalues.clamp(min=0).sqrt()
     factor = torch.where(s > threshold, (s - threshold) / s.clamp(min=1e-300), torch.zeros_like(s))
-    shrink = ((u * factor.unsqueeze(-2)) @ u.transpose(-2, -1)).to(w.dtype)  # r x r, entries in [-1, 1]
+    shrink = ((u * factor.unsqueeze(-2)) @ u.transpose(-2, -1)).to(w.dtype)  # small x small, entries in [-1, 1]
     return shrink @ w if wide else w @ shrink
 
 
