@@ -32,6 +32,14 @@ def tiny_base_dir(tmp_path_factory, tiny):
     return folder
 
 
+def perturb(method, seed=1):
+    """Give every trainable tensor a random value, so zero-init parts (up, B, gates) are not zero any more."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in method.trainable_parameters().values():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
 def write_lines(path: Path, lines) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

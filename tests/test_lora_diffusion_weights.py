@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_batch
+from conftest import perturb, tiny_batch
 from lora_diffusion.adapters import load_adapter, save_adapter
 from lora_diffusion.backbone import tiny_backbone
 from lora_diffusion.cli import main
@@ -33,14 +33,6 @@ def logits(model, batch, t):
     with torch.no_grad():
         return model(batch["input_ids"], batch["attention_mask"], t, batch["instruction"],
                      positions=batch["response_mask"])
-
-
-def perturb(method, seed=1):
-    """Random values for every trainable tensor, past the zero init of up and the gate."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in method.trainable_parameters().values():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
 def one_instruction(batch):

@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-from conftest import tiny_batch
+from conftest import perturb, tiny_batch
 from lora_diffusion.backbone import tiny_backbone
 from lora_diffusion.data import load_task
 from lora_diffusion.diffusion import DiffusionLM, StepContext, diffusion_loss, phase_of
@@ -41,14 +41,6 @@ def logits(model, batch, t=0.5):
         n = batch["input_ids"].shape[0]
         return model(batch["input_ids"], batch["attention_mask"], torch.full((n,), t), batch["instruction"],
                      positions=batch["response_mask"])
-
-
-def perturb(method, seed=1):
-    """Give every trainable tensor a random value, so zero-init parts are not zero any more."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in method.trainable_parameters().values():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
 def save(folder, model, method):

@@ -8,7 +8,7 @@ tensors. Here: what is particular to a weight update that depends on the step.
 import pytest
 import torch
 
-from conftest import tiny_batch
+from conftest import perturb, tiny_batch
 from lora_diffusion.adapters import load_adapter
 from lora_diffusion.backbone import tiny_backbone
 from lora_diffusion.data import batch_schedule, collate, encode, load_task
@@ -16,7 +16,7 @@ from lora_diffusion.diffusion import DiffusionLM, diffusion_loss
 from lora_diffusion.errors import UserError
 from lora_diffusion.methods import METHODS, make_method
 from lora_diffusion.training import TrainConfig, train
-from test_methods import attached, logits, perturb, save
+from test_methods import attached, logits, save
 
 STEP_AWARE = ["nara", "tlora"]
 
