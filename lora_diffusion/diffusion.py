@@ -135,6 +135,12 @@ def sample_times(batch_size: int, generator=None, device="cpu") -> torch.Tensor:
     return ((offset + torch.arange(batch_size) / batch_size) % 1.0).to(device)
 
 
+def still_masked(x, response_mask, mask_id):
+    """The response positions of a sampler state x still masked: where a step reads logits
+    (a `blocks` LoRA-Diffusion perturbs only there, so a replayed step must use the same)."""
+    return (x == mask_id) & response_mask
+
+
 def add_noise(input_ids, response_mask, rate, mask_id, generator=None):
     """q(x_t | x_0): replace each response token by [MASK] with probability `rate` [B]."""
     draws = torch.rand(input_ids.shape, generator=generator).to(input_ids.device)
@@ -324,7 +330,7 @@ def sample(model: DiffusionLM, input_ids, attention_mask, response_mask, instruc
         for s in range(steps_per_block):
             t_now = (total_steps - step) / total_steps
             t = torch.full((x.shape[0],), t_now, device=x.device)
-            masked = (x == mask_id) & response_mask
+            masked = still_masked(x, response_mask, mask_id)
             logits, h, delta = model.denoise(x, attention_mask, t, instruction, positions=masked)
             pred, confidence = _predict(logits, temperature, remasking, generator,
                                         model.backbone.sep_id if sep_last else None)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import Encoded, answer_ids, collate, encode_prompt
-from ..diffusion import DiffusionLM, sample
+from ..diffusion import DiffusionLM, sample, still_masked
 from ..errors import UserError
 
 
@@ -83,7 +83,7 @@ def perturbation_trajectories(model: DiffusionLM, base: DiffusionLM, enc: Encode
                 delta = traj.perturbation[s]
             else:
                 h_model = model.denoise(x, batch["attention_mask"], t, batch["instruction"],
-                                        positions=still_masked(x, response, model))[1]
+                                        positions=still_masked(x, response, model.backbone.mask_id))[1]
                 delta = h_model[response].float() - h_base
             deltas.append(delta.cpu())
             bases.append(h_base.cpu())
@@ -96,12 +96,6 @@ def perturbation_trajectories(model: DiffusionLM, base: DiffusionLM, enc: Encode
         examples.append(torch.repeat_interleave(torch.tensor(idx), rows))
     return PerturbationTrajectory(times, per_step_delta, per_step_base, torch.cat(examples),
                                   "delta" if uses_delta else "difference")
-
-
-def still_masked(x: torch.Tensor, response: torch.Tensor, model: DiffusionLM) -> torch.Tensor:
-    """The positions a sampler step reads logits at (as `diffusion.sample` passes them): a
-    `blocks` LoRA-Diffusion perturbs only there, so a replayed step must say the same."""
-    return (x == model.backbone.mask_id) & response
 
 
 @contextlib.contextmanager
@@ -144,7 +138,7 @@ def effective_rank_per_layer(model: DiffusionLM, base: DiffusionLM, enc: Encoded
         for s, x in enumerate(inputs):
             with block_outputs(model.backbone) as mine:
                 model.denoise(x, mask, torch.full((len(idx),), traj.t[s], device=device), batch["instruction"],
-                              positions=still_masked(x, response, model))
+                              positions=still_masked(x, response, model.backbone.mask_id))
             with block_outputs(base.backbone) as theirs:
                 base.backbone.hidden_states(x, mask)
             if diffs is None:
