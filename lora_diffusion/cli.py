@@ -208,7 +208,7 @@ def cmd_compare(args) -> None:
 
     _threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    specs = specs_from(args.preset, methods, parse_option_pairs(args.option))
+    specs = specs_from(args.preset, methods, parse_option_pairs(args.option), args.rows)
     _distinct_seeds(args.seed)
     config = _train_config(args)
     task = _load_task(args, 0)  # one training subset for every row and seed: an equal budget
@@ -608,6 +608,7 @@ def _add_compare_profile(sub) -> None:
     _task_args(p)
     p.add_argument("--preset", help="methods (= table5/7/9), ranks (= table10), modules (= table11), "
                                     "regularizers, schedule, injection, phases, stepaware")
+    p.add_argument("--rows", nargs="+", metavar="LABEL", help="only these rows of the preset, by label (as its table shows them)")
     p.add_argument("--methods", help="comma-separated method names instead of a preset")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="options for --methods rows")
     p.add_argument("--seed", type=seed, nargs="+", default=[0, 1, 2])

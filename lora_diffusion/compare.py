@@ -23,7 +23,7 @@ import torch
 
 from .backbone import load_backbone
 from .data import SPLIT_SEED, Task, encode
-from .errors import UserError
+from .errors import UserError, quoted
 from .files import read_json, write_json, write_text
 from .methods import make_method, method_config, typed_options
 from .metrics import mean_std, metric_of, over_seeds, percent, score
@@ -84,13 +84,23 @@ PRESETS: dict[str, list[Spec]] = {
 ALIASES = {"table5": "methods", "table7": "methods", "table9": "methods", "table10": "ranks", "table11": "modules"}
 
 
-def specs_from(preset: str | None = None, methods: list[str] | None = None, options: dict | None = None) -> list[Spec]:
-    """The rows of a preset, or one row per method name (each with the same extra options)."""
+def specs_from(preset: str | None = None, methods: list[str] | None = None, options: dict | None = None,
+               rows: list[str] | None = None) -> list[Spec]:
+    """The rows of a preset (only those labelled in `rows`, if given), or one row per method
+    name (each with the same extra options)."""
     if preset:
         name = ALIASES.get(preset, preset)
         if name not in PRESETS:
             raise UserError(f"unknown preset {preset!r}; choose from: {', '.join(list(PRESETS) + list(ALIASES))}")
-        return PRESETS[name]
+        if not rows:
+            return PRESETS[name]
+        labels = [spec.label for spec in PRESETS[name]]
+        unknown = [row for row in rows if row not in labels]
+        if unknown:
+            raise UserError(f"preset {preset!r} has no row {quoted(unknown[0])}; its rows: {', '.join(labels)}")
+        return [spec for spec in PRESETS[name] if spec.label in rows]
+    if rows:
+        raise UserError("--rows picks rows of a --preset")
     if not methods:
         raise UserError("give --preset or --methods")
     return [Spec(m, m, typed_options(m, options)) for m in methods]

@@ -92,6 +92,20 @@ def test_every_preset_is_valid_and_stepaware_stays_near_loras_budget():
     assert all(len({s.label for s in specs}) == len(specs) for specs in PRESETS.values())
 
 
+def test_rows_pick_labelled_rows_of_a_preset_and_refuse_unknown_ones():
+    import pytest
+
+    from lora_diffusion.compare import specs_from
+    from lora_diffusion.errors import UserError
+
+    picked = specs_from("stepaware", rows=["LD weights 6/3/1 k=1", "lora"])
+    assert [s.label for s in picked] == ["lora", "LD weights 6/3/1 k=1"]  # the preset's order
+    with pytest.raises(UserError, match="has no row 'LD weights'; its rows: lora, nara"):
+        specs_from("stepaware", rows=["LD weights"])
+    with pytest.raises(UserError, match="--rows picks rows of a --preset"):
+        specs_from(methods=["lora"], rows=["lora"])
+
+
 def test_compare_with_two_jobs_gives_the_sequential_results(capsys, tmp_path, tiny_base_dir):
     """--jobs 2 trains runs side by side in their own processes: same rows, same scores."""
     common = ["--base", str(tiny_base_dir), "--task", "suite_topic", "--methods", "bitfit,lora_diffusion",
