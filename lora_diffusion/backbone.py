@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 from .errors import UserError
-from .paths import SHIPPED_BASE
+from .paths import SHIPPED_BASE, remote_code_trusted
 
 
 class _Sequential(nn.Module):
@@ -49,8 +49,10 @@ def _split_body_and_head(mlm: nn.Module) -> tuple[nn.Module, nn.Module]:
                                            mlm.vocab_layer_norm, mlm.vocab_projector)
     if hasattr(mlm, "head") and hasattr(mlm, "decoder"):  # ModernBERT
         return mlm.model, _Sequential(mlm.head, mlm.decoder)
+    if hasattr(mlm, "generator_lm_head"):  # ELECTRA's generator (the masked LM half)
+        return mlm.electra, _Sequential(mlm.generator_predictions, mlm.generator_lm_head)
     raise UserError(f"model type {kind!r} is not supported as a base: need a BERT-, RoBERTa-, "
-                    "DistilBERT- or ModernBERT-style masked LM")
+                    "DistilBERT-, ELECTRA- or ModernBERT-style masked LM")
 
 
 # Where the projections of a transformer block live, per model family, as regexes over
@@ -64,6 +66,10 @@ PROJECTIONS = {
                    "o": r"attention\.out_lin", "ffn_in": r"ffn\.lin1", "ffn_out": r"ffn\.lin2"},
     "modernbert": {"qkv": r"attn\.Wqkv", "o": r"attn\.Wo", "ffn_in": r"mlp\.Wi", "ffn_out": r"mlp\.Wo"},
 }
+FAMILIES = tuple(PROJECTIONS)  # the model types a base may have (each tested on a tiny random model)
+# RoBERTa-style embeddings number positions from pad_token_id + 1, so that many of the
+# position table's rows are never a real position.
+_POSITIONS_AFTER_PAD = {"roberta", "xlm-roberta", "camembert"}
 
 
 class Backbone(nn.Module):
@@ -98,7 +104,11 @@ class Backbone(nn.Module):
 
     @property
     def max_length(self) -> int:
-        return self.mlm.config.max_position_embeddings
+        """The longest sequence the position table serves."""
+        config = self.mlm.config
+        if config.model_type in _POSITIONS_AFTER_PAD:
+            return config.max_position_embeddings - config.pad_token_id - 1
+        return config.max_position_embeddings
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -184,12 +194,14 @@ def load_backbone(path: str | os.PathLike | None = None, dtype=torch.float32) ->
             raise UserError(f"base model folder not found: {path}{hint}")
         if not (folder / "config.json").is_file():
             raise UserError(f"{path} is not a model folder: it has no config.json")
+        _refuse_remote_code(folder)
         name, local_only = path, True
+    trusted = remote_code_trusted()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only, trust_remote_code=trusted)
         # safetensors only: a pytorch_model.bin would be unpickled, and a model folder comes from anyone
         mlm = AutoModelForMaskedLM.from_pretrained(name, local_files_only=local_only, dtype=dtype,
-                                                   use_safetensors=True)
+                                                   use_safetensors=True, trust_remote_code=trusted)
     except Exception as err:  # a corrupt file raises whatever its parser raises (safetensors, json, tokenizers)
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"could not load a masked LM from {path}: {first_line}") from None
@@ -197,22 +209,49 @@ def load_backbone(path: str | os.PathLike | None = None, dtype=torch.float32) ->
     return Backbone(mlm, tokenizer, source=path)
 
 
-def tiny_backbone(seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 2,
-                  max_length: int = 128, tokenizer=None) -> Backbone:
-    """A from-scratch BERT of a few hundred thousand body parameters, for tests (seconds to build).
+def _refuse_remote_code(folder: Path) -> None:
+    """A folder whose config maps to its own Python files runs them on load: only when trusted."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{folder}/config.json is not readable JSON: {err}") from None
+    if isinstance(config, dict) and config.get("auto_map") and not remote_code_trusted():
+        raise UserError(f"{folder} brings its own Python code (config.json auto_map); it runs on load, so "
+                        "it is refused unless you trust its author and pass --trust-remote-code")
 
-    Uses the shipped base's tokenizer (a wordpiece vocabulary that is always in the repo).
+
+def tiny_backbone(seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 2,
+                  max_length: int = 128, tokenizer=None, family: str = "bert") -> Backbone:
+    """A from-scratch masked LM of a few hundred thousand body parameters, for tests (seconds to build).
+
+    `family`: any of FAMILIES, in its own layout (ELECTRA with a narrower embedding, as its
+    generators have). The tokenizer defaults to the shipped base's wordpiece vocabulary
+    (always in the repo).
     """
+    if family not in FAMILIES:
+        raise UserError(f"unknown family {family!r}; choose from: {', '.join(FAMILIES)}")
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(str(SHIPPED_BASE), local_files_only=True)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=4 * hidden,
-                        max_position_embeddings=max_length, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, pad_token_id=tokenizer.pad_token_id)
+    sizes = {"vocab_size": len(tokenizer), "hidden_size": hidden, "num_hidden_layers": layers,
+             "num_attention_heads": heads, "intermediate_size": 4 * hidden, "max_position_embeddings": max_length,
+             "pad_token_id": tokenizer.pad_token_id}
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    extra = {
+        "bert": no_dropout, "roberta": no_dropout, "xlm-roberta": no_dropout, "camembert": no_dropout,
+        "electra": {**no_dropout, "embedding_size": hidden // 2},
+        "distilbert": {"dim": hidden, "n_layers": layers, "n_heads": heads, "hidden_dim": 4 * hidden,
+                       "dropout": 0.0, "attention_dropout": 0.0},
+        "modernbert": {"cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id,
+                       "bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id,
+                       "global_attn_every_n_layers": 2, "local_attention": 16},
+    }[family]
+    if family in _POSITIONS_AFTER_PAD:
+        sizes["max_position_embeddings"] = max_length + tokenizer.pad_token_id + 1
+    config = AutoConfig.for_model(family, **sizes, **extra)
     torch.manual_seed(seed)
-    mlm = BertForMaskedLM(config)
+    mlm = AutoModelForMaskedLM.from_config(config)
     mlm.eval()
-    return Backbone(mlm, tokenizer, source=f"tiny-random(seed={seed})")
+    return Backbone(mlm, tokenizer, source=f"tiny-random({family}, seed={seed})")
 
 
 def read_card(path: str | os.PathLike | None = None) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .bounds import MAX_EPOCHS, MAX_LR, MAX_SEED, MAX_TEMPERATURE
 from .errors import UserError
+from .paths import TRUST_REMOTE_CODE
 
 # Each command imports what it needs when it runs (torch, transformers, peft, gradio take
 # seconds to import): `lora-diffusion --help` stays quick, and only `app` pulls in gradio.
@@ -534,7 +535,7 @@ class _WithMethodOptions(argparse.HelpFormatter):
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a method on a task, evaluate on held-out data",
                        formatter_class=_WithMethodOptions)
-    p.add_argument("--base", help="base model folder (default: the shipped base) or hf:NAME")
+    _base_arg(p, "base model folder (default: the shipped base) or hf:NAME")
     _task_args(p)
     p.add_argument("--method", default="full",
                    help="full, lora_diffusion, lora, dora, adapter, bitfit or prefix (default: full)")
@@ -565,7 +566,7 @@ def _add_train(sub) -> None:
 def _add_eval_sample_app(sub) -> None:
     p = sub.add_parser("eval", help="held-out metrics of a base or an adapter; last line is JSON")
     p.add_argument("--adapter", help="adapter folder (or a train --out folder)")
-    p.add_argument("--base", help="base model folder (default: the adapter's, or the shipped base)")
+    _base_arg(p, "base model folder (default: the adapter's, or the shipped base)")
     _task_args(p, required=False)
     p.add_argument("--steps", type=count, default=64, help="denoising steps T")
     p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
@@ -576,7 +577,7 @@ def _add_eval_sample_app(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="generate text with the sampler")
-    p.add_argument("--base", help="base model folder (default: the shipped base)")
+    _base_arg(p, "base model folder (default: the shipped base)")
     p.add_argument("--adapter", help="adapter folder")
     p.add_argument("--prompt", help="input text (default: none, an all-[MASK] start)")
     p.add_argument("--instruction", help="instruction (default: the adapter's task instruction)")
@@ -595,7 +596,7 @@ def _add_eval_sample_app(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--workspace", type=out_folder, default="runs/app", help="folder for the app's runs and adapters")
     p.add_argument("--data-dir", help="folder of the real datasets (default: ../shared/data beside a checkout)")
-    p.add_argument("--base", help="base model folder (default: the shipped base)")
+    _base_arg(p, "base model folder (default: the shipped base)")
     p.add_argument("--job-minutes", type=non_negative,
                    help="training time of one job before it stops (0 = no limit; default: 20)")
     p.set_defaults(func=cmd_app)
@@ -604,7 +605,7 @@ def _add_eval_sample_app(sub) -> None:
 def _add_compare_profile(sub) -> None:
     p = sub.add_parser("compare", help="methods x seeds on one task with an equal budget: results.json + table",
                        formatter_class=_WithMethodOptions)
-    p.add_argument("--base", help="base model folder (default: the shipped base)")
+    _base_arg(p, "base model folder (default: the shipped base)")
     _task_args(p)
     p.add_argument("--preset", help="methods (= table5/7/9), ranks (= table10), modules (= table11), "
                                     "regularizers, schedule, injection, phases, stepaware")
@@ -629,7 +630,7 @@ def _add_compare_profile(sub) -> None:
     p.add_argument("--methods", default="lora_diffusion,lora,full",
                    help="comma-separated; ratios are given relative to the first")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="options (with a single method)")
-    p.add_argument("--base", help="base model folder (default: the shipped base)")
+    _base_arg(p, "base model folder (default: the shipped base)")
     p.add_argument("--batch-size", type=count, default=16)
     p.add_argument("--prompt-length", type=count, default=48)
     p.add_argument("--response-length", type=count, default=16)
@@ -650,7 +651,7 @@ def _add_analyze(sub) -> None:
         a = kinds.add_parser(name, help=help)
         if adapters:
             a.add_argument("--adapters", nargs="+", required=True, help="adapter (or run) folders")
-        a.add_argument("--base", help="base model folder (default: the adapters' / the shipped base)")
+        _base_arg(a, "base model folder (default: the adapters' / the shipped base)")
         if task:
             _task_args(a, required=False)
         a.add_argument("--seed", type=seed, default=0)
@@ -698,6 +699,12 @@ def _add_analyze(sub) -> None:
     _run_args(a)
 
 
+def _base_arg(p, help: str) -> None:
+    p.add_argument("--base", help=help)
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a base whose folder brings its own Python code (config.json auto_map) run it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-diffusion", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -732,6 +739,8 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if getattr(args, "trust_remote_code", False):
+        os.environ[TRUST_REMOTE_CODE] = "1"  # an environment variable reaches compare's worker processes too
     try:
         args.func(args)
     except UserError as err:

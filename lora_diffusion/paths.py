@@ -3,6 +3,8 @@
 Installed from a wheel, the assets sit inside the package (`lora_diffusion/assets/`); in a
 checkout they sit beside it (`assets/`). Environment variables override each location:
 LORA_DIFFUSION_BASE (the shipped base), LORA_DIFFUSION_DATA (the real datasets).
+LORA_DIFFUSION_TRUST_REMOTE_CODE=1 (what `--trust-remote-code` sets) lets a base folder
+run its own Python code.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ ASSETS = PACKAGE / "assets" if (PACKAGE / "assets").is_dir() else PACKAGE.parent
 
 SHIPPED_BASE = Path(os.environ.get("LORA_DIFFUSION_BASE", ASSETS / "base"))
 SUITE_DIR = ASSETS / "suite"
+TRUST_REMOTE_CODE = "LORA_DIFFUSION_TRUST_REMOTE_CODE"
+
+
+def remote_code_trusted() -> bool:
+    return os.environ.get(TRUST_REMOTE_CODE) == "1"
 
 
 def default_data_dir() -> Path | None:
