@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .bounds import MAX_EPOCHS, MAX_LR, MAX_SEED, MAX_TEMPERATURE
 from .errors import UserError
+from .distributed import is_main, world_size
 from .paths import TRUST_REMOTE_CODE
 
 # Each command imports what it needs when it runs (torch, transformers, peft, gradio take
@@ -43,7 +44,8 @@ def _threads(n: int | None) -> None:
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if is_main():  # under accelerate launch / torchrun one process speaks for the run
+        print(message, file=sys.stderr, flush=True)
 
 
 def _distinct_seeds(seeds: list[int]) -> None:
@@ -97,6 +99,8 @@ def cmd_train(args) -> None:
     for r in results:
         _log(headline(r))
     final = aggregate_seeds(results) if several else results[0]
+    if not is_main():
+        return
     summary_path = args.results or (os.path.join(args.out, "summary.json") if (args.out and several) else None)
     if summary_path:
         write_json(summary_path, final)
@@ -124,7 +128,8 @@ def _train_seed(args, seed: int, out) -> dict:
     backbone = load_backbone(args.base)
     method = make_method(args.method, parse_option_pairs(args.option))
     _log(f"task {task.name}: {len(task.train)} train / {len(task.eval)} held-out examples; method {method.name}; "
-         f"seed {seed}; {steps} steps of {args.batch_size * args.grad_accum}")
+         f"seed {seed}; {steps} steps of {args.batch_size * args.grad_accum * world_size()}"
+         + (f" over {world_size()} processes" if world_size() > 1 else ""))
     result = fine_tune(backbone, task, method, config, out_dir=out, max_length=args.max_length,
                        truncate=args.truncate, sampler_steps=args.sampler_steps)
     result.pop("model")

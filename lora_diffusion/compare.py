@@ -23,6 +23,7 @@ import torch
 
 from .backbone import load_backbone
 from .data import SPLIT_SEED, Task, encode
+from .distributed import is_main, world_size
 from .errors import UserError, quoted
 from .files import read_json, write_json, write_text
 from .methods import make_method, method_config, typed_options
@@ -187,7 +188,7 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config: TrainCo
     for spec, row in rows:
         runs = [runner.run(spec, seed, row["lr"], task, _seed_folder(out_dir, spec, seed)) for seed in seeds]
         row.update(_summarise(runs))
-        if profile:
+        if profile and is_main():  # a measurement of one process
             row["profile"] = _profile_row(spec, task, runs[0], config, base)
         results["rows"].append(row)
         _relative_to_full(results["rows"])
@@ -202,6 +203,9 @@ def _check_request(specs: list[Spec], lr_sweep, sweep_only: bool, learning_rates
         raise UserError("--sweep-only needs --lr-sweep")
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, not {jobs}")
+    if jobs > 1 and world_size() > 1:
+        raise UserError("--jobs trains runs side by side on one machine; under accelerate launch or torchrun "
+                        "every process already trains each run: leave --jobs at 1")
     missing = [s.label for s in specs if learning_rates and s.label not in learning_rates and s.lr is None]
     if missing and not lr_sweep:  # with a sweep, the rows without a given lr are swept
         raise UserError(f"no learning rate given for {', '.join(missing)} (or add --lr-sweep to sweep them)")
@@ -290,7 +294,10 @@ def _train_one(spec: Spec, seed: int, lr: float, task: Task, folder: Path, confi
 
 
 def _write(results: dict, out_dir: Path, results_file=None) -> None:
-    """results.json + results.md in the run folder (and at `results_file`), each written atomically."""
+    """results.json + results.md in the run folder (and at `results_file`), each written atomically
+    (by the main process of a run launched on several)."""
+    if not is_main():
+        return
     for path in [out_dir / "results.json"] + ([Path(results_file)] if results_file else []):
         write_json(path, results)
         write_text(path.with_suffix(".md"), markdown(results) + "\n")

@@ -34,7 +34,7 @@ from .diffusion import DiffusionLM, sample
 from .errors import UserError
 from .methods import make_method
 from .paths import SHIPPED_BASE
-from .training import make_optimizer, pick_device, step_generator, train_step
+from .training import Objective, make_optimizer, pick_device, step_generator, train_step
 
 
 def _status_kib(field: str) -> int | None:
@@ -105,11 +105,12 @@ def _train_profile(spec: dict) -> dict:
     model.to(device).train()
     optimizer = make_optimizer(method, lr=1e-5)
     params = list(method.trainable_parameters().values())
+    objective = Objective(model, method)
     times = []
     for step in range(spec["warmup"] + spec["steps"]):
         _synchronize(device)
         began = time.perf_counter()
-        train_step(model, method, optimizer, params, [batch], [step_generator(0, step)], lr=1e-5,
+        train_step(objective, method, optimizer, params, [batch], [step_generator(0, step)], lr=1e-5,
                    bf16=spec.get("bf16", False))
         _synchronize(device)
         if step >= spec["warmup"]:

@@ -19,6 +19,7 @@ from .adapters import RUN_ADAPTER, save_adapter
 from .backbone import Backbone, load_backbone
 from .data import Task, batch_schedule, collate, encode, load_task, response_length_for
 from .diffusion import DiffusionLM
+from .distributed import is_main, share, world_size
 from .errors import UserError
 from .evaluate import evaluate_task
 from .files import write_json
@@ -49,7 +50,8 @@ def fine_tune(backbone: Backbone, task: Task, method: Method, config: TrainConfi
     indices_for_step = batch_schedule(len(enc.prompts), config.batch_size, config.seed)
 
     def batch_for_step(step: int, micro: int) -> dict:
-        return collate(enc, indices_for_step(step * config.grad_accum + micro), backbone.pad_id)
+        # micro counts the step's micro-batches over every process of the run (see `distributed`)
+        return collate(enc, indices_for_step(step * config.grad_accum * world_size() + micro), backbone.pad_id)
 
     eval_kwargs = dict(response_length=response_length, max_length=max_length, steps=sampler_steps,
                        batch_size=eval_batch_size, seed=config.seed, truncate=truncate)
@@ -64,16 +66,19 @@ def fine_tune(backbone: Backbone, task: Task, method: Method, config: TrainConfi
                 "truncate": truncate}
     summary = train(model, method, batch_for_step, config, out_dir=out_dir, evaluate=monitor,
                     on_log=on_log, should_stop=should_stop, progress=progress, identity=identity)
-    result = {**_evaluate_as_served(model, method, task, eval_kwargs), "method": method.name,
-              "options": method.options(), "seed": config.seed, "n_train": len(task.train),
-              **method.accounting(), "train": summary, "config": asdict(config), "base": backbone.label,
-              "source": task.source}
-    if enc.n_truncated:
-        result["n_train_truncated"] = enc.n_truncated
-    if out_dir is not None:
-        save_adapter(Path(out_dir) / RUN_ADAPTER, method, backbone, fingerprint, task,
-                     response_length=response_length, max_length=max_length, train_summary=summary)
-        write_json(Path(out_dir) / "results.json", result)
+    result = None
+    if is_main():  # on several processes the main one evaluates and writes; the others get its results
+        result = {**_evaluate_as_served(model, method, task, eval_kwargs), "method": method.name,
+                  "options": method.options(), "seed": config.seed, "n_train": len(task.train),
+                  **method.accounting(), "train": summary, "config": asdict(config), "base": backbone.label,
+                  "source": task.source}
+        if enc.n_truncated:
+            result["n_train_truncated"] = enc.n_truncated
+        if out_dir is not None:
+            save_adapter(Path(out_dir) / RUN_ADAPTER, method, backbone, fingerprint, task,
+                         response_length=response_length, max_length=max_length, train_summary=summary)
+            write_json(Path(out_dir) / "results.json", result)
+    result = share(result, device=next(model.parameters()).device)
     result["model"] = model
     return result
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .bounds import MAX_LR, MAX_SEED
 from .diffusion import DiffusionLM, diffusion_loss
+from .distributed import Processes, is_main, my_micro_batches, world_size
 from .errors import UserError, cut
 from .files import append_jsonl, load_tensors, read_json, read_jsonl, save_tensors, write_json, write_jsonl
 from .methods import Method
@@ -138,27 +139,47 @@ class Diverged(UserError):
     """A step's loss or gradient norm was not finite; its update was not applied."""
 
 
-def train_step(model: DiffusionLM, method: Method, optimizer, params: list, micro_batches: list[dict],
-               generators: list, lr: float, clip: float = 1.0, bf16: bool = False, loss_fn=diffusion_loss) -> dict:
+class Objective(torch.nn.Module):
+    """What a step minimises for one micro-batch: the diffusion loss and the method's penalty.
+
+    Both come from one forward, so an engine wrapping this module (DDP) sees every use of
+    the trainable tensors inside its forward.
+    """
+
+    def __init__(self, model: DiffusionLM, method: Method, loss_fn=diffusion_loss):
+        super().__init__()
+        self.model = model
+        self.method = method  # not a module: its tensors are registered in `model`
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict, generator):
+        return self.loss_fn(self.model, **batch, generator=generator), self.method.regularization()
+
+
+def train_step(objective: Objective, method: Method, optimizer, params: list, micro_batches: list[dict],
+               generators: list, lr: float, clip: float = 1.0, bf16: bool = False,
+               mean: Callable[[float], float] = float) -> dict:
     """One optimiser step over gradient-accumulated micro-batches (already on the model's device).
 
     `params` are the method's trainable parameters, in its order (the gradient norm is
     clipped over them). Returns the step's diffusion loss (what is reported), the method's
     penalty and the gradient norm before clipping. A NaN or infinite loss or gradient
-    norm raises `Diverged` without touching the weights.
+    norm raises `Diverged` without touching the weights. On several processes `objective`
+    is the engine's wrapper (its backward averages the gradients) and `mean` averages a
+    number over the processes, so every process reports, and decides, alike.
     """
-    device_type = next(model.parameters()).device.type
+    device_type = next(objective.parameters()).device.type
     for group in optimizer.param_groups:
         group["lr"] = lr
     step_loss = step_penalty = 0.0
     for batch, generator in zip(micro_batches, generators):
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(model, **batch, generator=generator)
-            penalty = method.regularization()  # the method's regularisers, if it has any
+            loss, penalty = objective(batch, generator)  # penalty: the method's regularisers, or None
         total = loss if penalty is None else loss + penalty
         (total / len(micro_batches)).backward()
         step_loss += loss.item() / len(micro_batches)
         step_penalty += (0.0 if penalty is None else penalty.item()) / len(micro_batches)
+    step_loss, step_penalty = mean(step_loss), mean(step_penalty)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip or float("inf")))
     if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)  # one NaN update would spoil every weight for good
@@ -295,10 +316,11 @@ def _remove_unfinished(folder: Path) -> None:
 class RunFolder:
     """A run's metrics log and checkpoints (or nothing, without an output folder)."""
 
-    def __init__(self, out_dir=None, on_log: Callable[[dict], None] | None = None):
+    def __init__(self, out_dir=None, on_log: Callable[[dict], None] | None = None, writer: bool = True):
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.on_log = on_log
-        if self.out_dir is not None:
+        self.writer = writer  # False: another process of the run writes; this one only reads checkpoints
+        if self.out_dir is not None and writer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = self.out_dir / "metrics.jsonl" if self.out_dir else None
         self.checkpoints = self.out_dir / "checkpoints" if self.out_dir else None
@@ -313,19 +335,20 @@ class RunFolder:
         """
         state = TrainState()
         if self.checkpoints is not None:
-            if self.checkpoints.is_dir():
+            if self.checkpoints.is_dir() and self.writer:
                 _remove_unfinished(self.checkpoints)
             if (self.checkpoints / "latest.json").is_file():
                 state = load_checkpoint(self.checkpoints, method, optimizer, config, identity)
-            kept = self.records()[:state.log_lines]
-            write_jsonl(self.metrics, kept)
-            self.lines = len(kept)
+            if self.writer:
+                kept = self.records()[:state.log_lines]
+                write_jsonl(self.metrics, kept)
+                self.lines = len(kept)
         state.start_clock()
         return state
 
     def save(self, method: Method, optimizer, config: TrainConfig, state: TrainState) -> None:
         """A checkpoint of `state` (if this run keeps checkpoints)."""
-        if self.checkpoints is not None and config.checkpoint_every:
+        if self.checkpoints is not None and config.checkpoint_every and self.writer:
             state.tick()
             state.log_lines = self.lines
             save_checkpoint(self.checkpoints, method, optimizer, config, state)
@@ -336,6 +359,8 @@ class RunFolder:
         return read_json(latest)["step"] if latest is not None and latest.is_file() else None
 
     def log(self, record: dict) -> None:
+        if not self.writer:
+            return
         if self.metrics is not None:
             append_jsonl(self.metrics, record)
             self.lines += 1
@@ -364,33 +389,46 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     With `out_dir`, metrics go to `out_dir/metrics.jsonl` and checkpoints to
     `out_dir/checkpoints/`; an existing checkpoint there is resumed from, and a finished
     run is only reported, not trained or evaluated again.
+
+    Under `accelerate launch` or `torchrun` every process runs this loop on its share of
+    each step's micro-batches (see `distributed`); only the main one evaluates and writes.
     """
-    device = pick_device(config.device)
+    processes = Processes(config.device)
+    device = processes.device or pick_device(config.device)
     model.to(device)
     lr = config.lr if config.lr is not None else method.default_lr
     params = list(method.trainable_parameters().values())
     optimizer = make_optimizer(method, lr, config.weight_decay)
-    run = RunFolder(out_dir, on_log)
-    state = run.resume(method, optimizer, config, identity)
+    run = RunFolder(out_dir, on_log, writer=is_main())
+    state = run.resume(method, optimizer, config, identity)  # every process loads the checkpoint
     state.identity = identity
+    objective = Objective(model, method, loss_fn)
     start = state.step
+    if world_size() > 1 and start == 0:
+        # A method that calibrates on the first batch it sees (LoRA-Diffusion) must see the
+        # same one on every process: micro-batch 0, without dropout, before any step.
+        model.eval()
+        with torch.no_grad():
+            objective(_to(batch_for_step(0, 0), device), step_generator(config.seed, 0, 0))
+    objective, optimizer = processes.prepare(objective, optimizer)
+    evaluate = evaluate if is_main() else None
     model.train()
     stopped = False
     # In a log file (not a terminal) a bar line every 10 s is enough.
-    with tqdm(total=config.steps, initial=start, disable=not progress, desc="train", unit="step",
+    with tqdm(total=config.steps, initial=start, disable=not progress or not is_main(), desc="train", unit="step",
               mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:  # closed before an error is shown
         for step in range(start, config.steps):
             if should_stop is not None and should_stop():
                 stopped = True
                 break
             began = time.perf_counter()
-            micro = range(config.grad_accum)
+            micro = my_micro_batches(config.grad_accum)
             try:
-                stats = train_step(model, method, optimizer, params,
+                stats = train_step(objective, method, optimizer, params,
                                    [_to(batch_for_step(step, m), device) for m in micro],
                                    [step_generator(config.seed, step, m) for m in micro],
                                    lr * lr_factor(step, config.steps, config.warmup), config.clip, config.bf16,
-                                   loss_fn)
+                                   processes.mean)
             except Diverged as err:
                 raise _diverged(step + 1, err, run) from None
             state.step = step + 1
@@ -402,7 +440,8 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     if start < config.steps:  # else it was finished before: a restart only reports it
         _finish(config, state, optimizer, run, model, method, evaluate, stopped)
     summary = {"steps": state.step, "stopped_early": stopped, "resumed_from_step": start, "lr": lr,
-               "device": str(device), "train_seconds": state.seconds,
+               "device": str(device), "processes": world_size(),
+               "global_batch": config.batch_size * config.grad_accum * world_size(), "train_seconds": state.seconds,
                **summarize(run.records(), state.window)}
     if state.final_eval is not None:
         summary["eval"] = state.final_eval

@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
-    ("errors", "paths", "bounds"),                      # leaves: the one exception type, where files are, limits
+    ("errors", "paths", "bounds", "distributed"),       # leaves: the one exception type, where files are,
+                                                        # limits, which process of a run this is
     ("files",),                                         # atomic JSON / text / safetensors
     ("backbone", "metrics"),                            # a base model; scores of plain data
     ("diffusion", "data"),                              # forward process, loss, sampler; tasks and batches
