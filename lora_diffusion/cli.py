@@ -57,7 +57,7 @@ def _train_config(args, seed: int = 0):
     """The TrainConfig of `compare` and `analyze data-efficiency` (a fixed budget, no lr)."""
     from .training import TrainConfig
 
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=1, seed=seed, bf16=args.bf16,
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=seed, bf16=args.bf16,
                        eval_every=args.eval_every or 0, checkpoint_every=args.checkpoint_every,
                        device=args.device)
 
@@ -222,7 +222,8 @@ def cmd_compare(args) -> None:
                           sampler_steps=args.sampler_steps, profile=not (args.no_profile or args.sweep_only),
                           progress=not args.quiet, log=_log, sweep_only=args.sweep_only,
                           learning_rates=_learning_rates(args), results_file=args.results, jobs=args.jobs)
-    print(markdown(results))
+    if is_main():  # under accelerate launch / torchrun one process speaks for the run
+        print(markdown(results))
     _log(f"results: {os.path.join(args.out, 'results.json')}")
 
 
@@ -510,6 +511,7 @@ def _task_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def _run_args(p: argparse.ArgumentParser, checkpoint_every: int = 0) -> None:
     """Flags of the commands that train with a fixed budget (compare, analyze data-efficiency)."""
     p.add_argument("--batch-size", type=count, default=16)
+    p.add_argument("--grad-accum", type=count, default=1, help="micro-batches of --batch-size per step")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU, or a CPU that supports it)")
     p.add_argument("--eval-every", type=count_or_zero, help="held-out monitor during training (default: off)")
     p.add_argument("--checkpoint-every", type=count_or_zero, default=checkpoint_every)

@@ -155,7 +155,8 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config: TrainCo
     out_dir = Path(out_dir)
     results = {"task": task.describe(), "seeds": seeds, "budget": {"steps": config.steps,
                "batch_size": config.batch_size, "grad_accum": config.grad_accum,
-               "examples_seen": config.steps * config.batch_size * config.grad_accum,
+               "processes": world_size(),
+               "examples_seen": config.steps * config.batch_size * config.grad_accum * world_size(),
                "n_train": len(task.train), "n_eval": len(task.eval), "sampler_steps": sampler_steps,
                "bf16": config.bf16},
                "lr_sweep": lr_sweep, "validation_fraction": validation_fraction if lr_sweep else None,

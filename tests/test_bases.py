@@ -82,8 +82,13 @@ def test_a_saved_tiny_base_of_every_family_loads_back_as_it_was(family, bpe_toke
     assert loaded.hidden_states(ids, torch.ones_like(ids)).shape == (1, loaded.max_length, loaded.hidden_size)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name,options", VARIANTS)
+# BERT runs every method in test_methods too, and XLM-R and CamemBERT are RoBERTa's code
+# under other names: two methods each (one acting after the body, one inside it) suffice.
+CASES = [(family, name, options) for family in FAMILIES for name, options in VARIANTS
+         if family not in ("bert", "xlm-roberta", "camembert") or name in ("lora_diffusion", "lora") and not options]
+
+
+@pytest.mark.parametrize("family,name,options", CASES)
 def test_every_method_trains_saves_reloads_generates_and_detaches_on_every_family(
         family, name, options, bpe_tokenizers, tmp_path):
     task = load_task("suite_sentiment", max_train=8, max_eval=4)
