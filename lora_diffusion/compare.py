@@ -364,7 +364,8 @@ def markdown(results: dict) -> str:
     head += (" % of full FT | trainable params | % of base | adapter bytes | lr | s/step (train) "
              "| peak train mem. (MB) | final train loss |")
     lines = [f"Task `{task['task']}`: {b['n_train']} training examples, {b['steps']} steps × batch "
-             f"{b['batch_size'] * b['grad_accum']} ({b['examples_seen']} examples seen), held-out "
+             f"{b['examples_seen'] // b['steps']} ({b['examples_seen']} examples seen"
+             f"{', over ' + str(b['processes']) + ' processes' if b.get('processes', 1) > 1 else ''}), held-out "
              f"{b['n_eval']} examples, seeds {', '.join(map(str, results['seeds']))} (mean ± sample std)."
              + (f" Trained {results['jobs']} runs at a time, so s/step is per run under that load."
                 if results.get("jobs", 1) > 1 else ""),
