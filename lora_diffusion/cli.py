@@ -156,7 +156,7 @@ def cmd_eval(args) -> None:
     result = evaluate_task(model, task, response_length=config and config["response_length"],
                            max_length=args.max_length or (config and config["max_length"]), steps=args.steps,
                            remasking=args.remasking, batch_size=args.batch_size, seed=args.seed,
-                           truncate=args.truncate)
+                           truncate=args.truncate, threshold=args.threshold)
     result["method"] = method.name if method else "base"
     result["adapter"] = args.adapter
     if args.out:
@@ -201,7 +201,8 @@ def cmd_sample(args) -> None:
     enc = encode_prompt(tok, instruction or "", args.prompt, length, model.backbone.max_length, n=args.n)
     batch = collate(enc, list(range(args.n)), model.backbone.pad_id)
     tokens, _ = sample(model, **batch, steps=args.steps, remasking=args.remasking, temperature=args.temperature,
-                       block_length=args.block_length, generator=torch.Generator().manual_seed(args.seed))
+                       block_length=args.block_length, generator=torch.Generator().manual_seed(args.seed),
+                       threshold=args.threshold)
     for row in range(args.n):
         ids = tokens[row][batch["response_mask"][row]].tolist()
         text = tok.decode(ids, skip_special_tokens=False).replace(tok.sep_token, " | ")
@@ -438,6 +439,11 @@ def fraction(text: str) -> float:
     return _number(text, float, 0, most=1)
 
 
+def probability(text: str) -> float:
+    """Above 0, at most 1: how sure a prediction must be."""
+    return _number(text, float, 0, most=1, strictly=True)
+
+
 def open_fraction(text: str) -> float:
     """Strictly between 0 and 1: a share of the data carved off."""
     value = _number(text, float, 0, strictly=True)
@@ -576,6 +582,9 @@ def _add_eval_sample_app(sub) -> None:
     _base_arg(p, "base model folder (default: the adapter's, or the shipped base)")
     _task_args(p, required=False)
     p.add_argument("--steps", type=count, default=64, help="denoising steps T")
+    p.add_argument("--threshold", type=probability,
+                   help="parallel decoding instead of T fixed steps: reveal every position predicted with at least "
+                        "this probability (at least one per call), e.g. 0.9")
     p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
     p.add_argument("--batch-size", type=count, default=64)
     p.add_argument("--seed", type=seed, default=0)
@@ -590,6 +599,7 @@ def _add_eval_sample_app(sub) -> None:
     p.add_argument("--instruction", help="instruction (default: the adapter's task instruction)")
     p.add_argument("--length", type=count, help="response tokens (default: 32, or the adapter's)")
     p.add_argument("--steps", type=count, default=64)
+    p.add_argument("--threshold", type=probability, help="parallel decoding: reveal every position at least this sure")
     p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
     p.add_argument("--temperature", type=temperature, default=0.0)
     p.add_argument("--block-length", type=count, help="semi-autoregressive block length")

@@ -64,6 +64,7 @@ class DiffusionLM(nn.Module):
         # The step being computed, for methods acting inside the body (forward hooks); set
         # only while the body runs.
         self.step_context: StepContext | None = None
+        self.denoise_calls = 0  # how many steps were computed (the cost a sampler pays)
 
     def add_step_hook(self, hook: StepHook) -> RemovableHandle:
         """Add `hook(h [B,L,d], context) -> delta [B,L,d]` to every step; `.remove()` the handle to undo."""
@@ -84,6 +85,7 @@ class DiffusionLM(nn.Module):
         # A frozen body needs no graph: a method acting after it trains without a
         # backward pass through the base (the `final` injection point).
         grad_ctx = contextlib.nullcontext() if self._body_needs_grad() else torch.no_grad()
+        self.denoise_calls += 1
         context = self.step_context = StepContext(t, instruction, positions, attention_mask)
         try:
             with grad_ctx:
@@ -248,7 +250,8 @@ class Trajectory:
 
 def _predict(logits, temperature: float, remasking: str, generator, sep_id: int | None):
     """(prediction, confidence) per masked position: argmax or a tempered draw; its probability
-    (low_confidence) or a random number. With `sep_id`, [SEP] predictions rank below all others."""
+    (low_confidence) or a random number. With `sep_id`, [SEP] predictions rank below all others
+    (their confidence is lowered by 2, so it stays below any other one)."""
     if temperature > 0:
         pred = torch.multinomial((logits.float() / temperature).softmax(-1), 1, generator=generator).squeeze(1)
     else:
@@ -281,8 +284,23 @@ def _reveal_counts(n_candidates: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.stack([remaining[s] - remaining[s + 1] for s in range(steps)])
 
 
+def _above_threshold(confidence, candidates, masked, threshold: float):
+    """[B, L] bool: the candidate positions whose prediction is at least `threshold` sure.
+
+    A [SEP] prediction (confidence lowered by 2 in `_predict`) counts only once no other
+    prediction is left among its row's candidates, as `sep_last` orders them.
+    """
+    full = torch.full(masked.shape, -math.inf, device=masked.device)
+    full[masked] = confidence
+    full[~candidates] = -math.inf
+    is_sep = full < -0.5
+    words_left = (candidates & ~is_sep).any(1, keepdim=True)
+    sure = torch.where(is_sep, full + 2.0, full) >= threshold
+    return candidates & sure & (~is_sep | ~words_left)
+
+
 @torch.no_grad()
-def _check_sampler(steps, remasking, block_length, temperature) -> None:
+def _check_sampler(steps, remasking, block_length, temperature, threshold=None) -> None:
     if remasking not in ("low_confidence", "random"):
         raise UserError(f"remasking must be 'low_confidence' or 'random', not {remasking!r}")
     if not isinstance(steps, int) or steps < 1:
@@ -291,11 +309,16 @@ def _check_sampler(steps, remasking, block_length, temperature) -> None:
         raise UserError(f"the block length must be at least 1, not {block_length!r}")
     if not (math.isfinite(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
         raise UserError(f"the temperature must be a number from 0 to {MAX_TEMPERATURE:g}, not {temperature!r}")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+        raise UserError(f"the confidence threshold must be a number in (0, 1], not {threshold!r}")
+    if threshold is not None and remasking != "low_confidence":
+        raise UserError("a confidence threshold needs remasking='low_confidence' (random remasking has no confidence)")
 
 
 def sample(model: DiffusionLM, input_ids, attention_mask, response_mask, instruction=None,
            steps: int = 64, remasking: str = "low_confidence", block_length: int | None = None,
-           temperature: float = 0.0, generator=None, record: bool = False, sep_last: bool = True, **_unused):
+           temperature: float = 0.0, generator=None, record: bool = False, sep_last: bool = True,
+           threshold: float | None = None, **_unused):
     """Generate the response positions of `input_ids`; returns (tokens [B, L], Trajectory | None).
 
     Whatever sits at response positions on input is ignored (they start as [MASK]).
@@ -304,13 +327,18 @@ def sample(model: DiffusionLM, input_ids, attention_mask, response_mask, instruc
     calls: a step that revealed nothing would leave the state unchanged. So steps=4, L=6,
     block_length=2 gives 3 calls, one per block.
 
+    `threshold` (Fast-dLLM's parallel decoding): instead of a fixed schedule, each call
+    reveals every masked position of the block predicted with at least that probability,
+    and at least the most confident one per row, so a block takes between 1 and
+    block_length calls (`steps` is then unused); the step's t is each row's masked fraction.
+
     `sep_last` (LLaDA's `confidence_eos_eot_inf`, their Appendix B.3): a position predicted
     as [SEP] is revealed only after every position predicted as something else. The [SEP]
     filler is most of every training response, so a fine-tuned model is surest of it
     everywhere, and plain low-confidence remasking fills the response with [SEP] from the
     end inwards, down to an empty answer (measured: AG News titles, all empty).
     """
-    _check_sampler(steps, remasking, block_length, temperature)
+    _check_sampler(steps, remasking, block_length, temperature, threshold)
     mask_id = model.backbone.mask_id
     x = input_ids.masked_fill(response_mask, mask_id)
     # Ordinal of each response position inside its example's response (0, 1, 2, ...).
@@ -327,14 +355,25 @@ def sample(model: DiffusionLM, input_ids, attention_mask, response_mask, instruc
     for block in range(n_blocks):
         in_block = response_mask & (ordinal >= block * block_length) & (ordinal < (block + 1) * block_length)
         counts = _reveal_counts(in_block.sum(1), steps_per_block)
-        for s in range(steps_per_block):
-            t_now = (total_steps - step) / total_steps
-            t = torch.full((x.shape[0],), t_now, device=x.device)
+        for s in range(steps_per_block if threshold is None else block_length):
             masked = still_masked(x, response_mask, mask_id)
+            if threshold is None:
+                t_now = (total_steps - step) / total_steps
+                t = torch.full((x.shape[0],), t_now, device=x.device)
+            elif not (masked & in_block).any():
+                break  # every row's block is decoded
+            else:
+                t = masked.sum(1).float() / n_response.clamp(min=1)
+                t_now = float(t.mean())
             logits, h, delta = model.denoise(x, attention_mask, t, instruction, positions=masked)
             pred, confidence = _predict(logits, temperature, remasking, generator,
                                         model.backbone.sep_id if sep_last else None)
-            reveal = _most_confident(confidence, masked & in_block, masked, counts[s])
+            candidates = masked & in_block
+            if threshold is None:
+                reveal = _most_confident(confidence, candidates, masked, counts[s])
+            else:
+                reveal = (_most_confident(confidence, candidates, masked, candidates.any(1).long())
+                          | _above_threshold(confidence, candidates, masked, threshold))
             full_pred = torch.full_like(x, mask_id)
             full_pred[masked] = pred
             x = torch.where(reveal, full_pred, x)

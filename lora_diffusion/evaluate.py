@@ -51,7 +51,7 @@ def verbalizer_predictions(model: DiffusionLM, enc: Encoded, labels: list[str], 
 @torch.no_grad()
 def generate(model: DiffusionLM, enc: Encoded, batch_size: int = 64, steps: int = 64,
              remasking: str = "low_confidence", seed: int = 0, temperature: float = 0.0,
-             block_length: int | None = None) -> list[list[int]]:
+             block_length: int | None = None, threshold: float | None = None) -> list[list[int]]:
     """Sampled answer token ids (up to the first [SEP]) for every example of `enc`."""
     backbone = model.backbone
     device = next(model.parameters()).device
@@ -60,7 +60,7 @@ def generate(model: DiffusionLM, enc: Encoded, batch_size: int = 64, steps: int 
     for idx in _length_sorted_batches(enc, batch_size):
         batch = {k: v.to(device) for k, v in collate(enc, idx, backbone.pad_id).items()}
         tokens, _ = sample(model, **batch, steps=steps, remasking=remasking, temperature=temperature,
-                           block_length=block_length, generator=generator)
+                           block_length=block_length, generator=generator, threshold=threshold)
         for row, i in enumerate(idx):
             ids = tokens[row][batch["response_mask"][row]].tolist()
             out[i] = answer_ids(ids, backbone.sep_id)
@@ -70,8 +70,13 @@ def generate(model: DiffusionLM, enc: Encoded, batch_size: int = 64, steps: int 
 def evaluate_task(model: DiffusionLM, task: Task, split: str = "eval", response_length: int | None = None,
                   max_length: int | None = None, batch_size: int = 64, steps: int = 64,
                   remasking: str = "low_confidence", seed: int = 0, truncate: bool = True,
-                  max_examples: int | None = None, return_predictions: bool = False) -> dict:
-    """Held-out metrics of `model` on `task` (its eval split unless told otherwise)."""
+                  max_examples: int | None = None, return_predictions: bool = False,
+                  threshold: float | None = None) -> dict:
+    """Held-out metrics of `model` on `task` (its eval split unless told otherwise).
+
+    `threshold`: decode in parallel (see `sample`) instead of `steps` fixed steps.
+    `model_calls` is the mean number of denoiser calls a batch of generation took.
+    """
     backbone = model.backbone
     tok = backbone.tokenizer
     examples = getattr(task, split)[:max_examples] if max_examples else getattr(task, split)
@@ -80,10 +85,15 @@ def evaluate_task(model: DiffusionLM, task: Task, split: str = "eval", response_
                  where=f"{task.name} {split}")
     was_training = model.training
     model.eval()
-    generated = generate(model, enc, batch_size, steps, remasking, seed)
+    calls_before = model.denoise_calls
+    generated = generate(model, enc, batch_size, steps, remasking, seed, threshold=threshold)
+    n_batches = len(_length_sorted_batches(enc, batch_size))
     decoded = [tok.decode(g) for g in generated]
     result = {"task": task.name, "kind": task.kind, "n_eval": len(examples), "split": split, "steps": steps,
-              "remasking": remasking, "response_length": response_length}
+              "remasking": remasking, "response_length": response_length,
+              "model_calls": (model.denoise_calls - calls_before) / max(1, n_batches)}
+    if threshold is not None:
+        result["threshold"] = threshold
     if task.kind == "classification":
         result.update(_classification_scores(model, task, enc, examples, generated, decoded, batch_size))
     else:

@@ -254,3 +254,51 @@ def test_sep_last_reveals_sep_predictions_after_everything_else(tiny, sep_last):
     # the answer token goes first with sep_last; without it the surer [SEP]s go first
     assert torch.equal(revealed_first == first, torch.full((2,), sep_last))
     assert (tokens[torch.arange(2), first] == 7).all()
+
+
+# --- parallel decoding (a confidence threshold) -----------------------------------------
+
+@pytest.mark.parametrize("sep_last,threshold,calls", [(True, 0.8, 2), (True, 0.95, 5), (False, 0.8, 2)])
+def test_threshold_reveals_every_sure_position_at_once_and_sep_last_still_holds(tiny, sep_last, threshold, calls):
+    """SurestOfSep: [SEP] at ~0.9 everywhere, the answer token at ~0.33 first."""
+    batch = make_batch(tiny, n=2, response_len=5)
+    model = SurestOfSep(tiny, batch["response_mask"])
+    tokens, traj = sample(model, **batch, steps=5, record=True, sep_last=sep_last, threshold=threshold)
+    assert len(traj.t) == calls
+    first = batch["response_mask"].float().argmax(1)
+    assert (tokens[torch.arange(2), first] == 7).all() and not (tokens == tiny.mask_id).any()
+    if sep_last:  # the answer alone first (it is not sure, but the surest non-[SEP]), then the [SEP]s
+        assert traj.revealed[0].sum(1).tolist() == [1, 1]
+    else:  # every sure [SEP] at once, the unsure answer last
+        assert traj.revealed[0].sum(1).tolist() == [4, 4]
+
+
+def test_an_unreachable_threshold_is_the_one_token_per_step_schedule(tiny_model, tiny):
+    batch = make_batch(tiny, n=3, response_len=6)
+    parallel, traj = sample(tiny_model, **batch, steps=64, threshold=1.0, record=True)
+    fixed, _ = sample(tiny_model, **batch, steps=6)
+    assert torch.equal(parallel, fixed) and len(traj.t) == 6
+    assert traj.t[0] == 1.0 and traj.t[-1] == pytest.approx(1 / 6)  # t: the masked fraction, as in training
+
+
+def test_threshold_refuses_nonsense(tiny_model, tiny):
+    from lora_diffusion.errors import UserError
+
+    batch = make_batch(tiny, n=1, response_len=3)
+    for bad in (0, 1.5, float("nan")):
+        with pytest.raises(UserError, match="confidence threshold must be a number in"):
+            sample(tiny_model, **batch, threshold=bad)
+    with pytest.raises(UserError, match="needs remasking='low_confidence'"):
+        sample(tiny_model, **batch, threshold=0.9, remasking="random")
+
+
+def test_evaluation_counts_the_model_calls_of_generation(tiny):
+    from lora_diffusion.data import load_task
+    from lora_diffusion.evaluate import evaluate_task
+
+    task = load_task("suite_struct", max_train=16, max_eval=6)
+    model = DiffusionLM(tiny)
+    fixed = evaluate_task(model, task, steps=4, batch_size=3)
+    assert fixed["model_calls"] == 4 and "threshold" not in fixed
+    parallel = evaluate_task(model, task, steps=4, batch_size=3, threshold=1.0)
+    assert parallel["model_calls"] == fixed["response_length"] and parallel["threshold"] == 1.0
