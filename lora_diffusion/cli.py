@@ -57,7 +57,8 @@ def _train_config(args, seed: int = 0):
     """The TrainConfig of `compare` and `analyze data-efficiency` (a fixed budget, no lr)."""
     from .training import TrainConfig
 
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=seed, bf16=args.bf16,
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=seed,
+                       bf16=args.bf16, tf32=args.tf32, compile=args.compile,
                        eval_every=args.eval_every or 0, checkpoint_every=args.checkpoint_every,
                        device=args.device)
 
@@ -123,7 +124,7 @@ def _train_seed(args, seed: int, out) -> dict:
         steps = args.steps if args.steps is not None else 300
     config = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                          weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, seed=seed,
-                         bf16=args.bf16, eval_every=args.eval_every if args.eval_every is not None else max(steps // 4, 1),
+                         bf16=args.bf16, tf32=args.tf32, compile=args.compile, eval_every=args.eval_every if args.eval_every is not None else max(steps // 4, 1),
                          checkpoint_every=args.checkpoint_every, device=args.device)
     backbone = load_backbone(args.base)
     method = make_method(args.method, parse_option_pairs(args.option))
@@ -228,7 +229,7 @@ def cmd_compare(args) -> None:
     _log(f"results: {os.path.join(args.out, 'results.json')}")
 
 
-def cmd_profile(args) -> None:
+def cmd_bench(args) -> None:
     from .files import write_json
     from .methods import parse_option_pairs, typed_options
     from .profiling import profile_training
@@ -241,9 +242,12 @@ def cmd_profile(args) -> None:
         r = profile_training(name, typed_options(name, parse_option_pairs(args.option)), base=args.base or "shipped",
                              batch_size=args.batch_size, prompt_length=args.prompt_length,
                              response_length=args.response_length, steps=args.steps, warmup=args.warmup,
-                             bf16=args.bf16, device=args.device, threads=args.threads)
+                             bf16=args.bf16, device=args.device, threads=args.threads, tf32=args.tf32,
+                             compile=args.compile)
         rows.append(r)
-        _log(f"{name}: {r['sec_per_step']:.4f} s/step, peak {r['peak_memory_bytes'] / 2**20:.0f} MB, "
+        mfu = f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
+        _log(f"{name}: {r['sec_per_step']:.4f} s/step, {r['tokens_per_s']:,.0f} tokens/s, "
+             f"{r['achieved_flops_per_s'] / 1e12:.3f} TFLOP/s{mfu}, peak {r['peak_memory_bytes'] / 2**20:.0f} MB, "
              f"{r['trainable_parameters']:,} trainable")
     reference = rows[0]
     ratios = {r["method"]: {"step_time_ratio": reference["sec_per_step"] / r["sec_per_step"],
@@ -252,7 +256,7 @@ def cmd_profile(args) -> None:
     if args.out:
         write_json(args.out, {"reference": reference["method"], "ratios_of_reference_to": ratios, "rows": rows})
     print(json.dumps({"reference": reference["method"], "ratios_of_reference_to": ratios,
-                      "rows": [{k: r[k] for k in ("method", "sec_per_step", "peak_memory_bytes",
+                      "rows": [{k: r[k] for k in ("method", "sec_per_step", "tokens_per_s", "mfu", "peak_memory_bytes",
                                                   "trainable_parameters", "device")} for r in rows]}))
 
 
@@ -519,6 +523,7 @@ def _run_args(p: argparse.ArgumentParser, checkpoint_every: int = 0) -> None:
     p.add_argument("--batch-size", type=count, default=16)
     p.add_argument("--grad-accum", type=count, default=1, help="micro-batches of --batch-size per step")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU, or a CPU that supports it)")
+    _gpu_args(p)
     p.add_argument("--eval-every", type=count_or_zero, help="held-out monitor during training (default: off)")
     p.add_argument("--checkpoint-every", type=count_or_zero, default=checkpoint_every)
     p.add_argument("--device", default="auto")
@@ -568,6 +573,7 @@ def _add_train(sub) -> None:
                         "summary (mean ± std) to OUT/summary.json")
     p.add_argument("--results", type=out_file, help="also write the result (or the summary over seeds) to this JSON file")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU, or a CPU that supports it)")
+    _gpu_args(p)
     p.add_argument("--eval-every", type=count_or_zero, help="steps between held-out checks (default: steps/4)")
     p.add_argument("--checkpoint-every", type=count_or_zero, default=100)
     p.add_argument("--sampler-steps", type=count, default=64, help="denoising steps T at evaluation")
@@ -643,7 +649,8 @@ def _add_compare_profile(sub) -> None:
     _run_args(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("profile", help="train step time and peak memory of methods on one synthetic batch")
+    p = sub.add_parser("bench", aliases=["profile"],
+                       help="per method on one synthetic batch: step time, tokens/s, peak memory, FLOPs and MFU")
     p.add_argument("--methods", default="lora_diffusion,lora,full",
                    help="comma-separated; ratios are given relative to the first")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="options (with a single method)")
@@ -654,10 +661,11 @@ def _add_compare_profile(sub) -> None:
     p.add_argument("--steps", type=count, default=10)
     p.add_argument("--warmup", type=count_or_zero, default=3, help="untimed steps first")
     p.add_argument("--bf16", action="store_true")
+    _gpu_args(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=count)
     p.add_argument("--out", type=out_file, help="write the JSON here")
-    p.set_defaults(func=cmd_profile)
+    p.set_defaults(func=cmd_bench)
 
 
 def _add_analyze(sub) -> None:
@@ -714,6 +722,11 @@ def _add_analyze(sub) -> None:
     a.add_argument("--steps", type=count, default=300, help="training steps")
     a.add_argument("--sampler-steps", type=count, default=16, help="denoising steps")
     _run_args(a)
+
+
+def _gpu_args(p) -> None:
+    p.add_argument("--tf32", action="store_true", help="TF32 matmuls on an NVIDIA GPU (Ampere or later)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (the first steps compile)")
 
 
 def _base_arg(p, help: str) -> None:

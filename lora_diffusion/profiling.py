@@ -16,6 +16,11 @@ Peak memory:
 Step time: median over `steps` measured steps after `warmup` steps that are not timed; a
 step is `training.train_step`, the very step the training loop takes (loss, backward,
 gradient clipping, AdamW, the method's proximal update).
+
+Throughput: tokens per second (batch x sequence length / step time), and the model FLOPs
+of one step, counted by torch's FlopCounterMode (matmuls and attention, forward and
+backward, on one extra untimed step); their rate over the device's peak is the MFU
+(model FLOPs utilisation), given where the peak is known (`PEAK_FLOPS`).
 """
 
 from __future__ import annotations
@@ -28,13 +33,30 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from .backbone import load_backbone, tiny_backbone
 from .diffusion import DiffusionLM, sample
 from .errors import UserError
 from .methods import make_method
 from .paths import SHIPPED_BASE
-from .training import Objective, make_optimizer, pick_device, step_generator, train_step
+from .training import Objective, make_optimizer, pick_device, step_generator, train_step, use_tf32
+
+# Dense peak FLOP/s of the GPUs this project has been lent, from NVIDIA's data sheets (SXM):
+# bf16 tensor cores, TF32 tensor cores, plain fp32. A CPU's peak is not known here: no MFU.
+PEAK_FLOPS = {
+    "H100": {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12},
+    "H200": {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+}
+
+
+def peak_flops(device_name: str | None, bf16: bool, tf32: bool) -> float | None:
+    """The data-sheet peak of a named GPU in the precision the matmuls run in (None if unknown)."""
+    for model, peaks in PEAK_FLOPS.items():
+        if device_name and model in device_name:
+            return peaks["bf16" if bf16 else "tf32" if tf32 else "fp32"]
+    return None
 
 
 def _status_kib(field: str) -> int | None:
@@ -93,6 +115,7 @@ def _train_profile(spec: dict) -> dict:
     """Runs in the child: build everything, time `steps` training steps (`training.train_step`), read the peak."""
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     device = pick_device(spec.get("device", "auto"))
+    use_tf32(device, spec.get("tf32", False))
     rss_before = reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -106,18 +129,32 @@ def _train_profile(spec: dict) -> dict:
     optimizer = make_optimizer(method, lr=1e-5)
     params = list(method.trainable_parameters().values())
     objective = Objective(model, method)
+    if spec.get("compile"):
+        objective = torch.compile(objective, dynamic=True)
+    step = lambda n: train_step(objective, method, optimizer, params, [batch], [step_generator(0, n)], lr=1e-5,
+                                bf16=spec.get("bf16", False))
     times = []
-    for step in range(spec["warmup"] + spec["steps"]):
+    for n in range(spec["warmup"] + spec["steps"]):
         _synchronize(device)
         began = time.perf_counter()
-        train_step(objective, method, optimizer, params, [batch], [step_generator(0, step)], lr=1e-5,
-                   bf16=spec.get("bf16", False))
+        step(n)
         _synchronize(device)
-        if step >= spec["warmup"]:
+        if n >= spec["warmup"]:
             times.append(time.perf_counter() - began)
     optimizer_state = sum(t.numel() * t.element_size() for s in optimizer.state.values()
                           for t in s.values() if torch.is_tensor(t))
-    out = {"sec_per_step": statistics.median(times), "step_times": times, "device": str(device),
+    sec_per_step = statistics.median(times)
+    with FlopCounterMode(display=False) as counter:  # after the timed steps: counting slows a step
+        step(spec["warmup"] + spec["steps"])
+    flops = counter.get_total_flops()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = peak_flops(device_name, spec.get("bf16", False), spec.get("tf32", False))
+    tokens = spec["batch_size"] * (spec["prompt_length"] + spec["response_length"])
+    out = {"sec_per_step": sec_per_step, "step_times": times, "device": str(device),
+           "tokens_per_s": tokens / sec_per_step, "flops_per_step": flops,
+           "achieved_flops_per_s": flops / sec_per_step, "peak_flops_per_s": peak,
+           "mfu": flops / sec_per_step / peak if peak else None,
+           "tf32": spec.get("tf32", False), "compiled": spec.get("compile", False),
            "dtype": "bf16-autocast" if spec.get("bf16") else str(next(backbone.parameters()).dtype).replace("torch.", ""),
            "threads": torch.get_num_threads(), "optimizer_state_bytes": optimizer_state,
            **method.accounting(), **_peak_memory(device, rss_before)}
@@ -136,7 +173,8 @@ def _peak_memory(device, rss_before: int) -> dict:
 def profile_training(method: str, options: dict | None = None, base: str = "shipped", batch_size: int = 16,
                      prompt_length: int = 48, response_length: int = 16, steps: int = 10, warmup: int = 3,
                      bf16: bool = False, device: str = "auto", threads: int | None = None,
-                     tiny: dict | None = None, isolated: bool = True) -> dict:
+                     tiny: dict | None = None, isolated: bool = True, tf32: bool = False,
+                     compile: bool = False) -> dict:
     """Step time and peak memory of training `method` on a synthetic batch, in a fresh process.
 
     `base` is "shipped", a model folder, or "tiny" (a random model, for tests).
@@ -144,7 +182,7 @@ def profile_training(method: str, options: dict | None = None, base: str = "ship
     spec = {"method": method, "options": options or {}, "base": str(SHIPPED_BASE) if base == "shipped" else base,
             "batch_size": batch_size, "prompt_length": prompt_length, "response_length": response_length,
             "steps": steps, "warmup": warmup, "bf16": bf16, "device": device, "threads": threads,
-            "tiny": tiny or {}, "isolated": isolated}
+            "tiny": tiny or {}, "isolated": isolated, "tf32": tf32, "compile": compile}
     payload = _run_child(_train_profile, spec)
     return {"method": method, "options": options or {}, "batch_size": batch_size,
             "sequence_length": prompt_length + response_length, "response_length": response_length,

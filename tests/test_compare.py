@@ -1,4 +1,4 @@
-"""`compare` and `profile` end to end on a tiny random base (each under a minute)."""
+"""`compare` and `bench` end to end on a tiny random base (each under a minute)."""
 
 import json
 
@@ -28,8 +28,8 @@ def test_compare_smoke_with_lr_sweep_resume_and_table(capsys, tmp_path, tiny_bas
     assert code == 0 and (out / "lora" / "seed-1" / "results.json").stat().st_mtime == mtime
 
 
-def test_profile_reports_ratios_on_the_same_batch(capsys, tmp_path, tiny_base_dir):
-    code, stdout, err = run_cli(capsys, "profile", "--base", str(tiny_base_dir), "--methods", "lora_diffusion,full",
+def test_bench_reports_ratios_throughput_and_flops_on_the_same_batch(capsys, tmp_path, tiny_base_dir):
+    code, stdout, err = run_cli(capsys, "bench", "--base", str(tiny_base_dir), "--methods", "lora_diffusion,full",
                                 "--batch-size", "4", "--prompt-length", "12", "--response-length", "4",
                                 "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "p.json"))
     assert code == 0, err
@@ -40,6 +40,25 @@ def test_profile_reports_ratios_on_the_same_batch(capsys, tmp_path, tiny_base_di
     assert ratio["step_time_ratio"] == rows["lora_diffusion"]["sec_per_step"] / rows["full"]["sec_per_step"]
     assert rows["full"]["trainable_parameters"] > rows["lora_diffusion"]["trainable_parameters"]
     assert json.loads((tmp_path / "p.json").read_text())["rows"][0]["optimizer_state_bytes"] > 0
+    written = {r["method"]: r for r in json.loads((tmp_path / "p.json").read_text())["rows"]}
+    for r in written.values():
+        assert r["tokens_per_s"] == 4 * (12 + 4) / r["sec_per_step"]
+        assert r["achieved_flops_per_s"] == r["flops_per_step"] / r["sec_per_step"]
+        assert r["mfu"] is None and r["peak_flops_per_s"] is None  # a CPU's peak is not known
+    # full fine-tuning also runs the body and the head backward; the `final` injection runs
+    # the body forward only, without a graph (on this tiny model the head is most FLOPs)
+    assert written["full"]["flops_per_step"] > 1.2 * written["lora_diffusion"]["flops_per_step"]
+
+
+def test_bench_is_still_profile_and_knows_the_peak_of_the_lent_gpus():
+    from lora_diffusion.cli import build_parser, cmd_bench
+    from lora_diffusion.profiling import peak_flops
+
+    assert build_parser().parse_args(["profile"]).func is cmd_bench
+    assert peak_flops("NVIDIA H200", bf16=True, tf32=False) == 989e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", bf16=False, tf32=True) == 494e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", bf16=False, tf32=False) == 67e12
+    assert peak_flops(None, bf16=True, tf32=False) is None
 
 
 def test_sweep_only_then_lr_from(capsys, tmp_path, tiny_base_dir):
