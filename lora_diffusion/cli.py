@@ -348,6 +348,16 @@ def analyze_scaling(args):
     return report, scaling_figures(report), summary
 
 
+def analyze_mixed_batch(args):
+    from .analysis.mixed_batch import mixed_batch_report
+
+    report = mixed_batch_report(adapter_counts=args.adapter_counts, base=args.base, batch_size=args.batch_size,
+                                response_length=args.response_length, steps=args.sampler_steps, log=_log)
+    summary = {f"{r['adapters']} adapters": f"{r['throughput_ratio']:.2f}x one adapter's tokens/s"
+               for r in report["mixed"]}
+    return report, {}, summary
+
+
 def analyze_data_efficiency(args):
     from .analysis.data_efficiency import data_efficiency_report
     from .metrics import score
@@ -367,7 +377,7 @@ def analyze_data_efficiency(args):
 
 ANALYSES = {"effective-rank": analyze_effective_rank, "tsne": analyze_tsne, "forgetting": analyze_forgetting,
             "composition": analyze_composition, "scaling": analyze_scaling,
-            "data-efficiency": analyze_data_efficiency}
+            "data-efficiency": analyze_data_efficiency, "mixed-batch": analyze_mixed_batch}
 
 
 def cmd_analyze(args) -> None:
@@ -380,7 +390,7 @@ def cmd_analyze(args) -> None:
     write_json(out / f"{name}.json", report)
     for fig_name, figure in figures.items():
         write_figure(out / f"{fig_name}.html", figure, png=args.png)
-    _log(f"wrote {out / (name + '.json')} and {', '.join(f + '.html' for f in figures)}")
+    _log(f"wrote {out / (name + '.json')}" + (f" and {', '.join(f + '.html' for f in figures)}" if figures else ""))
     print(summary if isinstance(summary, str) else json.dumps(summary))
 
 
@@ -715,6 +725,12 @@ def _add_analyze(sub) -> None:
     a.add_argument("--in-process", action="store_true",
                    help="measure in this process instead of a fresh one per point (faster; memory the "
                         "allocator already holds then hides part of the peak)")
+    a = analysis("mixed-batch", "generation throughput when each row of a batch has its own LoRA-Diffusion adapter",
+                 adapters=False, task=False)
+    a.add_argument("--adapter-counts", type=counts, default="8,32", help="distinct adapters mixed in the batch")
+    a.add_argument("--batch-size", type=count, default=32)
+    a.add_argument("--response-length", type=count, default=16)
+    a.add_argument("--sampler-steps", type=count, default=16, help="denoising steps")
     a = analysis("data-efficiency", "held-out score against training-set size", adapters=False)
     a.add_argument("--sizes", type=counts, default="100,500,2000,8000", help="training-set sizes")
     a.add_argument("--methods", default="lora_diffusion,lora,full")

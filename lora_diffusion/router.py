@@ -60,6 +60,7 @@ class Composition:
         self.model, self.methods, self.labels = model, methods, labels
         self.router = router
         self.fixed: torch.Tensor | None = None  # [M] weights that override the router
+        self.rows: torch.Tensor | None = None  # [B] adapter of each batch row (a mixed batch), or None
         self.paths: list[str] = []  # the adapters' folders, when loaded from disk
         self.configs: list[dict] = []  # and their adapter configs
         self.hook = model.add_step_hook(self._hook)
@@ -128,13 +129,39 @@ class Composition:
         return self.router(encode_instruction(self.model.backbone, instruction))
 
     def _hook(self, h, context: StepContext):
+        if self.rows is not None:
+            return self._each_row_its_adapter(h, context)
         w = self.weights(context.instruction).to(h.dtype)
         return sum(w[:, j, None, None] * m.perturbation(0, h, context.t, context.instruction, context.positions)
                    for j, m in enumerate(self.methods))
 
+    def _each_row_its_adapter(self, h, context: StepContext):
+        """A mixed batch: each adapter's modules run on its own rows only (gathered, then
+        scattered back), so the batch costs one adapter's modules, however many it mixes."""
+        rows = self.rows.to(h.device)
+        if rows.shape[0] != h.shape[0]:
+            raise UserError(f"the batch has {h.shape[0]} rows but {rows.shape[0]} were assigned adapters")
+        delta = torch.zeros_like(h)
+        instruction, positions = context.instruction, context.positions
+        for j, method in enumerate(self.methods):
+            mine = (rows == j).nonzero().squeeze(1)
+            if len(mine):
+                delta[mine] = method.perturbation(
+                    0, h[mine], context.t[mine], None if instruction is None else instruction[mine],
+                    None if positions is None else positions[mine]).to(h.dtype)
+        return delta
+
     def use(self, weights=None) -> None:
         """Fixed weights (a list of M numbers, e.g. one-hot or uniform), or None for the router."""
+        self.rows = None
         self.fixed = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+
+    def assign(self, rows) -> None:
+        """A mixed batch: row i of every batch is decoded with adapter rows[i] alone (0..M-1)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if rows.ndim != 1 or len(rows) == 0 or int(rows.min()) < 0 or int(rows.max()) >= len(self.methods):
+            raise UserError(f"assign one adapter (0 to {len(self.methods) - 1}) to each row")
+        self.fixed, self.rows = None, rows
 
     def instruction_weights(self, instructions: list[str]) -> torch.Tensor:
         """Router weights [len(instructions), M] for instruction strings."""

@@ -13,7 +13,8 @@ from lora_diffusion.analysis.trajectories import (effective_rank, effective_rank
                                                   perturbation_trajectories)
 from lora_diffusion.backbone import tiny_backbone
 from lora_diffusion.data import Task, collate, encode, load_task
-from lora_diffusion.diffusion import DiffusionLM
+from lora_diffusion.diffusion import DiffusionLM, sample
+from lora_diffusion.errors import UserError
 from lora_diffusion.methods import make_method
 from lora_diffusion.profiling import profile_generation, profile_training
 from lora_diffusion.router import Composition, Router, train_router
@@ -209,6 +210,45 @@ def test_one_hot_router_weights_give_exactly_the_adapters_own_outputs(adapters, 
             alone = own(batch["input_ids"], batch["attention_mask"], t, batch["instruction"],
                         positions=batch["response_mask"])
         assert torch.equal(mixed, alone)
+
+
+def test_a_mixed_batch_gives_each_row_its_own_adapters_output(adapters, tiny_base_dir, tiny):
+    """assign(): row i decoded with adapter rows[i] alone, in one batch, as each adapter alone does."""
+    paths = [adapters[("lora_diffusion", t)] for t in ("suite_topic", "suite_sentiment")]
+    composition = Composition.from_adapters(paths, base=str(tiny_base_dir))
+    batch = tiny_batch(tiny, padded=True)  # 4 rows, the last one padded
+    rows = [1, 0, 0, 1]
+    composition.assign(rows)
+    t = torch.tensor([0.9, 0.5, 0.2, 0.7])
+    args = (batch["input_ids"], batch["attention_mask"], t, batch["instruction"])
+    with torch.no_grad():
+        by_row = lambda logits: logits.split(batch["response_mask"].sum(1).tolist())  # read positions per row
+        mixed = by_row(composition.model(*args, positions=batch["response_mask"]))
+        for j, path in enumerate(paths):
+            alone, _, _ = load_adapter(path, base=str(tiny_base_dir))
+            own = by_row(alone(*args, positions=batch["response_mask"]))
+            for i in (i for i, r in enumerate(rows) if r == j):
+                assert torch.allclose(mixed[i], own[i], atol=1e-5)
+    tokens, _ = sample(composition.model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                       batch["instruction"], steps=2)
+    assert not (tokens[batch["response_mask"]] == tiny.mask_id).any()
+    with pytest.raises(UserError, match="assign one adapter"):
+        composition.assign([0, 2])
+    composition.use(None)  # back to the router
+    assert composition.rows is None
+
+
+def test_mixed_batch_throughput_is_measured_against_one_adapter(capsys, tmp_path, tiny_base_dir):
+    code, stdout, err = run_cli(capsys, "analyze", "mixed-batch", "--base", tiny_base_dir, "--adapter-counts", "2,4",
+                                "--batch-size", "8", "--response-length", "4", "--sampler-steps", "2",
+                                "--out", tmp_path / "mixed")
+    assert code == 0, err
+    report = json.loads((tmp_path / "mixed" / "mixed_batch.json").read_text())
+    assert [r["adapters"] for r in report["mixed"]] == [2, 4]
+    for r in report["mixed"]:
+        assert r["tokens_per_s"] == 8 * 4 / r["latency_s"]
+        assert r["throughput_ratio"] == report["one_adapter"]["latency_s"] / r["latency_s"]
+    assert "4 adapters" in json.loads(stdout.strip().splitlines()[-1])
 
 
 def test_an_untouched_adapter_forgets_nothing(tmp_path, tiny_base_dir):
