@@ -81,3 +81,21 @@ $LD analyze scaling --out results/analysis/scaling --png
 $LD compare --task sst2 --preset stepaware --lr-sweep 0.3,1,3 --validation-fraction 0.02 \
     --lr-from results/lr_sweep_sst2.json --steps 600 --seed 0 --sweep-only --jobs 2 \
     --out runs/stepaware-sst2 --results results/stepaware_sst2_sweep.json
+# (The weights row was swept around its default of the time, 2e-3: 6e-4, 2e-3, 6e-3. Its
+# default is now 6e-4, so this command sweeps 1.8e-4, 6e-4, 1.8e-3 for it today.)
+# Both LoRA-Diffusion rows peaked at an edge of that sweep: one more rate each, beyond it.
+$LD compare --task sst2 --preset stepaware --rows "LD blocks all 12/6/1" --lr-sweep 1,3,9 \
+    --validation-fraction 0.02 --steps 600 --seed 0 --sweep-only --threads 1 \
+    --out runs/stepaware-sst2 --results results/stepaware_sst2_sweep_blocks_all.json
+$LD compare --task sst2 --preset stepaware --rows "LD weights 6/3/1 k=1" --lr-sweep 0.3,1 \
+    --validation-fraction 0.02 --steps 600 --seed 0 --sweep-only --threads 1 \
+    --out runs/stepaware-sst2 --results results/stepaware_sst2_sweep_weights.json
+# The 3-seed table on all 872 dev examples at the chosen rates (later files win), the key
+# rows first (results/stepaware_sst2_key_rows.json is that run's results.json), then the rest.
+LR="results/lr_sweep_sst2.json results/stepaware_sst2_sweep.json results/stepaware_sst2_sweep_blocks_all.json results/stepaware_sst2_sweep_weights.json"
+$LD compare --task sst2 --preset stepaware --rows lora "LD blocks all 12/6/1" "LD weights 6/3/1 k=1" \
+    --steps 600 --seed 0 1 2 --jobs 2 --lr-from $LR --out runs/stepaware-sst2-dev
+cp runs/stepaware-sst2-dev/results.json results/stepaware_sst2_key_rows.json
+cp runs/stepaware-sst2-dev/results.md results/stepaware_sst2_key_rows.md
+$LD compare --task sst2 --preset stepaware --steps 600 --seed 0 1 2 --jobs 2 --lr-from $LR \
+    --out runs/stepaware-sst2-dev --results results/stepaware_sst2.json
