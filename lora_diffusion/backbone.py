@@ -203,6 +203,9 @@ def load_backbone(path: str | os.PathLike | None = None, dtype=torch.float32) ->
         mlm = AutoModelForMaskedLM.from_pretrained(name, local_files_only=local_only, dtype=dtype,
                                                    use_safetensors=True, trust_remote_code=trusted)
     except Exception as err:  # a corrupt file raises whatever its parser raises (safetensors, json, tokenizers)
+        if "trust_remote_code" in str(err) and not trusted:
+            raise UserError(f"{path} brings its own Python code; it runs on load, so it is refused unless you "
+                            "trust its author and pass --trust-remote-code") from None
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"could not load a masked LM from {path}: {first_line}") from None
     mlm.eval()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .bounds import MAX_EPOCHS, MAX_LR, MAX_SEED, MAX_TEMPERATURE
 from .errors import UserError
-from .distributed import is_main, world_size
+from .distributed import is_main, micro_batches_per_step, world_size
 from .paths import TRUST_REMOTE_CODE
 
 # Each command imports what it needs when it runs (torch, transformers, peft, gradio take
@@ -119,7 +119,8 @@ def _train_seed(args, seed: int, out) -> dict:
 
     task = _load_task(args, seed)
     if args.epochs is not None:
-        steps = max(1, math.ceil(args.epochs * len(task.train) / (args.batch_size * args.grad_accum)))
+        steps = max(1, math.ceil(args.epochs * len(task.train)
+                                 / (args.batch_size * micro_batches_per_step(args.grad_accum))))
     else:
         steps = args.steps if args.steps is not None else 300
     config = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
@@ -129,7 +130,7 @@ def _train_seed(args, seed: int, out) -> dict:
     backbone = load_backbone(args.base)
     method = make_method(args.method, parse_option_pairs(args.option))
     _log(f"task {task.name}: {len(task.train)} train / {len(task.eval)} held-out examples; method {method.name}; "
-         f"seed {seed}; {steps} steps of {args.batch_size * args.grad_accum * world_size()}"
+         f"seed {seed}; {steps} steps of {args.batch_size * micro_batches_per_step(args.grad_accum)}"
          + (f" over {world_size()} processes" if world_size() > 1 else ""))
     result = fine_tune(backbone, task, method, config, out_dir=out, max_length=args.max_length,
                        truncate=args.truncate, sampler_steps=args.sampler_steps)
@@ -785,6 +786,10 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if world_size() > 1 and args.command not in ("train", "compare"):
+        _log(f"error: `{args.command}` runs in one process; under accelerate launch or torchrun only train "
+             "and compare are offered")
+        return 2
     if getattr(args, "trust_remote_code", False):
         os.environ[TRUST_REMOTE_CODE] = "1"  # an environment variable reaches compare's worker processes too
     try:

@@ -23,7 +23,7 @@ import torch
 
 from .backbone import load_backbone
 from .data import SPLIT_SEED, Task, encode
-from .distributed import is_main, world_size
+from .distributed import is_main, micro_batches_per_step, world_size
 from .errors import UserError, quoted
 from .files import read_json, write_json, write_text
 from .methods import make_method, method_config, typed_options
@@ -156,7 +156,7 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config: TrainCo
     results = {"task": task.describe(), "seeds": seeds, "budget": {"steps": config.steps,
                "batch_size": config.batch_size, "grad_accum": config.grad_accum,
                "processes": world_size(),
-               "examples_seen": config.steps * config.batch_size * config.grad_accum * world_size(),
+               "examples_seen": config.steps * config.batch_size * micro_batches_per_step(config.grad_accum),
                "n_train": len(task.train), "n_eval": len(task.eval), "sampler_steps": sampler_steps,
                "bf16": config.bf16},
                "lr_sweep": lr_sweep, "validation_fraction": validation_fraction if lr_sweep else None,
@@ -328,7 +328,7 @@ def _profile_row(spec: Spec, task: Task, first_run: dict, config, base) -> dict:
     return profile_training(spec.method, spec.options, base=str(base or SHIPPED_BASE),
                             batch_size=config.batch_size, prompt_length=prompt,
                             response_length=first_run["response_length"], steps=5, warmup=2,
-                            bf16=config.bf16, device=config.device)
+                            bf16=config.bf16, device=config.device, tf32=config.tf32, compile=config.compile)
 
 
 def _relative_to_full(rows: list[dict]) -> None:

@@ -64,7 +64,9 @@ class DiffusionLM(nn.Module):
         # The step being computed, for methods acting inside the body (forward hooks); set
         # only while the body runs.
         self.step_context: StepContext | None = None
-        self.denoise_calls = 0  # how many steps were computed (the cost a sampler pays)
+        # Denoiser calls the sampler made (what generation costs). Counted by `sample`, not in
+        # `denoise`: a compiled training step must not see a Python counter change.
+        self.sampler_calls = 0
 
     def add_step_hook(self, hook: StepHook) -> RemovableHandle:
         """Add `hook(h [B,L,d], context) -> delta [B,L,d]` to every step; `.remove()` the handle to undo."""
@@ -85,7 +87,6 @@ class DiffusionLM(nn.Module):
         # A frozen body needs no graph: a method acting after it trains without a
         # backward pass through the base (the `final` injection point).
         grad_ctx = contextlib.nullcontext() if self._body_needs_grad() else torch.no_grad()
-        self.denoise_calls += 1
         context = self.step_context = StepContext(t, instruction, positions, attention_mask)
         try:
             with grad_ctx:
@@ -265,14 +266,20 @@ def _predict(logits, temperature: float, remasking: str, generator, sep_id: int 
     return pred, confidence
 
 
-def _most_confident(confidence, candidates, masked, counts):
-    """[B, L] bool: the `counts` [B] most confident of each row's candidate positions.
+def _scores(confidence, candidates, masked):
+    """[B, L] confidence at each candidate position, -inf elsewhere.
 
     `confidence` holds one value per True of `masked` (the positions the model predicted).
     """
     full = torch.full(masked.shape, -math.inf, device=masked.device)
     full[masked] = confidence
     full[~candidates] = -math.inf
+    return full
+
+
+def _most_confident(confidence, candidates, masked, counts):
+    """[B, L] bool: the `counts` [B] most confident of each row's candidate positions."""
+    full = _scores(confidence, candidates, masked)
     rank = full.argsort(1, descending=True).argsort(1)
     return (rank < counts[:, None]) & candidates
 
@@ -290,9 +297,7 @@ def _above_threshold(confidence, candidates, masked, threshold: float):
     A [SEP] prediction (confidence lowered by 2 in `_predict`) counts only once no other
     prediction is left among its row's candidates, as `sep_last` orders them.
     """
-    full = torch.full(masked.shape, -math.inf, device=masked.device)
-    full[masked] = confidence
-    full[~candidates] = -math.inf
+    full = _scores(confidence, candidates, masked)
     is_sep = full < -0.5
     words_left = (candidates & ~is_sep).any(1, keepdim=True)
     sure = torch.where(is_sep, full + 2.0, full) >= threshold
@@ -366,6 +371,7 @@ def sample(model: DiffusionLM, input_ids, attention_mask, response_mask, instruc
                 t = masked.sum(1).float() / n_response.clamp(min=1)
                 t_now = float(t.mean())
             logits, h, delta = model.denoise(x, attention_mask, t, instruction, positions=masked)
+            model.sampler_calls += 1
             pred, confidence = _predict(logits, temperature, remasking, generator,
                                         model.backbone.sep_id if sep_last else None)
             candidates = masked & in_block

@@ -2,14 +2,18 @@
 
 Each optimiser step has grad_accum x processes micro-batches, dealt round-robin: process
 r computes micro-batches r, r + P, r + 2P, ... with the noise a 1-process run would draw
-for them, and DDP averages the gradients, so every process takes the same step. A run on
-P processes is therefore the 1-process run with P times the accumulation (the same global
-batch, the same noise), up to the order of floating-point sums. The main process alone
-logs, evaluates, checkpoints and writes; every process reads a checkpoint to resume.
+for them, and DDP averages the gradients, so every process takes the same step. For a
+base without dropout, a run on P processes is therefore the 1-process run with P times
+the accumulation (the same global batch, the same noise), up to the order of
+floating-point sums. With dropout, each micro-batch draws its masks from a seed of
+(seed, step, micro-batch): processes draw different masks, a resumed run the same ones,
+but not the masks a 1-process run draws. The main process alone logs, evaluates,
+checkpoints and writes; every process reads a checkpoint to resume.
 
-Which engine (DDP, FSDP, DeepSpeed) comes from how the run was launched (accelerate's
-config file); without a launcher nothing here starts a process group. Reading the rank
-and the world size needs no torch, so the CLI can ask cheaply.
+The engine is DDP (accelerate's MULTI_GPU, or MULTI_CPU over gloo); FSDP and DeepSpeed,
+which shard what the loop clips and saves, are refused. Without a launcher nothing here
+starts a process group. Reading the rank and the world size needs no torch, so the CLI
+can ask cheaply.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def micro_batches_per_step(grad_accum: int) -> int:
+    """Micro-batches of one optimiser step over every process (the global batch / --batch-size)."""
+    return grad_accum * world_size()
+
+
 def my_micro_batches(grad_accum: int) -> list[int]:
     """The indices, among the step's grad_accum x world_size() micro-batches, this process computes."""
     return list(range(rank(), grad_accum * world_size(), world_size()))
@@ -46,10 +55,22 @@ class Processes:
             from accelerate import Accelerator
             from accelerate.utils import DistributedDataParallelKwargs
 
+            from datetime import timedelta
+
+            from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+            from .errors import UserError
+
             # A step-aware adapter leaves the modules of phases no example of a batch is in
-            # without a gradient: DDP must expect parameters that were not used.
+            # without a gradient: DDP must expect parameters that were not used. The other
+            # processes wait in a collective while the main one evaluates: give them hours.
             self.accelerator = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available(),
-                                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
+                                                            InitProcessGroupKwargs(timeout=timedelta(hours=3))])
+            engine = self.accelerator.distributed_type
+            if engine not in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+                raise UserError(f"training on several processes supports DDP only, not {engine.value}: launch with "
+                                "configs/accelerate/ddp.yaml or torchrun")
 
     @property
     def device(self):
@@ -70,9 +91,11 @@ class Processes:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(tensor, reduction="mean"))
 
-    def wait(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
+    def no_sync(self, objective):
+        """A context in which a backward does not average gradients yet (all but a step's last micro-batch)."""
+        import contextlib
+
+        return self.accelerator.no_sync(objective) if self.accelerator else contextlib.nullcontext()
 
 
 def share(value, device="cpu"):

@@ -85,13 +85,13 @@ def evaluate_task(model: DiffusionLM, task: Task, split: str = "eval", response_
                  where=f"{task.name} {split}")
     was_training = model.training
     model.eval()
-    calls_before = model.denoise_calls
+    calls_before = model.sampler_calls
     generated = generate(model, enc, batch_size, steps, remasking, seed, threshold=threshold)
     n_batches = len(_length_sorted_batches(enc, batch_size))
     decoded = [tok.decode(g) for g in generated]
     result = {"task": task.name, "kind": task.kind, "n_eval": len(examples), "split": split, "steps": steps,
               "remasking": remasking, "response_length": response_length,
-              "model_calls": (model.denoise_calls - calls_before) / max(1, n_batches)}
+              "model_calls": (model.sampler_calls - calls_before) / max(1, n_batches)}
     if threshold is not None:
         result["threshold"] = threshold
     if task.kind == "classification":

@@ -18,9 +18,10 @@ step is `training.train_step`, the very step the training loop takes (loss, back
 gradient clipping, AdamW, the method's proximal update).
 
 Throughput: tokens per second (batch x sequence length / step time), and the model FLOPs
-of one step, counted by torch's FlopCounterMode (matmuls and attention, forward and
-backward, on one extra untimed step); their rate over the device's peak is the MFU
-(model FLOPs utilisation), given where the peak is known (`PEAK_FLOPS`).
+of a step, counted by torch's FlopCounterMode (matmuls and attention, forward and
+backward) on untimed repeats of the timed steps (same noise, so the same masked counts)
+and averaged; their rate over the device's peak is the MFU (model FLOPs utilisation),
+given where the peak is known (`PEAK_FLOPS`).
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ from .methods import make_method
 from .paths import SHIPPED_BASE
 from .training import Objective, make_optimizer, pick_device, step_generator, train_step, use_tf32
 
-# Dense peak FLOP/s of the GPUs this project has been lent, from NVIDIA's data sheets (SXM):
-# bf16 tensor cores, TF32 tensor cores, plain fp32. A CPU's peak is not known here: no MFU.
+# Dense peak FLOP/s from NVIDIA's data sheets, by a part of the device name (the first that
+# matches: the PCIe and NVL H100s before the SXM one): bf16 and TF32 tensor cores, plain
+# fp32. A CPU's peak is not known here: no MFU.
 PEAK_FLOPS = {
+    "H100 PCIe": {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12},
+    "H100 NVL": {"bf16": 835e12, "tf32": 418e12, "fp32": 60e12},
     "H100": {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12},
     "H200": {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12},
     "A100": {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
@@ -145,8 +149,9 @@ def _train_profile(spec: dict) -> dict:
                           for t in s.values() if torch.is_tensor(t))
     sec_per_step = statistics.median(times)
     with FlopCounterMode(display=False) as counter:  # after the timed steps: counting slows a step
-        step(spec["warmup"] + spec["steps"])
-    flops = counter.get_total_flops()
+        for n in range(spec["warmup"], spec["warmup"] + spec["steps"]):
+            step(n)
+    flops = counter.get_total_flops() / spec["steps"]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peak = peak_flops(device_name, spec.get("bf16", False), spec.get("tf32", False))
     tokens = spec["batch_size"] * (spec["prompt_length"] + spec["response_length"])

@@ -148,7 +148,8 @@ class Composition:
             if len(mine):
                 delta[mine] = method.perturbation(
                     0, h[mine], context.t[mine], None if instruction is None else instruction[mine],
-                    None if positions is None else positions[mine]).to(h.dtype)
+                    None if positions is None else positions[mine],
+                    None if context.attention_mask is None else context.attention_mask[mine]).to(h.dtype)
         return delta
 
     def use(self, weights=None) -> None:

@@ -19,7 +19,7 @@ from .adapters import RUN_ADAPTER, save_adapter
 from .backbone import Backbone, load_backbone
 from .data import Task, batch_schedule, collate, encode, load_task, response_length_for
 from .diffusion import DiffusionLM
-from .distributed import is_main, share, world_size
+from .distributed import is_main, micro_batches_per_step, share, world_size
 from .errors import UserError
 from .evaluate import evaluate_task
 from .files import write_json
@@ -51,7 +51,8 @@ def fine_tune(backbone: Backbone, task: Task, method: Method, config: TrainConfi
 
     def batch_for_step(step: int, micro: int) -> dict:
         # micro counts the step's micro-batches over every process of the run (see `distributed`)
-        return collate(enc, indices_for_step(step * config.grad_accum * world_size() + micro), backbone.pad_id)
+        return collate(enc, indices_for_step(step * micro_batches_per_step(config.grad_accum) + micro),
+                       backbone.pad_id)
 
     eval_kwargs = dict(response_length=response_length, max_length=max_length, steps=sampler_steps,
                        batch_size=eval_batch_size, seed=config.seed, truncate=truncate)
@@ -63,7 +64,7 @@ def fine_tune(backbone: Backbone, task: Task, method: Method, config: TrainConfi
     # summary["train_seconds"]: the whole run's, summed over the processes a resumed run took
     identity = {"method": method.name, "options": method.options(), "task": task.name,
                 "train_examples": _digest(task.train), "base": fingerprint, "max_length": max_length,
-                "truncate": truncate}
+                "truncate": truncate, "processes": world_size()}  # another count deals other batches
     summary = train(model, method, batch_for_step, config, out_dir=out_dir, evaluate=monitor,
                     on_log=on_log, should_stop=should_stop, progress=progress, identity=identity)
     result = None

@@ -12,6 +12,7 @@ evaluation, saving the adapter) is `runs.py`'s business.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .bounds import MAX_LR, MAX_SEED
 from .diffusion import DiffusionLM, diffusion_loss
-from .distributed import Processes, is_main, my_micro_batches, world_size
+from .distributed import Processes, is_main, micro_batches_per_step, my_micro_batches, world_size
 from .errors import UserError, cut
 from .files import append_jsonl, load_tensors, read_json, read_jsonl, save_tensors, write_json, write_jsonl
 from .methods import Method
@@ -171,28 +172,34 @@ class Objective(torch.nn.Module):
 
 def train_step(objective: Objective, method: Method, optimizer, params: list, micro_batches: list[dict],
                generators: list, lr: float, clip: float = 1.0, bf16: bool = False,
-               mean: Callable[[float], float] = float) -> dict:
+               processes: Processes | None = None) -> dict:
     """One optimiser step over gradient-accumulated micro-batches (already on the model's device).
 
     `params` are the method's trainable parameters, in its order (the gradient norm is
     clipped over them). Returns the step's diffusion loss (what is reported), the method's
     penalty and the gradient norm before clipping. A NaN or infinite loss or gradient
-    norm raises `Diverged` without touching the weights. On several processes `objective`
-    is the engine's wrapper (its backward averages the gradients) and `mean` averages a
-    number over the processes, so every process reports, and decides, alike.
+    norm raises `Diverged` without touching the weights. On several `processes` the
+    objective is the engine's wrapper (the backward of the step's last micro-batch averages
+    the gradients), each micro-batch draws its dropout from its generator's seed, and the
+    reported numbers are averaged over the processes, so every process decides alike.
     """
+    processes = processes or Processes()
     device_type = next(objective.parameters()).device.type
     for group in optimizer.param_groups:
         group["lr"] = lr
     step_loss = step_penalty = 0.0
-    for batch, generator in zip(micro_batches, generators):
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            loss, penalty = objective(batch, generator)  # penalty: the method's regularisers, or None
-        total = loss if penalty is None else loss + penalty
-        (total / len(micro_batches)).backward()
+    for i, (batch, generator) in enumerate(zip(micro_batches, generators)):
+        if processes.accelerator is not None:
+            torch.manual_seed(generator.initial_seed())  # dropout: a function of (seed, step, micro-batch)
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else processes.no_sync(objective):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                loss, penalty = objective(batch, generator)  # penalty: the method's regularisers, or None
+            total = loss if penalty is None else loss + penalty
+            (total / len(micro_batches)).backward()
         step_loss += loss.item() / len(micro_batches)
         step_penalty += (0.0 if penalty is None else penalty.item()) / len(micro_batches)
-    step_loss, step_penalty = mean(step_loss), mean(step_penalty)
+    step_loss, step_penalty = processes.mean(step_loss), processes.mean(step_penalty)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip or float("inf")))
     if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)  # one NaN update would spoil every weight for good
@@ -279,7 +286,8 @@ def save_checkpoint(folder: Path, method: Method, optimizer, config: TrainConfig
 
 
 # What decides a run's result: resuming with another value would silently make a different run.
-RESUME_MUST_MATCH = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup", "clip", "seed", "bf16")
+RESUME_MUST_MATCH = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup", "clip", "seed", "bf16",
+                     "tf32")
 
 
 def load_checkpoint(folder: Path, method: Method, optimizer, config: TrainConfig | None = None,
@@ -302,13 +310,19 @@ def load_checkpoint(folder: Path, method: Method, optimizer, config: TrainConfig
     return TrainState(**{f.name: saved.get(f.name) for f in fields(TrainState)})
 
 
+# What an older checkpoint's identity lacks had this value then.
+IDENTITY_DEFAULTS = {"processes": 1}
+
+
 def _check_same_run(out_dir: Path, saved: dict, config: TrainConfig | None, identity: dict | None) -> None:
     """Refuse to resume another run: other settings, method, options, data or base would make a third one."""
-    was = {k: saved["config"].get(k) for k in RESUME_MUST_MATCH if config is not None and
-           saved["config"].get(k) != getattr(config, k)}
+    defaults = asdict(TrainConfig())  # a setting an older checkpoint lacks had its default then
+    was = {k: saved["config"].get(k, defaults[k]) for k in RESUME_MUST_MATCH if config is not None and
+           saved["config"].get(k, defaults[k]) != getattr(config, k)}
     if identity is not None and saved.get("identity") is not None:
         now = json.loads(json.dumps(identity))  # as it would read back: lists, not tuples
-        was.update({k: saved["identity"].get(k) for k in now if saved["identity"].get(k) != now[k]})
+        then = {**IDENTITY_DEFAULTS, **saved["identity"]}
+        was.update({k: then.get(k) for k in now if then.get(k) != now[k]})
     if was:
         shown = ", ".join(f"{k}={cut(json.dumps(v))}" for k, v in was.items())
         raise UserError(f"{out_dir} holds a run with {shown}; resume it with the same settings, "
@@ -416,13 +430,16 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     run = RunFolder(out_dir, on_log, writer=is_main())
     state = run.resume(method, optimizer, config, identity)  # every process loads the checkpoint
     state.identity = identity
+    if micro_batches_per_step(config.grad_accum) > 101:  # step_generator's seeds would repeat
+        raise UserError(f"at most 101 micro-batches per step (--grad-accum x processes), not "
+                        f"{micro_batches_per_step(config.grad_accum)}: raise --batch-size instead")
     objective = Objective(model, method, loss_fn)
     start = state.step
     if world_size() > 1 and start == 0:
         # A method that calibrates on the first batch it sees (LoRA-Diffusion) must see the
         # same one on every process: micro-batch 0, without dropout, before any step.
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             objective(_to(batch_for_step(0, 0), device), step_generator(config.seed, 0, 0))
     objective, optimizer = processes.prepare(objective, optimizer)
     if config.compile:  # batches change length: compile for dynamic shapes from the start
@@ -444,7 +461,7 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
                                    [_to(batch_for_step(step, m), device) for m in micro],
                                    [step_generator(config.seed, step, m) for m in micro],
                                    lr * lr_factor(step, config.steps, config.warmup), config.clip, config.bf16,
-                                   processes.mean)
+                                   processes)
             except Diverged as err:
                 raise _diverged(step + 1, err, run) from None
             state.step = step + 1
@@ -457,7 +474,8 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
         _finish(config, state, optimizer, run, model, method, evaluate, stopped)
     summary = {"steps": state.step, "stopped_early": stopped, "resumed_from_step": start, "lr": lr,
                "device": str(device), "processes": world_size(),
-               "global_batch": config.batch_size * config.grad_accum * world_size(), "train_seconds": state.seconds,
+               "global_batch": config.batch_size * micro_batches_per_step(config.grad_accum),
+               "train_seconds": state.seconds,
                **summarize(run.records(), state.window)}
     if state.final_eval is not None:
         summary["eval"] = state.final_eval

@@ -232,6 +232,7 @@ class SurestOfSep(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.response_mask = response_mask
+        self.sampler_calls = 0
 
     def denoise(self, input_ids, attention_mask, t, instruction=None, positions=None):
         first = self.response_mask.float().argmax(1)  # column of each row's first response position

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # Float sums in another order drift apart step by step: measured 4e-6 after 4 steps (adapter
 # values up to ~2), 1.2e-5 after 40; a lost optimiser state or batch would move them by ~lr.
-TOLERANCE = {4: 1e-5, 40: 1e-4}
+# (With dropout the processes draw other masks than one process would: see `distributed`.)
+TOLERANCE = {4: 1e-5}
 
 
 def common(base, out, method="lora_diffusion", steps=4, every=2):
@@ -86,9 +87,25 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_accumulation(tiny
                                                                      "results.json"]
 
 
+@pytest.fixture(scope="module")
+def dropout_base_dir(tmp_path_factory, tiny):
+    """The tiny base with dropout 0.1, as real bases have: masks drawn per micro-batch must resume."""
+    folder = tmp_path_factory.mktemp("dropout_base")
+    tiny.mlm.config.hidden_dropout_prob = tiny.mlm.config.attention_probs_dropout_prob = 0.1
+    try:
+        tiny.mlm.save_pretrained(folder)
+    finally:
+        tiny.mlm.config.hidden_dropout_prob = tiny.mlm.config.attention_probs_dropout_prob = 0.0
+    tiny.tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers to kill through /proc (Linux)")
-def test_a_killed_two_process_run_resumes_to_the_same_adapter(tiny_base_dir, tmp_path, capsys):
-    argv = common(tiny_base_dir, tmp_path / "two", steps=40, every=10)
+def test_a_killed_two_process_run_resumes_to_the_adapter_of_an_uninterrupted_one(dropout_base_dir, tmp_path):
+    whole = launch(TORCHRUN, common(dropout_base_dir, tmp_path / "whole", steps=40, every=10))
+    _, stderr = whole.communicate(timeout=300)
+    assert whole.returncode == 0, stderr[-3000:]
+    argv = common(dropout_base_dir, tmp_path / "two", steps=40, every=10)
     first = launch(TORCHRUN, argv)
     latest = tmp_path / "two" / "checkpoints" / "latest.json"
     deadline = time.time() + 240
@@ -102,9 +119,8 @@ def test_a_killed_two_process_run_resumes_to_the_same_adapter(tiny_base_dir, tmp
     assert second.returncode == 0, stderr[-3000:]
     results = read_json(tmp_path / "two" / "results.json")
     assert results["train"]["resumed_from_step"] > 0
-    code, _, err = run_cli(capsys, *common(tiny_base_dir, tmp_path / "one", steps=40, every=10), "--grad-accum", "2")
-    assert code == 0, err
-    assert_same_adapter(adapter(tmp_path / "two"), adapter(tmp_path / "one"), steps=40)
+    resumed, uninterrupted = adapter(tmp_path / "two"), adapter(tmp_path / "whole")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
     steps = [r["step"] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "loss" in r]
     assert steps == sorted(set(steps))  # no line written twice, by two processes or by the resume
 
@@ -123,6 +139,12 @@ def test_compare_on_two_processes_writes_one_table_of_the_same_runs(tiny_base_di
     assert_same_adapter(adapter(tmp_path / "two" / "lora" / "seed-0"), adapter(tmp_path / "one" / "lora" / "seed-0"),
                         steps=4)
     assert read_json(tmp_path / "two" / "results.json")["rows"][0]["label"] == "lora"
+
+
+def test_commands_other_than_train_and_compare_refuse_to_run_on_several_processes(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_cli(capsys, "sample", "--prompt", "hello", "--steps", "1")
+    assert code == 2 and "only train and compare are offered" in err
 
 
 def test_compare_refuses_jobs_on_several_processes(monkeypatch, tiny_base_dir, tmp_path, capsys):

@@ -14,9 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
-    ("errors", "paths", "bounds", "distributed"),       # leaves: the one exception type, where files are,
-                                                        # limits, which process of a run this is
-    ("files",),                                         # atomic JSON / text / safetensors
+    ("errors", "paths", "bounds"),                      # leaves: the one exception type, where files are, limits
+    ("files", "distributed"),                           # atomic JSON / text / safetensors; which process this is
     ("backbone", "metrics"),                            # a base model; scores of plain data
     ("diffusion", "data"),                              # forward process, loss, sampler; tasks and batches
     ("methods", "suite", "plots"),                      # the PEFT methods; the suite generator; figures

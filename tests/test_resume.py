@@ -203,6 +203,26 @@ def test_resuming_with_other_settings_is_refused(tmp_path, change):
         train(model, method, batches, TrainConfig(**{**settings, **change}), out_dir=tmp_path, progress=False)
 
 
+def test_a_checkpoint_of_another_process_count_is_refused_and_an_older_one_still_resumes(tmp_path):
+    """Another number of processes deals other batches; a checkpoint written before the process
+    count (and tf32) were recorded had one process and tf32 off, so it resumes."""
+    from lora_diffusion.training import _check_same_run
+
+    config = TrainConfig(steps=8, batch_size=8)
+    saved = {"config": {k: v for k, v in vars(config).items() if k != "tf32"},
+             "identity": {"method": "lora", "processes": 2}}
+    with pytest.raises(UserError, match="holds a run with processes=2"):
+        _check_same_run(tmp_path, saved, config, {"method": "lora", "processes": 1})
+    older = {"config": saved["config"], "identity": {"method": "lora"}}
+    _check_same_run(tmp_path, older, config, {"method": "lora", "processes": 1})  # no error
+
+
+def test_more_micro_batches_per_step_than_the_noise_seeds_separate_are_refused(tmp_path):
+    model, method, batches = _setup()
+    with pytest.raises(UserError, match="at most 101 micro-batches per step"):
+        train(model, method, batches, TrainConfig(steps=1, batch_size=1, grad_accum=102), progress=False)
+
+
 # ---------------------------------------------------------------------------------------
 # TrainConfig: bad values are refused in one place, naming the flag
 # ---------------------------------------------------------------------------------------
