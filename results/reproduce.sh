@@ -99,3 +99,12 @@ cp runs/stepaware-sst2-dev/results.json results/stepaware_sst2_key_rows.json
 cp runs/stepaware-sst2-dev/results.md results/stepaware_sst2_key_rows.md
 $LD compare --task sst2 --preset stepaware --steps 600 --seed 0 1 2 --jobs 2 --lr-from $LR \
     --out runs/stepaware-sst2-dev --results results/stepaware_sst2.json
+# Issue 15: parallel decoding against the fixed sampler, on the seed-0 adapters above.
+for row in lora LD_weights_6_3_1_k_1; do
+    name=$(echo $row | tr 'A-Z' 'a-z')
+    $LD eval --adapter runs/stepaware-sst2-dev/$row/seed-0 --out results/parallel_decoding/sst2_${name}_fixed.json
+    for p in 0.5 0.7 0.9; do
+        $LD eval --adapter runs/stepaware-sst2-dev/$row/seed-0 --threshold $p \
+            --out results/parallel_decoding/sst2_${name}_threshold_$p.json
+    done
+done
