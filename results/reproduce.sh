@@ -108,3 +108,5 @@ for row in lora LD_weights_6_3_1_k_1; do
             --out results/parallel_decoding/sst2_${name}_threshold_$p.json
     done
 done
+# Issue 15: many LoRA-Diffusion adapters in one batch (alone on the machine: it times things).
+$LD analyze mixed-batch --adapter-counts 8,32 --threads 2 --out results/analysis/mixed_batch
