@@ -148,6 +148,7 @@ def _train_profile(spec: dict) -> dict:
     optimizer_state = sum(t.numel() * t.element_size() for s in optimizer.state.values()
                           for t in s.values() if torch.is_tensor(t))
     sec_per_step = statistics.median(times)
+    memory = _peak_memory(device, rss_before)  # of training alone: counting FLOPs holds more
     with FlopCounterMode(display=False) as counter:  # after the timed steps: counting slows a step
         for n in range(spec["warmup"], spec["warmup"] + spec["steps"]):
             step(n)
@@ -162,7 +163,7 @@ def _train_profile(spec: dict) -> dict:
            "tf32": spec.get("tf32", False), "compiled": spec.get("compile", False),
            "dtype": "bf16-autocast" if spec.get("bf16") else str(next(backbone.parameters()).dtype).replace("torch.", ""),
            "threads": torch.get_num_threads(), "optimizer_state_bytes": optimizer_state,
-           **method.accounting(), **_peak_memory(device, rss_before)}
+           **method.accounting(), **memory}
     return out
 
 

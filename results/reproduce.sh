@@ -110,3 +110,5 @@ for row in lora LD_weights_6_3_1_k_1; do
 done
 # Issue 15: many LoRA-Diffusion adapters in one batch (alone on the machine: it times things).
 $LD analyze mixed-batch --adapter-counts 8,32 --threads 2 --out results/analysis/mixed_batch
+# Issue 15: the bench on this CPU (alone on the machine).
+$LD bench --methods lora_diffusion,lora,full --batch-size 16 --threads 2 --out results/bench_cpu.json
