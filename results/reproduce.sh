@@ -97,6 +97,10 @@ $LD compare --task sst2 --preset stepaware --rows lora "LD blocks all 12/6/1" "L
     --steps 600 --seed 0 1 2 --jobs 2 --lr-from $LR --out runs/stepaware-sst2-dev
 cp runs/stepaware-sst2-dev/results.json results/stepaware_sst2_key_rows.json
 cp runs/stepaware-sst2-dev/results.md results/stepaware_sst2_key_rows.md
+$LD compare --task sst2 --preset stepaware --rows nara tlora --steps 600 --seed 0 1 2 --jobs 2 \
+    --lr-from $LR --out runs/stepaware-sst2-dev --no-profile
+cp runs/stepaware-sst2-dev/results.json results/stepaware_sst2_nara_tlora.json
+cp runs/stepaware-sst2-dev/results.md results/stepaware_sst2_nara_tlora.md
 $LD compare --task sst2 --preset stepaware --steps 600 --seed 0 1 2 --jobs 2 --lr-from $LR \
     --out runs/stepaware-sst2-dev --results results/stepaware_sst2.json
 # Issue 15: parallel decoding against the fixed sampler, on the seed-0 adapters above.
