@@ -42,7 +42,7 @@ def micro_batches_per_step(grad_accum: int) -> int:
 
 def my_micro_batches(grad_accum: int) -> list[int]:
     """The indices, among the step's grad_accum x world_size() micro-batches, this process computes."""
-    return list(range(rank(), grad_accum * world_size(), world_size()))
+    return list(range(rank(), micro_batches_per_step(grad_accum), world_size()))
 
 
 class Processes:
@@ -51,13 +51,11 @@ class Processes:
     def __init__(self, device: str = "auto"):
         self.accelerator = None
         if world_size() > 1:
-            import torch
-            from accelerate import Accelerator
-            from accelerate.utils import DistributedDataParallelKwargs
-
             from datetime import timedelta
 
-            from accelerate.utils import DistributedType, InitProcessGroupKwargs
+            import torch
+            from accelerate import Accelerator
+            from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 
             from .errors import UserError
 

@@ -420,6 +420,9 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     Under `accelerate launch` or `torchrun` every process runs this loop on its share of
     each step's micro-batches (see `distributed`); only the main one evaluates and writes.
     """
+    if micro_batches_per_step(config.grad_accum) > 101:  # step_generator's seeds would repeat
+        raise UserError(f"at most 101 micro-batches per step (--grad-accum x processes), not "
+                        f"{micro_batches_per_step(config.grad_accum)}: raise --batch-size instead")
     processes = Processes(config.device)
     device = processes.device or pick_device(config.device)
     use_tf32(device, config.tf32)
@@ -430,9 +433,6 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     run = RunFolder(out_dir, on_log, writer=is_main())
     state = run.resume(method, optimizer, config, identity)  # every process loads the checkpoint
     state.identity = identity
-    if micro_batches_per_step(config.grad_accum) > 101:  # step_generator's seeds would repeat
-        raise UserError(f"at most 101 micro-batches per step (--grad-accum x processes), not "
-                        f"{micro_batches_per_step(config.grad_accum)}: raise --batch-size instead")
     objective = Objective(model, method, loss_fn)
     start = state.step
     if world_size() > 1 and start == 0:
