@@ -40,6 +40,14 @@ def perturb(method, seed=1):
             p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
+def logits(model, batch, t=0.5):
+    """The model's logits at the batch's response positions, at time t (a number, or one per row)."""
+    t = torch.full((batch["input_ids"].shape[0],), t) if isinstance(t, float) else t
+    with torch.no_grad():
+        return model(batch["input_ids"], batch["attention_mask"], t, batch["instruction"],
+                     positions=batch["response_mask"])
+
+
 def write_lines(path: Path, lines) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -11,6 +11,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
+from conftest import logits
 from lora_diffusion.adapters import load_adapter
 from lora_diffusion.backbone import FAMILIES, load_backbone, tiny_backbone
 from lora_diffusion.data import collate, encode, load_task, response_length_for
@@ -56,13 +57,6 @@ def first_batch(backbone, task):
     length = response_length_for(backbone.tokenizer, task.train)
     enc = encode(backbone.tokenizer, task.eval, length, backbone.max_length)
     return collate(enc, range(len(enc.prompts)), backbone.pad_id)
-
-
-def logits(model, batch, t=0.5):
-    with torch.no_grad():
-        n = batch["input_ids"].shape[0]
-        return model(batch["input_ids"], batch["attention_mask"], torch.full((n,), t), batch["instruction"],
-                     positions=batch["response_mask"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import perturb, tiny_batch
+from conftest import logits, perturb, tiny_batch
 from lora_diffusion.adapters import load_adapter, save_adapter
 from lora_diffusion.backbone import tiny_backbone
 from lora_diffusion.cli import main
@@ -26,13 +26,6 @@ def attached(**options):
     method = make_method("lora_diffusion", {"injection": "weights", **options})
     method.attach(model)
     return model, method
-
-
-def logits(model, batch, t):
-    t = torch.full((batch["input_ids"].shape[0],), t) if isinstance(t, float) else t
-    with torch.no_grad():
-        return model(batch["input_ids"], batch["attention_mask"], t, batch["instruction"],
-                     positions=batch["response_mask"])
 
 
 def one_instruction(batch):

@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-from conftest import perturb, tiny_batch
+from conftest import logits, perturb, tiny_batch
 from lora_diffusion.backbone import tiny_backbone
 from lora_diffusion.data import load_task
 from lora_diffusion.diffusion import DiffusionLM, StepContext, diffusion_loss, phase_of
@@ -34,13 +34,6 @@ def attached(name, seed=0, **options):
     method = make_method(name, options)
     method.attach(model)
     return model, method
-
-
-def logits(model, batch, t=0.5):
-    with torch.no_grad():
-        n = batch["input_ids"].shape[0]
-        return model(batch["input_ids"], batch["attention_mask"], torch.full((n,), t), batch["instruction"],
-                     positions=batch["response_mask"])
 
 
 def save(folder, model, method):
