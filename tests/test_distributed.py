@@ -8,6 +8,7 @@ killed mid-way resumes. Each launch starts two Python processes (about 15 s).
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,9 +41,20 @@ def launch(launcher: list[str], argv: list[str], **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-ACCELERATE = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
-              "--num_processes", "2"]
-TORCHRUN = [str(BIN / "torchrun"), "--nproc_per_node", "2"]
+def free_port() -> int:
+    """A port no process listens on now: each launch rendezvous there, not on the shared default 29500."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launcher():
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
+            "--num_processes", "2", "--main_process_port", str(free_port())]
+
+
+def torchrun_launcher():
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
 
 
 def kill_every_process_of(out: Path) -> None:
@@ -71,7 +83,7 @@ def assert_same_adapter(a: dict, b: dict, steps: int) -> None:
 
 def test_two_processes_train_the_adapter_of_one_with_twice_the_accumulation(tiny_base_dir, tmp_path, capsys):
     method = "lora_diffusion"  # calibrates on its first batch: every process must see the same one
-    two = launch(ACCELERATE, common(tiny_base_dir, tmp_path / "two", method))
+    two = launch(accelerate_launcher(), common(tiny_base_dir, tmp_path / "two", method))
     stdout, stderr = two.communicate(timeout=300)
     assert two.returncode == 0, stderr[-3000:]
     code, _, err = run_cli(capsys, *common(tiny_base_dir, tmp_path / "one", method), "--grad-accum", "2")
@@ -102,11 +114,11 @@ def dropout_base_dir(tmp_path_factory, tiny):
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers to kill through /proc (Linux)")
 def test_a_killed_two_process_run_resumes_to_the_adapter_of_an_uninterrupted_one(dropout_base_dir, tmp_path):
-    whole = launch(TORCHRUN, common(dropout_base_dir, tmp_path / "whole", steps=40, every=10))
+    whole = launch(torchrun_launcher(), common(dropout_base_dir, tmp_path / "whole", steps=40, every=10))
     _, stderr = whole.communicate(timeout=300)
     assert whole.returncode == 0, stderr[-3000:]
     argv = common(dropout_base_dir, tmp_path / "two", steps=40, every=10)
-    first = launch(TORCHRUN, argv)
+    first = launch(torchrun_launcher(), argv)
     latest = tmp_path / "two" / "checkpoints" / "latest.json"
     deadline = time.time() + 240
     while not latest.is_file() and first.poll() is None and time.time() < deadline:
@@ -114,7 +126,7 @@ def test_a_killed_two_process_run_resumes_to_the_adapter_of_an_uninterrupted_one
     kill_every_process_of(tmp_path / "two")  # the launcher and both workers, mid-run
     first.communicate()
     assert not (tmp_path / "two" / "results.json").exists(), "finished before the kill: nothing was resumed"
-    second = launch(TORCHRUN, argv)
+    second = launch(torchrun_launcher(), argv)
     _, stderr = second.communicate(timeout=300)
     assert second.returncode == 0, stderr[-3000:]
     results = read_json(tmp_path / "two" / "results.json")
@@ -130,7 +142,7 @@ def test_compare_on_two_processes_writes_one_table_of_the_same_runs(tiny_base_di
     argv = ["compare", "--base", str(tiny_base_dir), "--task", "suite_topic", "--methods", "lora", "--seed", "0",
             "--steps", "2", "--batch-size", "4", "--max-train-examples", "40", "--max-eval-examples", "8",
             "--sampler-steps", "2", "--no-profile"]
-    two = launch(TORCHRUN, argv + ["--out", str(tmp_path / "two")])
+    two = launch(torchrun_launcher(), argv + ["--out", str(tmp_path / "two")])
     stdout, stderr = two.communicate(timeout=300)
     assert two.returncode == 0, stderr[-3000:]
     assert stdout.count("| lora |") == 1  # one process printed the table
