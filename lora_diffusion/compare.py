@@ -122,7 +122,17 @@ def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
-def learning_rates_from(*paths) -> dict[str, float]:
+@dataclass(frozen=True)
+class ChosenRate:
+    """A learning rate an earlier comparison chose for one row, with what that row trained."""
+
+    lr: float
+    method: str
+    config: dict | None  # the row's resolved method options; None in files older than this field
+    source: str
+
+
+def learning_rates_from(*paths) -> dict[str, ChosenRate]:
     """label -> lr chosen by earlier comparisons (e.g. `--sweep-only` runs); later files win."""
     chosen = {}
     for path in paths:
@@ -131,8 +141,27 @@ def learning_rates_from(*paths) -> dict[str, float]:
         if not rows or not all(isinstance(r, dict) and isinstance(r.get("label"), str) and
                                isinstance(r.get("lr"), (int, float)) and r["lr"] > 0 for r in rows):
             raise UserError(f"{path} is not the results.json of a `lora-diffusion compare` (rows with a label and an lr)")
-        chosen.update({row["label"]: row["lr"] for row in rows})
+        chosen.update({row["label"]: ChosenRate(row["lr"], row.get("method"), row.get("config"), str(path))
+                       for row in rows})
     return chosen
+
+
+def _carried_lr(spec: Spec, chosen) -> float | None:
+    """The lr `chosen` for a row of this label (a number, or a ChosenRate from a file), refused
+    where that row trained another method or other options: a rate swept for one injection
+    site does not carry to another (e.g. after a default changed)."""
+    if not isinstance(chosen, ChosenRate):
+        return chosen
+    mine = method_config(spec.method, spec.options).to_dict()
+    if chosen.method not in (None, spec.method):
+        raise UserError(f"row {quoted(spec.label)}: {chosen.source} chose its lr for method {chosen.method}, "
+                        f"not {spec.method}")
+    differ = sorted(k for k in (chosen.config or {}).keys() & mine.keys() if chosen.config[k] != mine[k])
+    if differ:
+        k = differ[0]
+        raise UserError(f"row {quoted(spec.label)}: {chosen.source} chose its lr for {k}={chosen.config[k]}, "
+                        f"this row trains {k}={mine[k]}; sweep it again (--lr-sweep) or leave that file out")
+    return chosen.lr
 
 
 def run_compare(task: Task, specs: list[Spec], seeds: list[int], config: TrainConfig, out_dir, base=None,
@@ -144,7 +173,8 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config: TrainCo
 
     `config`'s lr is ignored (each method's own, or the sweep's); `lr_sweep` multiplies each
     method's default lr, e.g. [0.3, 1, 3]; `sweep_only` stops after the sweep (the rows then
-    carry only the chosen lr and the validation scores); `learning_rates` (label -> lr) fixes
+    carry only the chosen lr and the validation scores); `learning_rates` (label -> lr, or a ChosenRate from
+    `learning_rates_from`, checked against the row) fixes
     rows' learning rates, e.g. from a sweep (with `lr_sweep`, the rows it does not name are
     swept); `results_file` also receives the results (and a
     .md table beside it); `jobs` > 1 trains that many runs at a time in separate processes
@@ -171,8 +201,9 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config: TrainCo
                                 for spec in to_sweep for candidate in _candidates(spec, lr_sweep)], val_task, jobs)
     rows = []
     for spec in specs:
-        row = {"label": spec.label, "method": spec.method, "options": spec.options}
-        row["lr"] = spec.lr or learning_rates.get(spec.label) or _default_lr(spec)
+        row = {"label": spec.label, "method": spec.method, "options": spec.options,
+               "config": method_config(spec.method, spec.options).to_dict()}
+        row["lr"] = spec.lr or _carried_lr(spec, learning_rates.get(spec.label)) or _default_lr(spec)
         if spec in to_sweep:
             row["sweep"] = _sweep(runner, spec, lr_sweep, val_task, seeds[0], out_dir)
             row["lr"] = max(row["sweep"], key=lambda s: (s["validation_score"],

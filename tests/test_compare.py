@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from test_cli import run_cli
 
 
@@ -90,6 +92,25 @@ def test_sweep_only_then_lr_from(capsys, tmp_path, tiny_base_dir):
     code, _, err = run_cli(capsys, "compare", *common, "--seed", "0", "--lr-from", str(tmp_path / "sweep" / "results.json"),
                            "--out", str(tmp_path / "refused"))
     assert code == 2 and "no learning rate given for lora" in err and not (tmp_path / "refused").exists()
+
+
+def test_a_chosen_lr_carries_only_to_a_row_that_trains_the_same_options(tmp_path):
+    from lora_diffusion.compare import Spec, _carried_lr, learning_rates_from
+    from lora_diffusion.errors import UserError
+    from lora_diffusion.methods import method_config
+
+    final = method_config("lora_diffusion", {"injection": "final"}).to_dict()
+    (tmp_path / "r.json").write_text(json.dumps({"rows": [
+        {"label": "ld", "method": "lora_diffusion", "config": final, "lr": 3e-3},
+        {"label": "old", "method": "lora_diffusion", "lr": 1e-3}]}))  # a file from before "config"
+    chosen = learning_rates_from(tmp_path / "r.json")
+    assert _carried_lr(Spec("ld", "lora_diffusion", {"injection": "final"}), chosen["ld"]) == 3e-3
+    assert _carried_lr(Spec("old", "lora_diffusion", {"injection": "blocks"}), chosen["old"]) == 1e-3
+    assert _carried_lr(Spec("x", "lora"), 5e-4) == 5e-4  # a number given by the caller is taken as it is
+    with pytest.raises(UserError, match=r"injection=final, this row trains injection=blocks"):
+        _carried_lr(Spec("ld", "lora_diffusion", {"injection": "blocks"}), chosen["ld"])
+    with pytest.raises(UserError, match=r"for method lora_diffusion, not lora"):
+        _carried_lr(Spec("ld", "lora"), chosen["ld"])
 
 
 def test_every_preset_is_valid_and_stepaware_stays_near_loras_budget():
