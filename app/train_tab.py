@@ -117,10 +117,10 @@ def _status(job, steps: int, title: str) -> str:
 
 
 def _final_text(job) -> str:
-    """The held-out score of an ended job, and if it was stopped, what that score is worth."""
-    if job.result is None:
+    """The held-out score of an ended job, or why it has none (it was stopped)."""
+    if job.result is None or job.stopped:
         return job.note or ""
-    return _final_metric(job.result) + (f"  \n**{job.note}**" if job.stopped else "")
+    return _final_metric(job.result)
 
 
 def _options(options) -> dict:
@@ -153,7 +153,7 @@ def train(ctx: Context, user, task_name, csv_file, text_column, label_column, ma
 
 
 STOPPING = {"queued": "stopped: the job leaves the queue without training",
-            "running": "stopping after the current step; it is then scored on the monitor slice only",
+            "running": "stopping after the current step; the adapter is kept but not scored",
             "evaluating": "stopping: the final evaluation is cut short and the adapter is not kept"}
 
 
@@ -192,9 +192,9 @@ def limits_text(ctx: Context) -> str:
     return (f"Per job: up to {limits.steps:,} steps, a batch of {limits.batch_size}{minutes}; "
             f"{limits.jobs_per_user} jobs per user at once, first come first served. An uploaded CSV: up to "
             f"{MAX_CSV_BYTES // 2**20} MB and {MAX_CSV_ROWS:,} rows, of which {CSV_HELD_OUT} at most are held out. "
-            "**Stop** takes a queued job out of the queue; a running one ends at the next step and is scored "
-            "on the monitor slice only (marked *stopped* in the list); during the final evaluation it ends "
-            "at once and the adapter is not kept.")
+            "**Stop** takes a queued job out of the queue; a running one ends at the next step and keeps its "
+            "adapter, not scored (listed as *stopped at step N*); during the final evaluation it ends at once "
+            "and the adapter is not kept.")
 
 
 def tab(ctx: Context, user) -> dict:

@@ -82,7 +82,7 @@ class TrainJob:
     result: dict | None = None
     error: str | None = None
     note: str | None = None          # why a stopped job ended as it did, for the page
-    stopped: dict | None = None      # a job stopped while training: step, reason, examples scored
+    stopped: dict | None = None      # a job stopped while training: the step and the reason (it is not scored)
     started: float | None = None
     queue: JobQueue | None = field(default=None, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)

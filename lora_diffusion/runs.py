@@ -31,11 +31,13 @@ from .training import TrainConfig, train
 def fine_tune(backbone: Backbone, task: Task, method: Method, config: TrainConfig, out_dir=None,
               max_length: int | None = None, truncate: bool = False, sampler_steps: int = 64,
               eval_batch_size: int = 64, monitor_examples: int = 200, on_log=None, should_stop=None,
-              progress: bool = True) -> dict:
+              progress: bool = True, score_if_stopped: bool = True) -> dict:
     """Train `method` on `task.train`, evaluate on `task.eval`, save adapter + results in `out_dir`.
 
     During training a fixed slice of the held-out split (`monitor_examples`) is scored every
     `config.eval_every` steps to show progress; the reported metrics use the whole split.
+    A run that `should_stop` ends is scored all the same, unless `score_if_stopped` is False:
+    then it is not evaluated at all, and its results hold `stopped_at_step` instead of metrics.
     Returns the results (as written to results.json) with the trained model under "model".
     """
     max_length = max_length or backbone.max_length
@@ -66,10 +68,14 @@ def fine_tune(backbone: Backbone, task: Task, method: Method, config: TrainConfi
                 "train_examples": _digest(task.train), "base": fingerprint, "max_length": max_length,
                 "truncate": truncate, "processes": world_size()}  # another count deals other batches
     summary = train(model, method, batch_for_step, config, out_dir=out_dir, evaluate=monitor,
-                    on_log=on_log, should_stop=should_stop, progress=progress, identity=identity)
+                    on_log=on_log, should_stop=should_stop, progress=progress, identity=identity,
+                    evaluate_if_stopped=score_if_stopped)
+    unscored = summary["stopped_early"] and not score_if_stopped
     result = None
     if is_main():  # on several processes the main one evaluates and writes; the others get its results
-        result = {**_evaluate_as_served(model, method, task, eval_kwargs), "method": method.name,
+        scores = ({"task": task.name, "kind": task.kind, "stopped_at_step": summary["steps"]} if unscored
+                  else _evaluate_as_served(model, method, task, eval_kwargs))
+        result = {**scores, "method": method.name,
                   "options": method.options(), "seed": config.seed, "n_train": len(task.train),
                   **method.accounting(), "train": summary, "config": asdict(config), "base": backbone.label,
                   "source": task.source}

@@ -406,8 +406,11 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
           config: TrainConfig, out_dir=None, evaluate: Callable[[DiffusionLM], dict] | None = None,
           loss_fn=diffusion_loss, on_log: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None, progress: bool = True,
-          identity: dict | None = None) -> dict:
+          identity: dict | None = None, evaluate_if_stopped: bool = True) -> dict:
     """Train `method` (already attached to `model`) and return a summary.
+
+    A run that `should_stop` ends is evaluated at its last step like a finished one, unless
+    `evaluate_if_stopped` is False (the app's Stop: the run ends at once).
 
     `identity` says what is trained beyond `config` (method, options, data, base): a
     checkpoint of another identity in `out_dir` is refused instead of resumed.
@@ -471,7 +474,8 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
             _after_step(config, state, optimizer, run, model, method, evaluate)
     model.eval()
     if start < config.steps:  # else it was finished before: a restart only reports it
-        _finish(config, state, optimizer, run, model, method, evaluate, stopped)
+        final_evaluate = None if stopped and not evaluate_if_stopped else evaluate
+        _finish(config, state, optimizer, run, model, method, final_evaluate, stopped)
     summary = {"steps": state.step, "stopped_early": stopped, "resumed_from_step": start, "lr": lr,
                "device": str(device), "processes": world_size(),
                "global_batch": config.batch_size * micro_batches_per_step(config.grad_accum),

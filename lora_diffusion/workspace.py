@@ -18,14 +18,13 @@ where gradio serves files from, never into the workspace.
 Messages name files relative to the workspace (`public_message`), never by server path.
 
 `start_training` fine-tunes in a background thread within `JobLimits`; `TrainJob.stop`
-works at every stage: a queued job never starts, a running one ends at the next step and is
-scored on the monitor slice only (and marked stopped, so it never passes for a finished
-run), and one stopped in its final evaluation ends at once without keeping its adapter.
+works at every stage: a queued job never starts, a running one ends at the next step, keeps
+its adapter but is not scored (it is marked stopped at step N, so it never passes for a
+finished run), and one stopped in its final evaluation ends at once without keeping its adapter.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import os
@@ -235,8 +234,7 @@ class Workspace:
             self.queue.leave()
 
     def _train(self, job, task, method, config, base, sampler_steps, monitor_examples) -> dict:
-        """fine_tune with the job's stop and time limit wired in; a stop cuts the held-out split short."""
-        task = dataclasses.replace(task)  # its held-out list is cut when the job stops
+        """fine_tune with the job's stop and time limit wired in; a stopped run is saved but not scored."""
         steps_done = itertools.count()
 
         def should_stop() -> bool:
@@ -246,11 +244,9 @@ class Workspace:
                 job.stop(f"stopped by the {limit / 60:g}-minute limit per job")
             if not job.stop_requested:
                 return False
-            if job.stopped is None:  # seen for the first time: score only the monitor slice
-                task.eval = task.eval[:monitor_examples]
-                job.stopped = {"step": done, "reason": job._reason, "n_eval": len(task.eval)}
-                job.note = (f"{job._reason} at step {done}: scored on the first {len(task.eval)} held-out "
-                            "examples only (the monitor slice), not the whole split")
+            if job.stopped is None:  # seen for the first time
+                job.stopped = {"step": done, "reason": job._reason}
+                job.note = f"{job._reason} at step {done}: the adapter is kept, not scored on the held-out split"
                 write_json(job.folder / STOPPED_FILE, job.stopped)  # before the adapter: never listed as done
             return True
 
@@ -268,7 +264,7 @@ class Workspace:
         try:
             result = fine_tune(backbone, task, method, config, out_dir=job.folder, truncate=True,
                                sampler_steps=sampler_steps, monitor_examples=monitor_examples,
-                               on_log=on_log, should_stop=should_stop, progress=False)
+                               on_log=on_log, should_stop=should_stop, progress=False, score_if_stopped=False)
         finally:
             hook.remove()
         result.pop("model", None)
@@ -309,11 +305,11 @@ class Workspace:
         results = _optional_json(run / "results.json")
         stopped = _optional_json(run / STOPPED_FILE)
         try:
-            metric, value = (metric_of(results), score(results)) if results else (None, None)
+            metric, value = (metric_of(results), score(results)) if results and not stopped else (None, None)
         except (KeyError, TypeError, ValueError):
             metric, value = None, None
-        if stopped:
-            status = f"stopped at step {stopped.get('step')} (scored on {stopped.get('n_eval')} examples)"
+        if stopped:  # a stopped run is not scored
+            status = f"stopped at step {stopped.get('step')}"
         else:
             status = "shared" if shared else ("done" if results else "imported")
         return {"name": name, "path": str(run / RUN_ADAPTER), "method": config["method"],

@@ -518,7 +518,7 @@ def test_stop_takes_a_queued_job_out_of_the_queue_and_ends_a_running_one(world, 
     assert status.startswith("**stopped**") and metric == "stopped while queued: nothing was trained"
     assert first.predict(user=USER, api_name="/stop").startswith("stopping after the current step")
     status, _, metric = running.result(timeout=120)
-    assert status.startswith("**stopped** after") and "monitor slice" in metric
+    assert status.startswith("**stopped** after") and "the adapter is kept, not scored" in metric
     name = re.search(r"`([^`]+)`", status).group(1)
     assert read_json(world.own() / name / "stopped.json")["reason"] == "stopped by you"  # listed as stopped
     assert "Traceback" not in app[1].read_text(), app[1].read_text()[-5000:]
