@@ -3,8 +3,10 @@
 An upload comes from anyone. A zip's header can lie about sizes, so bytes are counted as
 they are really unpacked; only the entries an exported adapter holds are taken; then the
 adapter's config and tensors are checked and it is loaded on the app's base, so its tensors
-must fit. Nothing is unpickled. The workbench runs offline: an adapter whose task names a hub
-dataset (or a path) is refused (`offline_refusal`), since analysing it would load that task.
+must fit. Nothing is unpickled. An exported adapter also carries its run's held-out results
+(`RESULTS_FILE`); an upload's are checked to be this adapter's (`check_results`). The workbench
+runs offline: an adapter whose task names a hub dataset (or a path) is refused
+(`offline_refusal`), since analysing it would load that task.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ from pathlib import Path
 from .adapters import CONFIG_FILE, TENSORS_FILE, check_adapter, load_adapter
 from .backbone import load_backbone
 from .errors import UserError, quoted
-from .files import atomic_write, load_tensors
+from .files import atomic_write, load_tensors, read_json
+from .metrics import metric_of
 
+RESULTS_FILE = "results.json"    # a run's held-out results; an exported adapter carries them
 # What an adapter upload may hold: its own files, each with a size bound (JSON is small).
 MAX_UPLOAD_BYTES = 200 * 2**20   # in total, unpacked
 MAX_JSON_BYTES = 2**20
 ADAPTER_ENTRIES = {TENSORS_FILE: MAX_UPLOAD_BYTES, CONFIG_FILE: MAX_JSON_BYTES,
-                   "peft/adapter_model.safetensors": MAX_UPLOAD_BYTES, "peft/adapter_config.json": MAX_JSON_BYTES}
+                   "peft/adapter_model.safetensors": MAX_UPLOAD_BYTES, "peft/adapter_config.json": MAX_JSON_BYTES,
+                   RESULTS_FILE: MAX_JSON_BYTES}
 MAX_ENTRIES = 16                 # entries of an upload zip, folders included
 _CHUNK = 2**20
 NOT_A_ZIP = "the upload is not a valid zip file"
@@ -45,6 +50,28 @@ def offline_refusal(config: dict) -> str | None:
     if name.startswith("hub:") or "/" in name or "\\" in name:
         return OFFLINE
     return None
+
+
+def check_results(results, config: dict) -> None:
+    """Held-out results an adapter carries (`RESULTS_FILE`): those of a run of its method on its task,
+    with a score between 0 and 1, or the step the run was stopped at (a stopped run is not scored)."""
+    if not isinstance(results, dict) or results.get("method") != config["method"] or \
+            results.get("task") != config["task"]["name"]:
+        raise UserError(f"{RESULTS_FILE} does not hold the held-out results of this adapter (its method and task)")
+    if "stopped_at_step" in results:
+        if not _whole(results["stopped_at_step"]):
+            raise UserError(f"{RESULTS_FILE}: stopped_at_step must be a whole number")
+    elif not is_score(results.get(metric_of(results))):
+        raise UserError(f"{RESULTS_FILE}: {metric_of(results)} must be a number between 0 and 1")
+
+
+def is_score(value) -> bool:
+    """A held-out score as results hold it: a number between 0 and 1."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def extract_adapter_zip(archive: Path, target: Path) -> None:
@@ -124,6 +151,8 @@ def check_whole_adapter(target: Path, base) -> None:
     refusal = offline_refusal(config)
     if refusal:
         raise UserError(refusal)
+    if (target / RESULTS_FILE).is_file():
+        check_results(read_json(target / RESULTS_FILE), config)
     if (target / peft[0]).is_file():
         load_tensors(target / peft[0])  # peft's copy of the weights: safetensors too
     # Loaded on a Backbone we pass, never on the base its config names: that could be any path.

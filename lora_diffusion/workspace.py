@@ -46,12 +46,12 @@ from .errors import UserError, quoted
 from .files import atomic_write, read_json, write_json, write_text
 from .jobs import STOPPED_FILE, JobLimits, JobQueue, StoppedInEvaluation, TrainJob
 from .methods import make_method
-from .metrics import metric_of, score
+from .metrics import metric_of
 from .router import Composition, trained_composition
 from .runs import fine_tune
 from .training import TrainConfig
-from .uploads import (ADAPTER_ENTRIES, MAX_UPLOAD_BYTES, OFFLINE, check_whole_adapter, copy_adapter_files,
-                      extract_adapter_zip, offline_refusal)
+from .uploads import (ADAPTER_ENTRIES, MAX_UPLOAD_BYTES, OFFLINE, RESULTS_FILE, check_results, check_whole_adapter,
+                      copy_adapter_files, extract_adapter_zip, is_score, offline_refusal)
 
 SHARED = "shared:"          # the prefix of an adapter from the root's shared/ folder
 MAX_NAME = 128              # characters of an adapter name, a user id or a job id
@@ -302,16 +302,16 @@ class Workspace:
     def _entry(self, name: str, run: Path, shared: bool) -> dict:
         plain_name(run.name)
         config = self._valid_config(run / RUN_ADAPTER)
-        results = _optional_json(run / "results.json")
-        stopped = _optional_json(run / STOPPED_FILE)
-        try:
-            metric, value = (metric_of(results), score(results)) if results and not stopped else (None, None)
-        except (KeyError, TypeError, ValueError):
+        trained = _optional_json(run / RESULTS_FILE)  # a run of this workspace; an import carries its own
+        results = trained or _optional_json(run / RUN_ADAPTER / RESULTS_FILE) or {}
+        stopped_at = (_optional_json(run / STOPPED_FILE) or {}).get("step", results.get("stopped_at_step"))
+        metric, value = metric_of(results), results.get(metric_of(results))
+        if stopped_at is not None or not is_score(value):  # a stopped run is not scored
             metric, value = None, None
-        if stopped:  # a stopped run is not scored
-            status = f"stopped at step {stopped.get('step')}"
+        if stopped_at is not None:
+            status = f"stopped at step {stopped_at}"
         else:
-            status = "shared" if shared else ("done" if results else "imported")
+            status = "shared" if shared else ("done" if trained else "imported")
         return {"name": name, "path": str(run / RUN_ADAPTER), "method": config["method"],
                 "task": config["task"]["name"], "metric": metric, "score": value, "status": status,
                 "shared": shared, "trainable_parameters": config["accounting"]["trainable_parameters"]}
@@ -360,12 +360,14 @@ class Workspace:
         return path
 
     def export_adapter(self, name) -> Path:
-        """A zip of the adapter's own files (what `import_adapter` takes back), in this workspace's export folder.
+        """A zip of the adapter's own files and its held-out results (what `import_adapter` takes back), in
+        this workspace's export folder.
 
         That folder is in the temp folder (see `exports`), which gradio serves files from
         wherever the workspace is; zips older than EXPORT_HOURS are removed on the way.
         """
         folder = self.adapter_path(name)
+        results = self._results_to_export(folder)
         exports = self.exports()
         for old in exports.glob("*.zip"):
             try:
@@ -378,10 +380,27 @@ class Workspace:
         def write(tmp):
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
                 for entry in ADAPTER_ENTRIES:
-                    if (folder / entry).is_file():
+                    if (folder / entry).is_file() and entry != RESULTS_FILE:
                         z.write(folder / entry, entry)
+                if results is not None:
+                    z.write(results, RESULTS_FILE)
         atomic_write(target, write)
         return target
+
+    def _results_to_export(self, folder: Path) -> Path | None:
+        """The held-out results of the adapter in `folder` (its run's, or those an import carried), if an
+        upload of them would be taken back (`check_results`)."""
+        for path in (folder.parent / RESULTS_FILE, folder / RESULTS_FILE):
+            results = _optional_json(path)
+            if results is not None:
+                if (folder.parent / STOPPED_FILE).is_file() and "stopped_at_step" not in results:
+                    return None  # an older app's stopped run: scored on a slice only
+                try:
+                    check_results(results, self._valid_config(folder))
+                    return path
+                except UserError:
+                    return None
+        return None
 
     def exports(self) -> Path:
         """<temp folder>/EXPORTS/<hash of this workspace's folder>/: one per workspace, so one per user."""

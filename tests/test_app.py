@@ -103,7 +103,7 @@ def test_api_trains_generates_analyses_and_reports_errors(app_url):
 
     archive = client.predict(user=USER, name=name, api_name="/download")
     with zipfile.ZipFile(archive) as z:
-        assert sorted(z.namelist()) == ["adapter.safetensors", "adapter_config.json"]
+        assert sorted(z.namelist()) == ["adapter.safetensors", "adapter_config.json", "results.json"]
 
     # Bad input: one readable line, never a traceback.
     with pytest.raises(Exception) as error:

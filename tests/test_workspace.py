@@ -48,17 +48,41 @@ def test_background_training_logs_saves_and_lists(trained):
     assert len(fig.data) == 2 and list(fig.data[0].x) == [2, 4, 6]
 
 
-def test_export_then_import_gives_the_same_adapter(trained, tiny_base_dir):
+def test_export_then_import_gives_the_same_adapter_and_its_score(trained, tiny_base_dir):
     ws, job = trained
     archive = ws.export_adapter(job.id)
     assert archive.is_relative_to(Path(tempfile.gettempdir()) / EXPORTS)  # gradio serves it, wherever ws is
     assert not list(ws.root.rglob("*.zip"))
     with zipfile.ZipFile(archive) as z:
-        assert sorted(z.namelist()) == ["adapter.safetensors", "adapter_config.json"]
+        assert sorted(z.namelist()) == ["adapter.safetensors", "adapter_config.json", "results.json"]
     name = ws.import_adapter(archive, base=str(tiny_base_dir))
     original, imported = ws.adapter_path(job.id), ws.adapter_path(name)
     assert (imported / "adapter.safetensors").read_bytes() == (original / "adapter.safetensors").read_bytes()
-    assert name in [a["name"] for a in ws.adapters()]
+    listed = {a["name"]: a for a in ws.adapters()}
+    assert listed[name]["status"] == "imported" and listed[name]["metric"] == "accuracy"
+    assert listed[name]["score"] == listed[job.id]["score"] == job.result["accuracy"]  # the score came with it
+    with zipfile.ZipFile(ws.export_adapter(name)) as z:  # and goes with it again
+        assert json.loads(z.read("results.json"))["accuracy"] == job.result["accuracy"]
+
+
+def test_results_that_are_not_the_adapters_are_refused_at_import(trained, tmp_path, tiny_base_dir):
+    ws, job = trained
+    before = sorted(p.name for p in ws.root.iterdir())
+    with zipfile.ZipFile(ws.export_adapter(job.id)) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    results = json.loads(files["results.json"])
+    for bad, says in (({**results, "task": "suite_topic"}, "does not hold the held-out results of this adapter"),
+                      ({**results, "accuracy": 97.5}, "accuracy must be a number between 0 and 1"),
+                      ({**results, "accuracy": "high"}, "accuracy must be a number between 0 and 1"),
+                      ([results], "does not hold the held-out results"),
+                      ({**results, "stopped_at_step": "3"}, "stopped_at_step must be a whole number")):
+        upload = tmp_path / "bad-results.zip"
+        with zipfile.ZipFile(upload, "w") as z:
+            for entry, data in {**files, "results.json": json.dumps(bad)}.items():
+                z.writestr(entry, data)
+        with pytest.raises(UserError, match=says):
+            ws.import_adapter(upload, base=str(tiny_base_dir))
+    assert sorted(p.name for p in ws.root.iterdir()) == before
 
 
 def test_bad_uploads_are_refused_and_leave_nothing(trained, tmp_path, tiny_base_dir):
