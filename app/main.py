@@ -88,7 +88,7 @@ def build(workspace: Workspace, data_dir: str | None = None, base: str | None = 
         refresh = handler(refreshed, ctx)
         for trigger in (generate["refresh"].click, analyse["refresh"].click, shared.change):
             trigger(refresh, [user, shared], lists, api_visibility="undocumented")
-        for event in train["changed"]:  # a finished job or an import: the lists show it
+        for event in train["changed"]:  # a job that ended (done, stopped, failed), an import, a delete, a reset
             event.then(refresh, [user, shared], lists, api_visibility="undocumented")
     return demo
 

@@ -1,5 +1,5 @@
 """Train: pick a task and a method (its option controls come from the method's config), watch the
-loss and the held-out score, stop, download and upload adapters."""
+loss and the held-out score, stop; download, upload and delete adapters, or reset the workspace."""
 
 from __future__ import annotations
 
@@ -186,6 +186,27 @@ def upload(ctx: Context, user, files):
     return f"imported as **{name}**"
 
 
+@readable_errors
+def delete(ctx: Context, user, name):
+    """Delete one of the caller's own adapters (its whole run); the picker is emptied."""
+    if not name:
+        raise UserError("pick an adapter to delete")
+    user_workspace(ctx, user).delete_adapter(name)
+    return f"deleted **{name}**", None
+
+
+RESET_LABEL = "yes, delete everything of mine"
+
+
+@readable_errors
+def reset(ctx: Context, user, confirmed):
+    """Delete all of the caller's runs and adapters, once `confirmed` (the box is unticked again)."""
+    if confirmed is not True:
+        raise UserError(f"tick '{RESET_LABEL}' first: this deletes all your adapters and runs")
+    removed = user_workspace(ctx, user).reset()
+    return f"deleted all your runs and adapters ({removed})", False
+
+
 def limits_text(ctx: Context) -> str:
     limits = ctx.workspace.limits
     minutes = f", {limits.seconds / 60:g} minutes of training" if limits.seconds else ""
@@ -236,12 +257,16 @@ def tab(ctx: Context, user) -> dict:
     with gr.Row():
         pick = gr.Dropdown([], label="adapter", allow_custom_value=True)
         download_btn = gr.Button("Prepare download")
+        delete_btn = gr.Button("Delete", variant="stop")
         download_file = gr.File(label="adapter zip")
     with gr.Row():
         upload_files = gr.File(label="upload an adapter (zip, or its .safetensors + .json)",
                                file_types=[".zip", ".safetensors", ".json"], file_count="multiple", type="filepath")
         upload_btn = gr.Button("Import")
-        upload_msg = gr.Markdown("")
+    with gr.Row():
+        confirm = gr.Checkbox(False, label=RESET_LABEL, elem_id="reset-confirm")
+        reset_btn = gr.Button("Delete all my adapters and runs", variant="stop")
+    adapters_msg = gr.Markdown("", elem_id="adapters-message")
 
     method_in.change(show_options, method_in, groups, api_visibility="undocumented")
     trained = start_btn.click(collect_options, [method_in] + controls, options_json,
@@ -251,5 +276,7 @@ def tab(ctx: Context, user) -> dict:
         [job_id, status, loss_plot, metric], api_name="train", concurrency_limit=None)  # the workspace queues
     stop_btn.click(handler(stop, ctx), [user, job_id], status, api_name="stop", concurrency_limit=None)
     download_btn.click(handler(download, ctx), [user, pick], download_file, api_name="download")
-    uploaded = upload_btn.click(handler(upload, ctx), [user, upload_files], upload_msg, api_name="upload")
-    return {"pick": pick, "table": table, "broken": broken, "changed": [trained, uploaded]}
+    uploaded = upload_btn.click(handler(upload, ctx), [user, upload_files], adapters_msg, api_name="upload")
+    deleted = delete_btn.click(handler(delete, ctx), [user, pick], [adapters_msg, pick], api_name="delete")
+    emptied = reset_btn.click(handler(reset, ctx), [user, confirm], [adapters_msg, confirm], api_name="reset")
+    return {"pick": pick, "table": table, "broken": broken, "changed": [trained, uploaded, deleted, emptied]}

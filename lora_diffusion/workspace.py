@@ -21,6 +21,7 @@ Messages name files relative to the workspace (`public_message`), never by serve
 works at every stage: a queued job never starts, a running one ends at the next step, keeps
 its adapter but is not scored (it is marked stopped at step N, so it never passes for a
 finished run), and one stopped in its final evaluation ends at once without keeping its adapter.
+`delete_adapter` and `reset` remove a user's own runs, never a shared adapter.
 """
 
 from __future__ import annotations
@@ -442,6 +443,37 @@ class Workspace:
                 raise UserError(self.public(str(e))) from None
             raise
         return run_id
+
+    # ---- removing -------------------------------------------------------------------
+
+    def delete_adapter(self, name) -> None:
+        """Remove one of this workspace's own adapters with its whole run folder (never a shared one)."""
+        if isinstance(name, str) and name.startswith(SHARED):
+            raise UserError("shared adapters are read-only: only whoever runs the workbench can remove them")
+        run = self.root / plain_name(name)
+        if run.is_symlink() or not (run / RUN_ADAPTER / CONFIG_FILE).is_file():
+            raise UserError(f"no adapter named {name!r} in your workspace")
+        self._remove([run])
+
+    def reset(self) -> int:
+        """Remove every run of this workspace (its adapters, trained or imported) and its saved routers;
+        returns how many runs it removed. Nothing else is touched (in the root workspace: users/, shared/, results/)."""
+        runs = [f for f in self.root.iterdir() if _PLAIN.fullmatch(f.name) and not f.is_symlink() and f.is_dir()
+                and ((f / RUN_ADAPTER).is_dir() or (f / "job.json").is_file())] if self.root.is_dir() else []
+        self._remove(runs + [self.root / "compositions"])
+        return len(runs)
+
+    def _remove(self, folders: list[Path]) -> None:
+        """Delete `folders` (in this workspace) unless a job of this workspace still trains in one."""
+        with self._lock:  # no new run folder meanwhile
+            busy = [j.id for j in self.jobs.values() if not j.finished and j.folder in folders]
+            if busy:
+                raise UserError(f"training job {busy[0]} is still queued or running: stop it first")
+            for folder in folders:
+                self.jobs.pop(folder.name, None)
+                self._checked.pop(folder / RUN_ADAPTER, None)
+                if folder.exists():
+                    shutil.rmtree(folder)
 
     # ---- composition ----------------------------------------------------------------
 

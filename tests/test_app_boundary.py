@@ -130,6 +130,7 @@ ENDPOINTS = {  # endpoint -> call(world, user, name) with `name` where the endpo
     "forgetting": lambda w, u, n: analyse_tab.forgetting(w.ctx, u, [n], 8, progress=NOOP),
     "route": lambda w, u, n: analyse_tab.route(w.ctx, u, [w.good, n], "is it good ?", progress=NOOP),
     "upload": lambda w, u, n: train_tab.upload(w.ctx, u, [n]),
+    "delete": lambda w, u, n: train_tab.delete(w.ctx, u, n),
     "train-csv": lambda w, u, n: train_tab.train(w.ctx, u, **dict(TRAIN, task_name="uploaded CSV", csv_file=n),
                                                  progress=NOOP),
     "stop": lambda w, u, n: train_tab.stop(w.ctx, u, n),
@@ -176,6 +177,18 @@ def test_another_users_adapter_and_job_are_not_found(world):
     finally:
         assert train_tab.stop(world.ctx, USER, job.id).startswith(("stop", "the job has already ended"))
         assert job.wait(120)
+
+
+def test_reset_deletes_the_callers_own_runs_and_nothing_else(world):
+    user = "boundary-user-0003"
+    shutil.copytree(world.good_run, world.own(user) / world.good)
+    shutil.copytree(world.good_run, world.workspace / "shared" / "team", dirs_exist_ok=True)
+    others = sorted(p for p in world.workspace.rglob("*") if not p.is_relative_to(world.own(user)))
+    for bad in ("../x", "/etc", "..", "", None, "short"):
+        assert "user id" in refused(world, lambda: train_tab.reset(world.ctx, bad, True))
+    assert train_tab.reset(world.ctx, user, True) == ("deleted all your runs and adapters (1)", False)
+    assert list(world.own(user).iterdir()) == []
+    assert sorted(p for p in world.workspace.rglob("*") if not p.is_relative_to(world.own(user))) == others
 
 
 def test_compare_reads_only_listed_files_and_does_not_say_whether_others_exist(world):

@@ -2,6 +2,7 @@
 
 import inspect
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -74,6 +75,25 @@ def test_a_user_sees_shared_adapters_only_when_asked(ctx):
     assert main.refreshed(ctx, other, True)[1]["choices"] == ["shared:team-adapter"]
     page, _ = generate_tab.generate(ctx, other, "shared:team-adapter", [], "is it good ?", "fine .", 2, 2, 0.0, 0)
     assert "shared:team-adapter" in page
+
+
+def test_delete_and_reset_from_the_page_and_an_import_keeps_its_score(ctx):
+    user = "handlers-delete-01"
+    first, second = train_run(ctx, user=user)[-1][0], train_run(ctx, user=user)[-1][0]
+    archive = ctx.uploads / "exported.zip"
+    shutil.copy(train_tab.download(ctx, user, first), archive)
+    imported = re.search(r"\*\*(.+)\*\*", train_tab.upload(ctx, user, [str(archive)])).group(1)
+    rows = {r[0]: r for r in main.refreshed(ctx, user, False)[-2]}
+    assert rows[imported][1] == "imported" and rows[imported][4:6] == rows[first][4:6] != ["", ""]
+    assert train_tab.delete(ctx, user, first) == (f"deleted **{first}**", None)  # and the picker is emptied
+    assert [r[0] for r in main.refreshed(ctx, user, False)[-2]] == [imported, second]
+    with pytest.raises(gr.Error, match="no adapter named"):
+        train_tab.delete(ctx, user, first)
+    with pytest.raises(gr.Error, match="tick 'yes, delete everything of mine' first"):
+        train_tab.reset(ctx, user, False)
+    assert len(main.refreshed(ctx, user, False)[-2]) == 2  # nothing deleted
+    assert train_tab.reset(ctx, user, True) == ("deleted all your runs and adapters (2)", False)
+    assert main.refreshed(ctx, user, False)[-2] == [] and main.refreshed(ctx, USER, False)[-2] != []
 
 
 def test_a_bad_option_is_one_readable_line(ctx):

@@ -207,6 +207,45 @@ def test_a_job_stopped_in_its_final_evaluation_ends_at_once_and_keeps_no_adapter
     assert ws.adapters() == [] and not (job.folder / "adapter").exists()
 
 
+def _users_with_adapters(run: Path, root: Path) -> tuple[Workspace, Workspace]:
+    """alice (two adapters), bob (one) and a shared adapter, all copies of `run`."""
+    ws = Workspace(root)
+    alice, bob = ws.user("alice-0001"), ws.user("bob-00001")
+    for folder in (alice.root / "mine-1", alice.root / "mine-2", bob.root / "bobs", root / "shared" / "team"):
+        shutil.copytree(run, folder)
+    return alice, bob
+
+
+def test_delete_removes_one_of_the_users_own_adapters_and_nothing_else(trained, tmp_path):
+    alice, bob = _users_with_adapters(trained[1].folder, tmp_path)
+    alice.delete_adapter("mine-1")
+    assert not (alice.root / "mine-1").exists()
+    assert [a["name"] for a in alice.adapters(include_shared=True)] == ["mine-2", "shared:team"]
+    for name, says in (("shared:team", "shared adapters are read-only"), ("bobs", "no adapter named 'bobs'"),
+                       ("mine-1", "no adapter named"), ("../bob-00001/bobs", "not a valid adapter name"),
+                       ("compositions", "no adapter named"), ("", "no adapter name given"), (None, "no adapter name")):
+        with pytest.raises(UserError, match=says):
+            alice.delete_adapter(name)
+    assert [a["name"] for a in bob.adapters(include_shared=True)] == ["bobs", "shared:team"]
+
+
+def test_reset_removes_every_run_and_router_of_the_user_only_and_waits_for_their_jobs(trained, tmp_path,
+                                                                                        tiny_base_dir):
+    alice, bob = _users_with_adapters(trained[1].folder, tmp_path)
+    (alice.root / "compositions" / "abc-2").mkdir(parents=True)
+    job = alice.start_training(load_task("suite_topic", max_train=16, max_eval=4), "bitfit", {},
+                               TrainConfig(steps=5000, batch_size=2), base=str(tiny_base_dir), sampler_steps=1)
+    with pytest.raises(UserError, match=f"training job {job.id} is still queued or running: stop it first"):
+        alice.reset()
+    assert (alice.root / "mine-1").is_dir() and job.folder.is_dir()  # nothing removed
+    job.stop()
+    assert job.wait(120)
+    assert alice.reset() == 3  # two adapters and the stopped run
+    assert list(alice.root.iterdir()) == [] and alice.adapters() == [] and alice.jobs == {}
+    assert [a["name"] for a in bob.adapters(include_shared=True)] == ["bobs", "shared:team"]
+    assert alice.reset() == 0
+
+
 def test_a_broken_adapter_folder_is_skipped_and_reported(trained, tmp_path):
     ws = Workspace(tmp_path)
     (tmp_path / "hostile" / "adapter").mkdir(parents=True)
