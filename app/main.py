@@ -3,9 +3,9 @@
     lora-diffusion app [--port 7860] [--workspace runs/app]     (or: python -m lora_diffusion.app ...)
 
 A browser gets a random user id on its first visit, kept in its localStorage
-(`gr.BrowserState`), so a reload finds the same adapters; every handler works in that
-user's workspace (W/users/<id>/), and shows the operator's shared adapters (W/shared/) only
-when asked.
+(`gr.BrowserState`), so a reload finds the same adapters (and follows a job still training);
+every handler works in that user's workspace (W/users/<id>/), and shows the operator's shared
+adapters (W/shared/) only when asked.
 """
 
 from __future__ import annotations
@@ -83,9 +83,12 @@ def build(workspace: Workspace, data_dir: str | None = None, base: str | None = 
             compare = compare_tab.tab(ctx)
         lists = [generate["adapter"], train["pick"], generate["composed"], analyse["adapters"],
                  analyse["router_adapters"], train["table"], train["broken"]]
-        demo.load(handler(session, ctx), [user, shared], [user] + lists, api_visibility="undocumented")
-        demo.load(handler(compare_tab.choices, ctx), None, compare["lists"], api_visibility="undocumented")
         refresh = handler(refreshed, ctx)
+        # A page opens (or reloads): its user's adapter lists, then their job still training, if any, until it ends.
+        opened = demo.load(handler(session, ctx), [user, shared], [user] + lists, api_visibility="undocumented")
+        opened.then(handler(train_tab.follow, ctx), user, train["job"], api_visibility="undocumented",
+                    concurrency_limit=None).then(refresh, [user, shared], lists, api_visibility="undocumented")
+        demo.load(handler(compare_tab.choices, ctx), None, compare["lists"], api_visibility="undocumented")
         for trigger in (generate["refresh"].click, analyse["refresh"].click, shared.change):
             trigger(refresh, [user, shared], lists, api_visibility="undocumented")
         for event in train["changed"]:  # a job that ended (done, stopped, failed), an import, a delete, a reset

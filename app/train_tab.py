@@ -103,17 +103,22 @@ def _monitor_text(job) -> str:
             "(monitor subset)")
 
 
-def _status(job, steps: int, title: str) -> str:
+def _title(job) -> str:
+    spec = job.spec
+    return f"{spec['method']} on {spec['task']} ({spec['n_train']} train / {spec['n_eval']} held-out)"
+
+
+def _status(job) -> str:
     """The job's status line: its place in the queue, its step, or how it ended; then its id (the adapter's name)."""
     if job.status == "queued":
         state = f"**queued** ({f'number {job.position} in the queue' if job.position else 'starting'})"
     elif not job.finished:
-        state = f"**{job.status}**: step {job.step} / {steps}"
+        state = f"**{job.status}**: step {job.step} / {job.spec['steps']}"
     elif job.result is None:
         state = f"**{job.status}**"
     else:
         state = f"**{job.status}** after {job.result['train']['steps']} steps"
-    return f"{state} · {title} · `{job.id}`"
+    return f"{state} · {_title(job)} · `{job.id}`"
 
 
 def _final_text(job) -> str:
@@ -121,6 +126,19 @@ def _final_text(job) -> str:
     if job.result is None or job.stopped:
         return job.note or ""
     return _final_metric(job.result)
+
+
+def _follow(job, progress):
+    """(job id, status, loss figure, score) of `job` every second until it ends; a failure is one line."""
+    steps, title = job.spec["steps"], _title(job)
+    yield job.id, _status(job), training_figure(list(job.records), title), _monitor_text(job)
+    while not job.finished:
+        time.sleep(1.0)
+        progress((job.step, steps), desc=f"{job.status}: step {job.step}/{steps}")
+        yield job.id, _status(job), training_figure(list(job.records), title), _monitor_text(job)
+    if job.status == "failed":
+        raise UserError(job.error)
+    yield job.id, _status(job), training_figure(list(job.records), title), _final_text(job)
 
 
 def _options(options) -> dict:
@@ -141,15 +159,17 @@ def train(ctx: Context, user, task_name, csv_file, text_column, label_column, ma
                          checkpoint_every=max(50, steps // 4))
     task = _task(ctx, task_name, csv_file, text_column, label_column, max_train, seed)  # after the cheap checks
     job = ws.start_training(task, method, _options(options), config, base=ctx.base, sampler_steps=8)
-    title = f"{method} on {task.name} ({len(task.train)} train / {len(task.eval)} held-out)"
-    yield job.id, _status(job, steps, title), training_figure([], title), ""
-    while not job.finished:
-        time.sleep(1.0)
-        progress((job.step, steps), desc=f"{job.status}: step {job.step}/{steps}")
-        yield job.id, _status(job, steps, title), training_figure(list(job.records), title), _monitor_text(job)
-    if job.status == "failed":
-        raise UserError(job.error)
-    yield job.id, _status(job, steps, title), training_figure(list(job.records), title), _final_text(job)
+    yield from _follow(job, progress)
+
+
+@readable_errors
+def follow(ctx: Context, user, progress=gr.Progress()):
+    """A page opens: it follows the user's job still queued or running, if any (a reload loses nothing)."""
+    jobs = [j for j in user_workspace(ctx, user).jobs.values() if not j.finished]
+    if not jobs:
+        yield gr.skip()
+        return
+    yield from _follow(jobs[-1], progress)
 
 
 STOPPING = {"queued": "stopped: the job leaves the queue without training",
@@ -252,10 +272,10 @@ def tab(ctx: Context, user) -> dict:
         loss_plot = gr.Plot(label="loss and held-out score", elem_id="loss-plot")
         metric = gr.Markdown("", elem_id="train-metric")
     gr.Markdown("### Your adapters")
-    table = gr.Dataframe([], headers=TABLE_HEADERS, interactive=False)
+    table = gr.Dataframe([], headers=TABLE_HEADERS, interactive=False, elem_id="adapters-table")
     broken = gr.Markdown("")
     with gr.Row():
-        pick = gr.Dropdown([], label="adapter", allow_custom_value=True)
+        pick = gr.Dropdown([], label="adapter", allow_custom_value=True, elem_id="train-pick")
         download_btn = gr.Button("Prepare download")
         delete_btn = gr.Button("Delete", variant="stop")
         download_file = gr.File(label="adapter zip")
@@ -279,4 +299,5 @@ def tab(ctx: Context, user) -> dict:
     uploaded = upload_btn.click(handler(upload, ctx), [user, upload_files], adapters_msg, api_name="upload")
     deleted = delete_btn.click(handler(delete, ctx), [user, pick], [adapters_msg, pick], api_name="delete")
     emptied = reset_btn.click(handler(reset, ctx), [user, confirm], [adapters_msg, confirm], api_name="reset")
-    return {"pick": pick, "table": table, "broken": broken, "changed": [trained, uploaded, deleted, emptied]}
+    return {"pick": pick, "table": table, "broken": broken, "changed": [trained, uploaded, deleted, emptied],
+            "job": [job_id, status, loss_plot, metric]}

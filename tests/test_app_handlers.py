@@ -4,6 +4,7 @@ import inspect
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -12,8 +13,10 @@ import pytest
 from lora_diffusion import uploads, workspace
 from lora_diffusion.app import common, compare_tab, generate_tab, main, train_tab
 from lora_diffusion.app.common import Context
+from lora_diffusion.data import load_task
 from lora_diffusion.methods import METHODS, method_config, option_specs
 from lora_diffusion.paths import CHECKOUT
+from lora_diffusion.training import TrainConfig
 from lora_diffusion.workspace import JobLimits, Workspace
 
 
@@ -75,6 +78,44 @@ def test_a_user_sees_shared_adapters_only_when_asked(ctx):
     assert main.refreshed(ctx, other, True)[1]["choices"] == ["shared:team-adapter"]
     page, _ = generate_tab.generate(ctx, other, "shared:team-adapter", [], "is it good ?", "fine .", 2, 2, 0.0, 0)
     assert "shared:team-adapter" in page
+
+
+NOOP = lambda *a, **k: None  # noqa: E731  (stands in for gr.Progress)
+
+
+def test_a_page_that_opens_or_reloads_gets_the_lists_and_follows_the_job_still_training(ctx):
+    user = "handlers-reload-01"
+    done_id = train_run(ctx, user=user)[-1][0]
+    assert list(train_tab.follow(ctx, user, progress=NOOP)) == [gr.skip()]  # nothing training: nothing changes
+    _, _, pick, *_, table, _ = main.session(ctx, user, False)  # the page (re)opens: lists filled at once
+    assert pick["choices"] == [done_id] and table[0][:2] == [done_id, "done"]
+    job = ctx.workspace.user(user).start_training(load_task("suite_topic", max_train=16, max_eval=4), "bitfit", {},
+                                                  TrainConfig(steps=5000, batch_size=2, log_every=1),
+                                                  base=ctx.base, sampler_steps=1)
+    followed = train_tab.follow(ctx, user, progress=NOOP)  # the reloaded page follows it, and can stop it
+    assert next(followed)[0] == job.id
+    while job.step < 1:
+        time.sleep(0.05)
+    assert train_tab.stop(ctx, user, job.id) == "stopping after the current step; the adapter is kept but not scored"
+    job_id, status, _, metric = list(followed)[-1]
+    assert job_id == job.id and status.startswith("**stopped** after")
+    step = job.stopped["step"]
+    assert metric == f"stopped by you at step {step}: the adapter is kept, not scored on the held-out split"
+    _, pick, *_, table, _ = main.refreshed(ctx, user, False)
+    assert pick["choices"] == [job.id, done_id]
+    assert table[0][:2] == [job.id, f"stopped at step {step}"] and table[0][4:6] == ["", ""]
+
+
+def test_the_page_fills_the_adapter_lists_on_load_and_after_every_change(ctx):
+    config = main.build(ctx.workspace, base=ctx.base).config
+    table = next(c["id"] for c in config["components"] if c["props"].get("elem_id") == "adapters-table")
+    deps = {d["id"]: d for d in config["dependencies"]}
+    fill = [d for d in deps.values() if table in d["outputs"]]
+    assert any(t[1] == "load" for d in fill for t in d["targets"])
+    lists = fill[0]["outputs"][-7:]  # every adapter dropdown of every tab, the table, the skipped folders
+    assert all(d["outputs"][-7:] == lists for d in fill)
+    refreshed_after = {deps[d["trigger_after"]]["api_name"] for d in fill if d["trigger_after"] is not None}
+    assert {"train", "upload", "delete", "reset"} <= refreshed_after  # a job's end (done or stopped) ends train
 
 
 def test_delete_and_reset_from_the_page_and_an_import_keeps_its_score(ctx):
