@@ -50,7 +50,10 @@ def user_workspace(ctx: Context, user) -> Workspace:
 
 
 def readable_errors(fn):
-    """Show every failure as one line in the page, never a traceback, never a server path."""
+    """Show every failure as one line in the page, never a traceback, never a server path.
+
+    It is a gr.Error: an API client gets an error; the page shows the message and its outputs keep
+    what they showed (`main.PAGE_CSS`)."""
     def message(e: Exception, args) -> str:
         ctx = args[0] if args and isinstance(args[0], Context) else None
         if isinstance(e, UserError):

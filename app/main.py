@@ -32,6 +32,9 @@ from .common import (BASE_ONLY, Context, adapter_lists, broken_note, handler, re
 
 CACHE_SECONDS = 3600  # uploads (and gradio's copies of downloads) are removed after an hour, checked hourly
 SHARED_LABEL = "also show the shared adapters (read-only, from the workspace's shared/ folder)"
+# A refusal is shown as its message (a toast): gradio's "Error" badge over the outputs, which would hide what
+# they showed (the last run's loss curve, the adapters table), is not shown.
+PAGE_CSS = "[data-testid='status-tracker']:has(span.error) { display: none !important; }"
 
 
 @readable_errors
@@ -105,5 +108,5 @@ def serve(workspace: str, data_dir: str | None = None, base: str | None = None, 
     data_dir = data_dir or default_data_dir()
     limits = JobLimits() if job_minutes is None else JobLimits(seconds=job_minutes * 60 or None)
     demo = build(Workspace(workspace, limits=limits), str(data_dir) if data_dir else None, base)
-    demo.queue(default_concurrency_limit=2).launch(server_name=host, server_port=port,
+    demo.queue(default_concurrency_limit=2).launch(server_name=host, server_port=port, css=PAGE_CSS,
                                                    max_file_size=MAX_UPLOAD_BYTES, show_error=False)

@@ -139,10 +139,12 @@ def _train_weight_lora(page) -> str:
     return metric
 
 
-def _pick(page, dropdown: str, option, refresh) -> None:
-    """Refresh a Gradio dropdown's choices, open it and choose an option (retrying until it is offered)."""
+def _pick(page, dropdown: str, option, refresh=None) -> None:
+    """Refresh a Gradio dropdown's choices (if `refresh`), open it and choose an option (retrying until it is
+    offered)."""
     for _ in range(20):
-        refresh.click()
+        if refresh is not None:
+            refresh.click()
         page.wait_for_timeout(500)
         page.mouse.click(1, 1)  # blur first: the list opens on focus, and a focused input stays shut
         page.locator(f"{dropdown} input").click()
@@ -200,10 +202,25 @@ def test_browser_trains_generates_and_shows_every_tab(app_url, tmp_path):
         points = page.evaluate("document.querySelector('#loss-plot .js-plotly-plot').data[0].x.length")
         assert traces >= 2 and points >= 2  # the train loss and the held-out monitor
         page.screenshot(path=str(shots / "train.png"), full_page=True)
+        # The adapter is offered for download at once (no refresh button to press anywhere).
+        trained = re.compile("lora_diffusion-suite_sentiment")
+        _pick(page, "#train-pick", trained)
+
+        # A refusal is its message; the outputs keep what they showed (no "Error" badge over the curve).
+        ranks = page.get_by_label("ranks")
+        default_ranks = ranks.input_value()
+        ranks.fill("64,32")
+        page.get_by_role("button", name="Train", exact=True).click()
+        page.wait_for_selector("text=option 'ranks' must be none, or 3 comma-separated values", timeout=60_000)
+        page.wait_for_timeout(500)
+        assert page.locator("#loss-plot .js-plotly-plot").is_visible()
+        assert not page.locator("[data-testid='status-tracker']:has(span.error)").first.is_visible()
+        assert "(generative)" in page.inner_text("#train-metric")
+        assert trained.search(page.inner_text("#adapters-table"))
+        ranks.fill(default_ranks)
 
         # Generate: the trajectory of base and adapter, step by step.
         page.get_by_role("tab", name="Generate").click()
-        trained = re.compile("lora_diffusion-suite_sentiment")
         _pick(page, "#gen-adapter", trained, page.get_by_role("button", name="Refresh adapters").first)
         # picking the adapter sets the response length it was trained with (suite_sentiment: 2)
         page.wait_for_function("document.querySelector('#gen-length input[type=number]')?.value === '2'",
@@ -247,5 +264,34 @@ def test_browser_trains_generates_and_shows_every_tab(app_url, tmp_path):
         # A reload keeps the user (the id lives in the browser): the adapter is still listed as theirs.
         page.reload()
         page.wait_for_selector("text=lora-diffusion workbench", timeout=60_000)
-        page.wait_for_function("document.body.innerText.includes('lora_diffusion-suite_sentiment')", timeout=60_000)
+        table = "document.querySelector('#adapters-table')?.innerText || ''"
+        page.wait_for_function(f"({table}).includes('lora_diffusion-suite_sentiment')", timeout=60_000)
+
+        # Stop: the run ends at once, unscored, and is listed as stopped; then it is deleted.
+        page.get_by_label("steps", exact=True).fill("5000")
+        page.get_by_role("button", name="Train", exact=True).click()
+        page.wait_for_function("document.querySelector('#train-status')?.innerText.includes('running')",
+                               timeout=120_000)
+        page.get_by_role("button", name="Stop", exact=True).click()
+        stopped = time.time()
+        page.wait_for_function("document.querySelector('#train-status')?.innerText.includes('stopped after')",
+                               timeout=60_000)
+        assert time.time() - stopped < 30 and "not scored" in page.inner_text("#train-metric")
+        page.wait_for_function(f"({table}).includes('stopped at step')", timeout=30_000)
+        name = page.inner_text("#train-status code")  # the job's id: its adapter's name
+        _pick(page, "#train-pick", name)
+        page.get_by_role("button", name="Delete", exact=True).click()
+        page.wait_for_function(f"!({table}).includes('{name}')", timeout=30_000)
+        assert "lora_diffusion-suite_sentiment" in page.inner_text("#adapters-table")
+
+        # Reset: only with the box ticked; then nothing of this user's is listed.
+        reset = page.get_by_role("button", name="Delete all my adapters and runs")
+        reset.click()
+        page.wait_for_selector("text=tick 'yes, delete everything of mine' first", timeout=30_000)
+        assert "lora_diffusion-suite_sentiment" in page.inner_text("#adapters-table")
+        page.get_by_label("yes, delete everything of mine").check()
+        reset.click()
+        page.wait_for_function(f"!({table}).includes('lora_diffusion-suite_sentiment')", timeout=30_000)
+        assert "deleted all your runs and adapters" in page.inner_text("#adapters-message")
+        assert page.locator("text=Traceback").count() == 0
         browser.close()

@@ -176,6 +176,7 @@ def test_the_app_is_offline_cleans_its_cache_and_caps_uploads_by_the_library(mon
     main.serve(str(tmp_path / "ws"), base=str(tiny_base_dir))
     assert launched["max_file_size"] == uploads.MAX_UPLOAD_BYTES
     assert launched["delete_cache"] == (main.CACHE_SECONDS, main.CACHE_SECONDS)
+    assert launched["css"] == main.PAGE_CSS  # a refusal does not cover the outputs (tests/test_app.py checks the page)
 
 
 def _readme_limits() -> dict:
