@@ -31,7 +31,7 @@ from .errors import UserError
 from .files import load_tensors, read_json, save_tensors, write_json
 from .methods import Method, MethodConfig, make_method
 from .methods.base import freeze
-from .methods.lora_diffusion import LoRADiffusion, encode_instruction
+from .methods.lora_diffusion import LoRADiffusion, block_output_hook, encode_instruction
 from .training import TrainConfig, train
 
 COMPOSITION_FORMAT = "lora-diffusion-composition"
@@ -55,15 +55,28 @@ class Composition:
                  router: Router | None = None):
         if not methods:
             raise UserError("composition needs at least one adapter")
-        if any(m.config.injection != "final" for m in methods):
-            raise UserError("only LoRA-Diffusion adapters with injection=final can be composed")
+        if any(m.config.injection == "weights" for m in methods):
+            raise UserError("only LoRA-Diffusion adapters with injection=final or blocks can be composed "
+                            "(a weights adapter changes the projections themselves)")
         self.model, self.methods, self.labels = model, methods, labels
         self.router = router
         self.fixed: torch.Tensor | None = None  # [M] weights that override the router
         self.rows: torch.Tensor | None = None  # [B] adapter of each batch row (a mixed batch), or None
         self.paths: list[str] = []  # the adapters' folders, when loaded from disk
         self.configs: list[dict] = []  # and their adapter configs
-        self.hook = model.add_step_hook(self._hook)
+        # Each adapter acts where it was trained: `final` ones on the last hidden states,
+        # `blocks` ones after every block; at each site the mixture is sum_j w_j delta_j.
+        self.hooks = [model.add_step_hook(self._final_hook)]
+        if any(m.config.injection == "blocks" for m in methods):
+            model.grad_through_body = True  # the router's weights act inside the body too
+            self.hooks += [block.register_forward_hook(block_output_hook(self._block_mixer(i)))
+                           for i, block in enumerate(model.backbone.blocks())]
+
+    def remove(self) -> None:
+        """Take the composition's hooks off the model (its modules stay)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.model.grad_through_body = False
 
     @classmethod
     def from_adapters(cls, paths, base=None, router_hidden: int = 512, seed: int = 0) -> "Composition":
@@ -128,28 +141,38 @@ class Composition:
             raise UserError("the router needs an instruction; set fixed weights for plain text")
         return self.router(encode_instruction(self.model.backbone, instruction))
 
-    def _hook(self, h, context: StepContext):
-        if self.rows is not None:
-            return self._each_row_its_adapter(h, context)
-        w = self.weights(context.instruction).to(h.dtype)
-        return sum(w[:, j, None, None] * m.perturbation(0, h, context.t, context.instruction, context.positions)
-                   for j, m in enumerate(self.methods))
+    def _final_hook(self, h, context: StepContext):
+        final = {j: (lambda m, h, c: m.perturbation(0, h, c.t, c.instruction, c.positions, c.attention_mask))
+                 for j, m in enumerate(self.methods) if m.config.injection == "final"}
+        return self._mix(final, h, context)
 
-    def _each_row_its_adapter(self, h, context: StepContext):
+    def _block_mixer(self, site: int):
+        blocks = {j: (lambda m, h, c: m.block_delta(site, h, c))
+                  for j, m in enumerate(self.methods) if m.config.injection == "blocks"}
+        return lambda h: self._mix(blocks, h, self.model.step_context)
+
+    def _mix(self, acting: dict, h, context: StepContext):
+        """sum_j w_j delta_j over the adapters `acting` here (j -> delta_of(method, h, context))."""
+        if not acting:
+            return torch.zeros_like(h)
+        if self.rows is not None:
+            return self._each_row_its_adapter(acting, h, context)
+        w = self.weights(context.instruction).to(h.dtype)
+        return sum(w[:, j, None, None] * delta_of(self.methods[j], h, context).to(h.dtype)
+                   for j, delta_of in acting.items())
+
+    def _each_row_its_adapter(self, acting: dict, h, context: StepContext):
         """A mixed batch: each adapter's modules run on its own rows only (gathered, then
         scattered back), so the batch costs one adapter's modules, however many it mixes."""
         rows = self.rows.to(h.device)
         if rows.shape[0] != h.shape[0]:
             raise UserError(f"the batch has {h.shape[0]} rows but {rows.shape[0]} were assigned adapters")
         delta = torch.zeros_like(h)
-        instruction, positions = context.instruction, context.positions
-        for j, method in enumerate(self.methods):
+        for j, delta_of in acting.items():
             mine = (rows == j).nonzero().squeeze(1)
             if len(mine):
-                delta[mine] = method.perturbation(
-                    0, h[mine], context.t[mine], None if instruction is None else instruction[mine],
-                    None if positions is None else positions[mine],
-                    None if context.attention_mask is None else context.attention_mask[mine]).to(h.dtype)
+                own = StepContext(*(None if x is None else x[mine] for x in context))
+                delta[mine] = delta_of(self.methods[j], h[mine], own).to(h.dtype)
         return delta
 
     def use(self, weights=None) -> None:

@@ -35,7 +35,19 @@ def adapters(tmp_path_factory, tiny_base_dir):
                          "--batch-size", "4", "--max-train-examples", "32", "--max-eval-examples", "8",
                          "--sampler-steps", "1", "--out", str(folder)]) == 0
             out[(method, task)] = folder
+    for task in ("suite_topic", "suite_sentiment"):  # LoRA-Diffusion after every block, on every position
+        folder = root / f"ld-blocks-{task}"
+        assert main(["train", "--base", str(tiny_base_dir), "--task", task, "--method", "lora_diffusion",
+                     "--option", "injection=blocks", "--option", "blocks_positions=all", "--option", "ranks=4,2,1",
+                     "--steps", "2", "--batch-size", "4", "--max-train-examples", "32", "--max-eval-examples", "8",
+                     "--sampler-steps", "1", "--out", str(folder)]) == 0
+        out[("ld_blocks", task)] = folder
     return out
+
+
+# The composition's adapters: both final, both blocks, or one of each.
+COMPOSED = {"final": ("lora_diffusion", "lora_diffusion"), "blocks": ("ld_blocks", "ld_blocks"),
+            "final+blocks": ("lora_diffusion", "ld_blocks")}
 
 
 # --- planted answers --------------------------------------------------------------------
@@ -196,8 +208,9 @@ def test_router_weights_sum_to_one_and_pick_the_planted_adapter(planted):
     assert w[0, 0] > 0.9 and w[1, 1] > 0.9
 
 
-def test_one_hot_router_weights_give_exactly_the_adapters_own_outputs(adapters, tiny_base_dir, tiny):
-    paths = [adapters[("lora_diffusion", t)] for t in ("suite_topic", "suite_sentiment")]
+@pytest.mark.parametrize("kinds", list(COMPOSED))
+def test_one_hot_router_weights_give_exactly_the_adapters_own_outputs(adapters, tiny_base_dir, tiny, kinds):
+    paths = [adapters[(kind, t)] for kind, t in zip(COMPOSED[kinds], ("suite_topic", "suite_sentiment"))]
     composition = Composition.from_adapters(paths, base=str(tiny_base_dir))
     batch = tiny_batch(tiny, padded=True)
     t = torch.full((len(batch["input_ids"]),), 0.9)
@@ -212,9 +225,10 @@ def test_one_hot_router_weights_give_exactly_the_adapters_own_outputs(adapters, 
         assert torch.equal(mixed, alone)
 
 
-def test_a_mixed_batch_gives_each_row_its_own_adapters_output(adapters, tiny_base_dir, tiny):
+@pytest.mark.parametrize("kinds", list(COMPOSED))
+def test_a_mixed_batch_gives_each_row_its_own_adapters_output(adapters, tiny_base_dir, tiny, kinds):
     """assign(): row i decoded with adapter rows[i] alone, in one batch, as each adapter alone does."""
-    paths = [adapters[("lora_diffusion", t)] for t in ("suite_topic", "suite_sentiment")]
+    paths = [adapters[(kind, t)] for kind, t in zip(COMPOSED[kinds], ("suite_topic", "suite_sentiment"))]
     composition = Composition.from_adapters(paths, base=str(tiny_base_dir))
     batch = tiny_batch(tiny, padded=True)  # 4 rows, the last one padded
     rows = [1, 0, 0, 1]

@@ -228,7 +228,7 @@ def test_the_body_alone_is_refused_a_step_it_cannot_place(tiny):
 
 def test_the_router_refuses_weights_adapters(tiny):
     model, method = attached()
-    with pytest.raises(UserError, match="injection=final"):
+    with pytest.raises(UserError, match="injection=final or blocks"):
         Composition(model, [method], ["suite_topic"])
 
 

@@ -55,7 +55,7 @@ def mixed_batch_report(adapter_counts=(8, 32), base=None, batch_size: int = 32, 
         composition = Composition(model, methods, [f"adapter {j}" for j in range(count)])
         composition.assign([i % count for i in range(batch_size)])
         latency = _latency(model, batch, steps, repeats)
-        composition.hook.remove()
+        composition.remove()
         rows.append({"adapters": count, "latency_s": latency, "tokens_per_s": tokens / latency,
                      "throughput_ratio": one / latency})
         if log:

@@ -422,20 +422,20 @@ class LoRADiffusion(Method):
     def _final_hook(self, h, context: StepContext):
         return self.perturbation(0, h, context.t, context.instruction, context.positions)
 
+    def block_delta(self, site: int, h, context: StepContext):
+        """delta_t after block `site` (injection `blocks`), zero where this site leaves h alone."""
+        t, instruction, positions, attention_mask = context
+        delta = self.perturbation(site, h, t, instruction, positions, attention_mask).to(h.dtype)
+        # blocks_positions="denoised" moves only the positions being denoised, as `final`
+        # does: the prompt's tokens differ from them in scale, and perturbing them with
+        # modules calibrated on the response blew them up (measured: SST-2 at chance).
+        # "all" moves them too, standardised on their own statistics.
+        if positions is not None and self.config.blocks_positions == "denoised":
+            delta = delta * positions.unsqueeze(-1).to(h.dtype)
+        return delta
+
     def _block_hook(self, site: int):
-        def hook(module, args, output):
-            t, instruction, positions, attention_mask = self.model.step_context
-            h = output[0] if isinstance(output, tuple) else output
-            delta = self.perturbation(site, h, t, instruction, positions, attention_mask).to(h.dtype)
-            # By default only the positions being denoised move, as with `final`: the
-            # prompt's tokens differ from them in scale, and perturbing them with modules
-            # calibrated on the response blew them up (measured: SST-2 at chance, outputs
-            # no label). blocks_positions="all" moves them too, standardised on their own.
-            if positions is not None and self.config.blocks_positions == "denoised":
-                delta = delta * positions.unsqueeze(-1).to(h.dtype)
-            h = h + delta
-            return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
-        return hook
+        return block_output_hook(lambda h: self.block_delta(site, h, self.model.step_context))
 
     # -- weights: low-rank updates of the projections ----------------------------------
 
@@ -606,6 +606,15 @@ class LoRADiffusion(Method):
 # adapter of a base this project can train, and a wrong option should fail here, not in
 # the allocator.
 MAX_TRAINABLE = 2**28
+
+
+def block_output_hook(delta_of):
+    """A forward hook adding delta_of(h) to a block's hidden states (its output or the first of a tuple)."""
+    def hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h = h + delta_of(h)
+        return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+    return hook
 
 
 def _check_size(total: int) -> None:
