@@ -63,11 +63,12 @@ PRESETS: dict[str, list[Spec]] = {
                  _ld("uniform r=35", schedule="uniform", rank=35)],
     # The same phase modules (64/32/8, k = 2) at each site; their parameter counts differ
     # (the stepaware preset compares the sites at LoRA's budget).
-    "injection": [_ld("final"), _ld("blocks", injection="blocks"),
+    "injection": [_ld("final", injection="final"), _ld("blocks", injection="blocks", blocks_positions="denoised"),
                   _ld("blocks, all positions", injection="blocks", blocks_positions="all"),
                   _ld("weights", injection="weights")],
-    # Phase-specific modules against one shared set of the same parameters, at two sites.
-    "phases": [_ld("final, per phase"), _ld("final, shared", phases="shared"),
+    # Phase-specific modules against one shared set of the same parameters, at three sites.
+    "phases": [_ld("per phase"), _ld("shared", phases="shared"),
+               _ld("final, per phase", injection="final"), _ld("final, shared", injection="final", phases="shared"),
                _ld("weights 6/3/1 k=1, per phase", injection="weights", targets="attention", k=1, ranks=(6, 3, 1)),
                _ld("weights 6/3/1 k=1, shared", injection="weights", targets="attention", k=1, ranks=(6, 3, 1),
                    phases="shared")],
@@ -75,10 +76,12 @@ PRESETS: dict[str, list[Spec]] = {
     # shipped base) against the step-aware forms: LoRA-Diffusion at each injection site at
     # no more parameters (ranks cut in about the schedule's proportions where needed),
     # T-LoRA-style LoRA (LoRA's count) and NaRA-style LoRA (LoRA's plus its hypernetwork,
-    # +6%). The labels "lora" and "lora_diffusion" are the methods table's, so that
-    # table's swept learning rates carry over with --lr-from.
-    "stepaware": [Spec("lora", "lora"), Spec("nara", "nara"), Spec("tlora", "tlora"), _ld("lora_diffusion"),
-                  _ld("LD blocks 12/6/1", injection="blocks", ranks=(12, 6, 1)),
+    # +6%). The labels "lora" and "lora_diffusion" (LoRA-Diffusion `final`, the methods
+    # table's default when it was run) are the methods table's, so that table's swept
+    # learning rates carry over with --lr-from.
+    "stepaware": [Spec("lora", "lora"), Spec("nara", "nara"), Spec("tlora", "tlora"),
+                  _ld("lora_diffusion", injection="final"),
+                  _ld("LD blocks 12/6/1", injection="blocks", blocks_positions="denoised", ranks=(12, 6, 1)),
                   _ld("LD blocks all 12/6/1", injection="blocks", blocks_positions="all", ranks=(12, 6, 1)),
                   _ld("LD weights 6/3/1 k=1", injection="weights", targets="attention", k=1, ranks=(6, 3, 1))],
 }
@@ -141,9 +144,24 @@ def learning_rates_from(*paths) -> dict[str, ChosenRate]:
         if not rows or not all(isinstance(r, dict) and isinstance(r.get("label"), str) and
                                isinstance(r.get("lr"), (int, float)) and r["lr"] > 0 for r in rows):
             raise UserError(f"{path} is not the results.json of a `lora-diffusion compare` (rows with a label and an lr)")
-        chosen.update({row["label"]: ChosenRate(row["lr"], row.get("method"), row.get("config"), str(path))
-                       for row in rows})
+        chosen.update({row["label"]: ChosenRate(row["lr"], row.get("method"), row.get("config") or _older_config(row),
+                                                str(path)) for row in rows})
     return chosen
+
+
+def _older_config(row: dict) -> dict | None:
+    """The resolved options of a row from a file older than rows' "config": its options over
+    the defaults of that time (LoRA-Diffusion's injection was `final`, blocks acted on the
+    denoised positions only; no other method's defaults changed)."""
+    if row.get("method") != "lora_diffusion" or not isinstance(row.get("options"), dict):
+        return None
+    options = {"injection": "final", **row["options"]}
+    if options["injection"] == "blocks":
+        options.setdefault("blocks_positions", "denoised")
+    try:
+        return method_config("lora_diffusion", options).to_dict()
+    except UserError:  # options of a version this one no longer reads: nothing to check against
+        return None
 
 
 def _carried_lr(spec: Spec, chosen) -> float | None:

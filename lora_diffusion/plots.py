@@ -72,6 +72,11 @@ def perturbation_norm_figure(trajectories: dict[str, dict]):
         norms = [s["perturbation_norm"] for s in report["steps"]]
         if any(n is not None for n in norms):
             fig.add_trace(go.Scatter(x=[s["t"] for s in report["steps"]], y=norms, mode="lines+markers", name=label))
+    if not fig.data:  # say why the frame is empty rather than leave it blank
+        fig.add_annotation(text="No δ_t to show: only LoRA-Diffusion with injection=final adds one after the "
+                                "body.<br>Adapters acting inside it (blocks, weights, weight LoRA, ...) change "
+                                "h_t there:<br>Analyse → effective rank measures that change.",
+                           showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
     fig.update_layout(template="plotly_white", title="Per-step perturbation norm ‖δ_t‖ (mean over response tokens)",
                       xaxis_title="t (1 = all masked)", yaxis_title="‖δ_t‖", xaxis_autorange="reversed")
     return fig

@@ -92,7 +92,7 @@ def test_per_layer_effective_rank_finds_where_a_method_acts():
     for step in result["effective_rank"]:
         assert step[0] == 0.0 and abs(step[1] - r) < 0.25
     final = DiffusionLM(tiny_backbone(seed=0))
-    method = make_method("lora_diffusion")
+    method = make_method("lora_diffusion", {"injection": "final"})
     method.attach(final)
     with torch.no_grad():
         for p in method.trainable_parameters().values():
@@ -297,7 +297,8 @@ def test_effective_rank_and_tsne_from_the_cli(capsys, tmp_path, adapters, tiny_b
     assert [r["method"] for r in report["methods"]] == ["lora_diffusion", "lora"]
     assert all(len(r["per_layer"]["effective_rank"]) == 2 and r["per_layer"]["blocks"] == 2 for r in report["methods"])
     assert (tmp_path / "rank" / "effective_rank_per_layer.html").is_file()
-    assert [r["source"] for r in report["methods"]] == ["delta", "difference"]
+    # both act inside the body (LoRA-Diffusion's default is blocks): fine-tuned minus base
+    assert [r["source"] for r in report["methods"]] == ["difference", "difference"]
     assert all(len(r["effective_rank"]) == len(r["t"]) == 2 for r in report["methods"])
     assert (tmp_path / "rank" / "effective_rank.html").stat().st_size > 100_000  # plotly.js embedded
 

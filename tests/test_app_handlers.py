@@ -151,7 +151,8 @@ def test_generate_decodes_with_the_base_and_the_adapter(ctx):
     name = ctx.workspace.user(USER).adapters()[0]["name"]
     page, figure = generate_tab.generate(ctx, USER, name, [], "is it good ?", "a great film .", 2, 2, 0.0, 0)
     assert page.count("<h4>") == 2 and "step 2" in page and name in page
-    assert len(figure.data) == 1  # the LoRA-Diffusion adapter's perturbation norm; the base has none
+    # The default LoRA-Diffusion (blocks) adds no step delta after the body: the plot says so.
+    assert len(figure.data) == 0 and "No δ_t to show" in figure.layout.annotations[0].text
     # Picking the adapter sets the response length it was trained with (suite_sentiment: 2).
     assert generate_tab.response_length_of(ctx, USER, name)["value"] == 2
     assert "value" not in generate_tab.response_length_of(ctx, USER, common.BASE_ONLY)

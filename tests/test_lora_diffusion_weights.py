@@ -253,7 +253,7 @@ def test_the_options_are_in_the_help_and_checked(capsys, tmp_path):
     for options, message in [
             (["injection=weights", "targets=bogus"], "'targets' must be 'attention' or 'attention+mlp'"),
             (["targets=attention"], "'targets' applies to injection=weights"),
-            (["blocks_positions=all"], "'blocks_positions' applies to injection=blocks"),
+            (["injection=final", "blocks_positions=denoised"], "'blocks_positions' applies to injection=blocks"),
             (["injection=weights", "time_dim=32"], "injection=weights has no time embedding"),
             (["phases=shared", "scales=1,1,1"], "one shared module set has scale 1")]:
         code, _, err = run_cli(capsys, *base, *[a for o in options for a in ("--option", o)])

@@ -64,8 +64,8 @@ def test_parameter_count_matches_formula_and_file(name, options, tmp_path):
     assert config["accounting"]["trainable_parameters"] == acc["trainable_parameters"]
 
 
-def test_lora_diffusion_formula_terms_for_the_default_config():
-    model, method = attached("lora_diffusion")
+def test_lora_diffusion_formula_terms_for_the_final_injection():
+    model, method = attached("lora_diffusion", injection="final")
     terms = method.accounting()["terms"]
     d, d_t, d_c = terms["d"], terms["d_t"], terms["d_c"]
     assert terms["ranks"] == [64, 32, 8] and terms["k"] == 2 and terms["sites"] == 1
@@ -94,7 +94,7 @@ def test_blocks_injection_also_starts_at_the_base_and_prefix_does_not(tiny):
 def test_blocks_injection_moves_only_the_positions_being_denoised(tiny):
     """A block's perturbation lands where logits are read; the prompt's states stay as the block made them."""
     batch = tiny_batch(tiny, padded=True)
-    model, method = attached("lora_diffusion", injection="blocks")
+    model, method = attached("lora_diffusion", injection="blocks", blocks_positions="denoised")
     perturb(method)
     positions = batch["response_mask"]
     n = positions.shape[0]
@@ -304,7 +304,7 @@ def test_an_adapter_over_the_size_cap_is_refused_before_the_model_changes(inject
 
 
 def test_calibration_standardises_h_at_the_read_positions_and_is_saved(tmp_path, tiny):
-    model, method = attached("lora_diffusion")
+    model, method = attached("lora_diffusion", injection="final")
     batch = tiny_batch(tiny, padded=True)
     logits(model, batch)  # the first call calibrates on h at the response positions
     site = method.trajectory.sites[0]
@@ -321,7 +321,7 @@ def test_calibration_standardises_h_at_the_read_positions_and_is_saved(tmp_path,
 
 
 def test_final_injection_trains_without_a_graph_through_the_base(tiny):
-    model, method = attached("lora_diffusion")
+    model, method = attached("lora_diffusion", injection="final")
     seen = {}
 
     def spy(h, context):

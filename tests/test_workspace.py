@@ -9,6 +9,7 @@ import zipfile
 import torch
 
 import pytest
+from conftest import perturb
 
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from lora_diffusion.analysis.trajectories import denoising_trajectory
 from lora_diffusion.data import load_task
 from lora_diffusion.errors import UserError
 from lora_diffusion.files import read_json
+from lora_diffusion.methods import make_method
 from lora_diffusion.plots import training_figure
 from lora_diffusion.training import TrainConfig
 from lora_diffusion.workspace import EXPORTS, Compositions, JobLimits, Workspace, plain_name, public_message
@@ -282,10 +284,17 @@ def test_trajectory_states_and_norms(trained, tiny_base_dir):
         for tok_b, st_b, tok_a, st_a in zip(before["tokens"], before["state"], after["tokens"], after["state"]):
             if st_b != "masked":
                 assert tok_a == tok_b and st_a == "settled"
-    assert all(s["perturbation_norm"] is not None for s in report["steps"])
+    # the default LoRA-Diffusion (blocks) adds no step delta after the body (final's case: test_methods)
+    assert all(s["perturbation_norm"] is None for s in report["steps"])
     base_model, _, _ = load_model(base=str(tiny_base_dir))
     base_report = denoising_trajectory(base_model, "is it good ?", "very good", length=4, steps=4)
     assert all(s["perturbation_norm"] is None for s in base_report["steps"])
+    final = make_method("lora_diffusion", {"injection": "final"})  # adds its delta after the body: a norm per step
+    final.attach(base_model)
+    perturb(final)
+    final_report = denoising_trajectory(base_model, "is it good ?", "very good", length=4, steps=4)
+    assert all(s["perturbation_norm"] > 0 for s in final_report["steps"])
+    final.detach()
     with pytest.raises(UserError):
         denoising_trajectory(base_model, " ", "", length=4, steps=4)
 
