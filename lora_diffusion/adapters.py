@@ -15,7 +15,7 @@ from .backbone import Backbone, load_backbone
 from .diffusion import DiffusionLM
 from .errors import UserError
 from .files import load_tensors, read_json, save_tensors, tensor_bytes, write_json
-from .methods import Method, make_method, method_config
+from .methods import Method, stored_config, stored_method
 from .paths import SHIPPED_BASE
 
 ADAPTER_FORMAT = "lora-diffusion-adapter"
@@ -68,7 +68,7 @@ def check_adapter_config(config, where: str = "the adapter") -> None:
         raise fail(f"format version {config.get('version')!r}; this release reads version {ADAPTER_VERSION}")
     method = field(config, "method", str)
     try:
-        method_config(method, field(config, "options", dict))
+        stored_config(method, field(config, "options", dict))
     except UserError as err:
         raise fail(str(err)) from None
     base = field(config, "base", dict)
@@ -173,7 +173,7 @@ def load_adapter(path, base=None, merge: bool = True) -> tuple[DiffusionLM, Meth
     folder = adapter_folder(path)
     config, tensors = check_adapter(folder)
     model = DiffusionLM(base_for(config, base, where=f"adapter {adapter_label(folder)}"))
-    method = make_method(config["method"], config["options"])
+    method = stored_method(config["method"], config["options"])
     method.attach(model)
     method.load_state_dict(tensors)  # refuses missing, unexpected or misshapen tensors
     model.eval()

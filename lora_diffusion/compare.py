@@ -26,7 +26,7 @@ from .data import SPLIT_SEED, Task, encode
 from .distributed import is_main, micro_batches_per_step, world_size
 from .errors import UserError, quoted
 from .files import read_json, write_json, write_text
-from .methods import make_method, method_config, typed_options
+from .methods import make_method, method_class, method_config, stored_config, typed_options
 from .metrics import mean_std, metric_of, over_seeds, percent, score
 from .paths import SHIPPED_BASE
 from .profiling import profile_training
@@ -51,7 +51,9 @@ def _ld(label, **options):
 
 # The paper's tables (its Tables 5-11), made honest: equal budget, held-out data, seeds.
 PRESETS: dict[str, list[Spec]] = {
-    "methods": [Spec("full", "full"), Spec("lora_diffusion", "lora_diffusion"), Spec("lora", "lora"),
+    # LoRA-Diffusion at `final`, as the table in results/compare_sst2 was run (its default
+    # then), at about weight LoRA's parameter count; the other sites: the stepaware preset.
+    "methods": [Spec("full", "full"), _ld("lora_diffusion", injection="final"), Spec("lora", "lora"),
                 Spec("dora", "dora"), Spec("adapter", "adapter"), Spec("bitfit", "bitfit"),
                 Spec("prefix", "prefix")],
     "ranks": [_ld(f"uniform r={r}", schedule="uniform", rank=r) for r in (8, 16, 32, 64)]
@@ -144,6 +146,8 @@ def learning_rates_from(*paths) -> dict[str, ChosenRate]:
         if not rows or not all(isinstance(r, dict) and isinstance(r.get("label"), str) and
                                isinstance(r.get("lr"), (int, float)) and r["lr"] > 0 for r in rows):
             raise UserError(f"{path} is not the results.json of a `lora-diffusion compare` (rows with a label and an lr)")
+        if any(not isinstance(r.get("config", {}), dict) for r in rows):
+            raise UserError(f"{path}: a row's config is not a JSON object")
         chosen.update({row["label"]: ChosenRate(row["lr"], row.get("method"), row.get("config") or _older_config(row),
                                                 str(path)) for row in rows})
     return chosen
@@ -151,16 +155,12 @@ def learning_rates_from(*paths) -> dict[str, ChosenRate]:
 
 def _older_config(row: dict) -> dict | None:
     """The resolved options of a row from a file older than rows' "config": its options over
-    the defaults of that time (LoRA-Diffusion's injection was `final`, blocks acted on the
-    denoised positions only; no other method's defaults changed)."""
-    if row.get("method") != "lora_diffusion" or not isinstance(row.get("options"), dict):
+    the defaults of that time (MethodConfig.from_stored)."""
+    if not isinstance(row.get("method"), str) or not isinstance(row.get("options"), dict):
         return None
-    options = {"injection": "final", **row["options"]}
-    if options["injection"] == "blocks":
-        options.setdefault("blocks_positions", "denoised")
     try:
-        return method_config("lora_diffusion", options).to_dict()
-    except UserError:  # options of a version this one no longer reads: nothing to check against
+        return stored_config(row["method"], row["options"]).to_dict()
+    except UserError:  # a method or options this version no longer reads: nothing to check against
         return None
 
 
@@ -174,7 +174,10 @@ def _carried_lr(spec: Spec, chosen) -> float | None:
     if chosen.method not in (None, spec.method):
         raise UserError(f"row {quoted(spec.label)}: {chosen.source} chose its lr for method {chosen.method}, "
                         f"not {spec.method}")
-    differ = sorted(k for k in (chosen.config or {}).keys() & mine.keys() if chosen.config[k] != mine[k])
+    # options that either configuration ignores cannot make the rates differ
+    ignored = method_class(spec.method).Config.ignored(mine).keys() | method_class(spec.method).Config.ignored(
+        chosen.config or {}).keys()
+    differ = sorted(k for k in (chosen.config or {}).keys() & mine.keys() - ignored if chosen.config[k] != mine[k])
     if differ:
         k = differ[0]
         raise UserError(f"row {quoted(spec.label)}: {chosen.source} chose its lr for {k}={chosen.config[k]}, "
@@ -264,6 +267,8 @@ def _check_request(specs: list[Spec], lr_sweep, sweep_only: bool, learning_rates
         raise UserError(f"two rows share a label: {labels}")
     for spec in specs:
         method_config(spec.method, spec.options)  # a bad option fails here
+        if spec.lr is None and spec.label in learning_rates:
+            _carried_lr(spec, learning_rates[spec.label])  # and a rate chosen for other options
 
 
 def _seed_folder(out_dir: Path, spec: Spec, seed: int) -> Path:

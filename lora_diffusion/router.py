@@ -29,7 +29,7 @@ from .data import PARAPHRASES, collate, encode, load_task
 from .diffusion import DiffusionLM, StepContext
 from .errors import UserError
 from .files import load_tensors, read_json, save_tensors, write_json
-from .methods import Method, MethodConfig, make_method
+from .methods import Method, MethodConfig, stored_method
 from .methods.base import freeze
 from .methods.lora_diffusion import LoRADiffusion, block_output_hook, encode_instruction
 from .training import TrainConfig, train
@@ -66,8 +66,11 @@ class Composition:
         self.configs: list[dict] = []  # and their adapter configs
         # Each adapter acts where it was trained: `final` ones on the last hidden states,
         # `blocks` ones after every block; at each site the mixture is sum_j w_j delta_j.
-        self.hooks = [model.add_step_hook(self._final_hook)]
-        if any(m.config.injection == "blocks" for m in methods):
+        # (No hook where no adapter acts: a step hook's output is read as the model's delta_t.)
+        injections = {m.config.injection for m in methods}
+        self.hooks = [model.add_step_hook(self._final_hook)] if "final" in injections else []
+        self.grad_through_body = model.grad_through_body
+        if "blocks" in injections:
             model.grad_through_body = True  # the router's weights act inside the body too
             self.hooks += [block.register_forward_hook(block_output_hook(self._block_mixer(i)))
                            for i, block in enumerate(model.backbone.blocks())]
@@ -76,7 +79,7 @@ class Composition:
         """Take the composition's hooks off the model (its modules stay)."""
         for hook in self.hooks:
             hook.remove()
-        self.model.grad_through_body = False
+        self.model.grad_through_body = self.grad_through_body
 
     @classmethod
     def from_adapters(cls, paths, base=None, router_hidden: int = 512, seed: int = 0) -> "Composition":
@@ -95,7 +98,7 @@ class Composition:
         methods = []
         for j, (path, (config, tensors)) in enumerate(zip(paths, checked)):
             base_for(config, backbone, where=f"adapter {adapter_label(path)}")  # the fingerprint must match
-            method = make_method("lora_diffusion", config["options"])
+            method = stored_method("lora_diffusion", config["options"])
             method.add_modules(model, f"task_{j}")  # no hook of its own: the composition mixes them
             method.load_state_dict(tensors)
             methods.append(method)
@@ -153,6 +156,8 @@ class Composition:
 
     def _mix(self, acting: dict, h, context: StepContext):
         """sum_j w_j delta_j over the adapters `acting` here (j -> delta_of(method, h, context))."""
+        if context is None:
+            raise UserError("a composition acts at a denoising step: run the model through DiffusionLM")
         if not acting:
             return torch.zeros_like(h)
         if self.rows is not None:

@@ -74,8 +74,9 @@ $LD analyze data-efficiency --task sst2 --sizes 100,1000,8000 --methods lora_dif
 $LD analyze scaling --out results/analysis/scaling --png
 
 # LoRA-Diffusion's default injection was `final` up to commit 0f0432e (now `blocks` on every
-# position): the commands above that train it with its defaults (methods table, its sweep, analyses)
-# ran with `final`; rerun them with the code of 0f0432e to reproduce their files.
+# position). The methods preset pins `final`, so the table above, its sweep and the analyses of
+# its adapters reproduce as they are; `bench` and `analyze mixed-batch` below measured
+# LoRA-Diffusion with its defaults of that time: rerun them with the code of 0f0432e.
 
 # Issue 14: does knowing the step help an adapter? Weight LoRA r=16 against NaRA- and
 # T-LoRA-style LoRA and LoRA-Diffusion at each injection site, at about LoRA's parameter
@@ -101,7 +102,7 @@ $LD compare --task sst2 --preset stepaware --rows lora "LD blocks all 12/6/1" "L
     --steps 600 --seed 0 1 2 --jobs 2 --lr-from $LR --out runs/stepaware-sst2-dev
 cp runs/stepaware-sst2-dev/results.json results/stepaware_sst2_key_rows.json
 cp runs/stepaware-sst2-dev/results.md results/stepaware_sst2_key_rows.md
-$LD compare --task sst2 --preset stepaware --rows nara tlora --steps 600 --seed 0 1 --jobs 2 \
+$LD compare --task sst2 --preset stepaware --rows nara tlora --steps 600 --seed 0 1 2 --jobs 2 \
     --lr-from $LR --out runs/stepaware-sst2-dev --no-profile
 cp runs/stepaware-sst2-dev/results.json results/stepaware_sst2_nara_tlora.json
 cp runs/stepaware-sst2-dev/results.md results/stepaware_sst2_nara_tlora.md

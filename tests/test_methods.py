@@ -320,6 +320,26 @@ def test_calibration_standardises_h_at_the_read_positions_and_is_saved(tmp_path,
     assert raw.buffers() == {} and not any("h_mean" in k for k in raw.state_dict())
 
 
+@pytest.mark.parametrize("stored,expected", [
+    # as f92f9f9 wrote them: every option, blocks_positions at its default of the time
+    ({"injection": "final", "blocks_positions": "denoised"}, {"injection": "final"}),
+    ({"injection": "weights", "targets": "attention", "blocks_positions": "denoised"},
+     {"injection": "weights", "targets": "attention"}),
+    # older still: no injection option at all (final), or blocks without blocks_positions
+    ({}, {"injection": "final"}),
+    ({"injection": "blocks"}, {"injection": "blocks", "blocks_positions": "denoised"})])
+def test_an_adapter_saved_under_earlier_defaults_loads_as_it_was_trained(tmp_path, stored, expected):
+    model, method = attached("lora_diffusion", ranks=(4, 2, 1), **expected)
+    save(tmp_path, model, method)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["options"] = {k: v for k, v in config["options"].items() if k not in ("injection", "blocks_positions")}
+    config["options"].update(stored)
+    config_file.write_text(json.dumps(config))
+    _, loaded, _ = load_adapter(tmp_path, base=tiny_backbone(seed=0))
+    assert {k: getattr(loaded.config, k) for k in expected} == expected
+
+
 def test_final_injection_trains_without_a_graph_through_the_base(tiny):
     model, method = attached("lora_diffusion", injection="final")
     seen = {}

@@ -33,6 +33,11 @@ def method_config(name: str, options: dict | None = None) -> MethodConfig:
     return method_class(name).Config.from_options(options)
 
 
+def stored_config(name: str, options: dict | None) -> MethodConfig:
+    """The config of method `name` as a file stored it (see MethodConfig.from_stored)."""
+    return method_class(name).Config.from_stored(options)
+
+
 def typed_options(name: str, options: dict | None) -> dict:
     """Just the options given, checked and typed by the method's config (JSON values: true, not "true")."""
     values = method_config(name, options).to_dict()
@@ -42,6 +47,11 @@ def typed_options(name: str, options: dict | None) -> dict:
 def make_method(name: str, options: dict | None = None) -> Method:
     """A method ready to attach, from its name and options (see `method_config`)."""
     return method_class(name)(method_config(name, options))
+
+
+def stored_method(name: str, options: dict | None) -> Method:
+    """A method from the options a file stored (see MethodConfig.from_stored)."""
+    return method_class(name)(stored_config(name, options))
 
 
 def option_specs(name: str) -> list[OptionSpec]:

@@ -92,6 +92,19 @@ class MethodConfig:
                             f"its options: {', '.join(known) or 'none'}")
         return cls(**options)
 
+    @classmethod
+    def ignored(cls, options: dict) -> dict[str, str]:
+        """{option: why} for options that the configuration `options` describes ignores (subclasses)."""
+        return {}
+
+    @classmethod
+    def from_stored(cls, options: dict | None) -> "MethodConfig":
+        """A config as a file wrote it (adapter_config.json, a compare row): files hold every
+        option, so those this configuration ignores are dropped rather than refused; a
+        subclass whose defaults changed fills in the old ones where an older file is silent."""
+        options = dict(options or {})
+        return cls.from_options({k: v for k, v in options.items() if k not in cls.ignored(options)})
+
     def to_dict(self) -> dict:
         """The options as JSON values (what adapter_config.json stores)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

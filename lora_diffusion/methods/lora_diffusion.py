@@ -77,9 +77,8 @@ class LoRADiffusionConfig(MethodConfig):
     time_dim: int = option(64, "width d_t of the time embedding (even; weights has none)", min=2, max=1024)
     lambda_rank: float = option(0.01, "weight of the nuclear-norm rank penalty", min=0.0)
     lambda_orth: float = option(0.001, "weight of the orthogonality penalty between a phase's modules", min=0.0)
-    # `blocks` on every position is the default: on SST-2 at weight LoRA r=16's budget it
-    # scored 79.5 +- 0.1 (3 seeds, dev) against final's 66.9 +- 2.3 and weights' 78.1 +- 1.5
-    # (results/stepaware_sst2_blocks.json, stepaware_sst2_key_rows.json, README).
+    # `blocks` on every position is the default: the best site on SST-2 at weight LoRA's
+    # budget (README, "Does knowing the step help?").
     injection: str = option("blocks", "where delta acts: after the last block, after every block, or as "
                                      "low-rank updates of the base's projections (weights: the step's phase "
                                      "picks the update, no continuous time modulation, so it merges per phase)",
@@ -100,20 +99,35 @@ class LoRADiffusionConfig(MethodConfig):
     def check(self) -> None:
         if self.time_dim % 2:
             raise UserError(f"method 'lora_diffusion' option 'time_dim' must be even, not {self.time_dim}")
-        if self.changed("time_dim") and self.injection == "weights":
-            raise UserError("method 'lora_diffusion' option 'time_dim' applies to injection=final or blocks; "
-                            "injection=weights has no time embedding")
-        if self.changed("scales") and self.phases == "shared":
-            raise UserError("method 'lora_diffusion' option 'scales' applies to phases=separate; "
-                            "one shared module set has scale 1")
         # An option of another injection site would be silently ignored: most likely the
         # injection itself was forgotten.
-        if self.changed("targets") and self.injection != "weights":
-            raise UserError("method 'lora_diffusion' option 'targets' applies to injection=weights, "
-                            f"not injection={self.injection}")
-        if self.changed("blocks_positions") and self.injection != "blocks":
-            raise UserError("method 'lora_diffusion' option 'blocks_positions' applies to injection=blocks, "
-                            f"not injection={self.injection}")
+        for name, why in self.ignored(self.to_dict()).items():
+            if self.changed(name):
+                raise UserError(f"method 'lora_diffusion' option {name!r} {why}")
+
+    @classmethod
+    def ignored(cls, options: dict) -> dict[str, str]:
+        """{option: why} for the options that `options`' injection site and phases ignore."""
+        injection = options.get("injection", cls.__dataclass_fields__["injection"].default)
+        phases = options.get("phases", cls.__dataclass_fields__["phases"].default)
+        why = {}
+        if injection == "weights":
+            why["time_dim"] = "applies to injection=final or blocks; injection=weights has no time embedding"
+        else:
+            why["targets"] = f"applies to injection=weights, not injection={injection}"
+        if injection != "blocks":
+            why["blocks_positions"] = f"applies to injection=blocks, not injection={injection}"
+        if phases == "shared":
+            why["scales"] = "applies to phases=separate; one shared module set has scale 1"
+        return why
+
+    @classmethod
+    def from_stored(cls, options: dict | None) -> "LoRADiffusionConfig":
+        # Written before the default became blocks on every position: the defaults of that time.
+        options = {"injection": "final", **(options or {})}
+        if options["injection"] == "blocks":
+            options.setdefault("blocks_positions", "denoised")
+        return super().from_stored(options)
 
     def phase_ranks(self) -> tuple[int, int, int]:
         """The ranks of the early, middle and late phase: `ranks`, else the schedule's."""
