@@ -145,8 +145,8 @@ class Composition:
         return self.router(encode_instruction(self.model.backbone, instruction))
 
     def _final_hook(self, h, context: StepContext):
-        final = {j: (lambda m, h, c: m.perturbation(0, h, c.t, c.instruction, c.positions, c.attention_mask))
-                 for j, m in enumerate(self.methods) if m.config.injection == "final"}
+        final = {j: (lambda m, h, c: m.final_delta(h, c)) for j, m in enumerate(self.methods)
+                 if m.config.injection == "final"}
         return self._mix(final, h, context)
 
     def _block_mixer(self, site: int):

@@ -220,8 +220,9 @@ def test_a_short_training_run_lowers_the_loss(tiny):
     assert summary["final_train_loss"] < before
 
 
-def test_the_body_alone_is_refused_a_step_it_cannot_place(tiny):
-    model, _ = attached()
+@pytest.mark.parametrize("injection", ["weights", "blocks"])
+def test_the_body_alone_is_refused_a_step_it_cannot_place(tiny, injection):
+    model, _ = attached(injection=injection)
     with pytest.raises(UserError, match="through DiffusionLM"):
         model.backbone.hidden_states(tiny_batch(tiny)["input_ids"], tiny_batch(tiny)["attention_mask"])
 

@@ -436,11 +436,18 @@ class LoRADiffusion(Method):
         c = self.instruction_encoding(instruction)
         return modules(h, e, c, self.module_set(t), self.trajectory.scales, positions)
 
+    def final_delta(self, h, context: StepContext):
+        """delta_t on the last hidden states (injection `final`)."""
+        return self.perturbation(0, h, context.t, context.instruction, context.positions, context.attention_mask)
+
     def _final_hook(self, h, context: StepContext):
-        return self.perturbation(0, h, context.t, context.instruction, context.positions)
+        return self.final_delta(h, context)
 
     def block_delta(self, site: int, h, context: StepContext):
         """delta_t after block `site` (injection `blocks`), zero where this site leaves h alone."""
+        if context is None:
+            raise UserError("LoRA-Diffusion (injection=blocks) acts at a denoising step: run the model "
+                            "through DiffusionLM (which gives it t), not the backbone alone")
         t, instruction, positions, attention_mask = context
         delta = self.perturbation(site, h, t, instruction, positions, attention_mask).to(h.dtype)
         # blocks_positions="denoised" moves only the positions being denoised, as `final`
