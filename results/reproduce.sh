@@ -114,7 +114,7 @@ $LD compare --task sst2 --preset stepaware --rows "LD blocks 12/6/1" "LD blocks 
     --results results/stepaware_sst2_blocks.json
 # The same two rows of the headline table on AG News topic (rates carried from SST-2; a seeded
 # 1,000 of the 7,600 test examples).
-$LD compare --task agnews --preset stepaware --rows lora "LD blocks all 12/6/1" --steps 600 --seed 0 1 --jobs 2 \
+$LD compare --task agnews --preset stepaware --rows lora "LD blocks all 12/6/1" --steps 600 --seed 0 1 2 --jobs 2 \
     --max-eval-examples 1000 --lr-from results/lr_sweep_sst2.json runs/lr_blocks_all_3e-4.json \
     --out runs/stepaware-agnews --no-profile --results results/stepaware_agnews.json
 # Not yet run: the whole headline table in one command.

@@ -128,12 +128,14 @@ def _generative_accuracy(metric: str) -> float:
 def _train_weight_lora(page) -> str:
     """Weight LoRA on the Train tab with everything else as it is; its final metric line."""
     page.get_by_role("tab", name="Train").click()
-    before = page.inner_text("#train-metric")
     page.locator("#train-method input").click()
     page.get_by_role("option", name="lora", exact=True).click()
     page.get_by_role("button", name="Train", exact=True).click()
-    page.wait_for_function("(before) => { const t = document.querySelector('#train-metric')?.innerText || '';"
-                           " return t !== before && t.includes('(generative)'); }", arg=before, timeout=600_000)
+    # running first: until then the metric line still shows the last run's score (under a timer)
+    page.wait_for_function("document.querySelector('#train-status')?.innerText.includes('running')",
+                           timeout=120_000)
+    page.wait_for_function("document.querySelector('#train-metric')?.innerText.includes('(generative)')",
+                           timeout=600_000)
     metric = page.inner_text("#train-metric")
     page.get_by_role("tab", name="Generate").click()
     return metric
