@@ -117,6 +117,10 @@ $LD compare --task sst2 --preset stepaware --rows "LD blocks 12/6/1" "LD blocks 
 $LD compare --task agnews --preset stepaware --rows lora "LD blocks all 12/6/1" --steps 600 --seed 0 1 2 --jobs 2 \
     --max-eval-examples 1000 --lr-from results/lr_sweep_sst2.json runs/lr_blocks_all_3e-4.json \
     --out runs/stepaware-agnews --no-profile --results results/stepaware_agnews.json
+# Effective rank per step and per layer for the new default's site, on AG News topic (seed-0
+# adapters of the command above; 2-token answers: 2 sampler steps).
+$LD analyze effective-rank --adapters runs/stepaware-agnews/lora/seed-0 runs/stepaware-agnews/LD_blocks_all_12_6_1/seed-0 \
+    --examples 128 --sampler-steps 2 --per-layer --out results/analysis/effective_rank_agnews_blocks
 # Not yet run: the whole headline table in one command.
 # $LD compare --task sst2 --preset stepaware --steps 600 --seed 0 1 2 --jobs 2 --lr-from $LR \
 #     --out runs/stepaware-sst2-dev --results results/stepaware_sst2.json
