@@ -175,8 +175,8 @@ def _carried_lr(spec: Spec, chosen) -> float | None:
         raise UserError(f"row {quoted(spec.label)}: {chosen.source} chose its lr for method {chosen.method}, "
                         f"not {spec.method}")
     # options that either configuration ignores cannot make the rates differ
-    ignored = method_class(spec.method).Config.ignored(mine).keys() | method_class(spec.method).Config.ignored(
-        chosen.config or {}).keys()
+    config_class = method_class(spec.method).Config
+    ignored = config_class.ignored(mine).keys() | config_class.ignored(chosen.config or {}).keys()
     differ = sorted(k for k in (chosen.config or {}).keys() & mine.keys() - ignored if chosen.config[k] != mine[k])
     if differ:
         k = differ[0]

@@ -15,6 +15,7 @@ from the train list of `data.PARAPHRASES`.
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,12 +68,13 @@ class Composition:
         # Each adapter acts where it was trained: `final` ones on the last hidden states,
         # `blocks` ones after every block; at each site the mixture is sum_j w_j delta_j.
         # (No hook where no adapter acts: a step hook's output is read as the model's delta_t.)
-        injections = {m.config.injection for m in methods}
-        self.hooks = [model.add_step_hook(self._final_hook)] if "final" in injections else []
+        final = {j: m.final_delta for j, m in enumerate(methods) if m.config.injection == "final"}
+        blocks = [j for j, m in enumerate(methods) if m.config.injection == "blocks"]
+        self.hooks = [model.add_step_hook(lambda h, context: self._mix(final, h, context))] if final else []
         self.grad_through_body = model.grad_through_body
-        if "blocks" in injections:
+        if blocks:
             model.grad_through_body = True  # the router's weights act inside the body too
-            self.hooks += [block.register_forward_hook(block_output_hook(self._block_mixer(i)))
+            self.hooks += [block.register_forward_hook(block_output_hook(self._block_mixer(i, blocks)))
                            for i, block in enumerate(model.backbone.blocks())]
 
     def remove(self) -> None:
@@ -144,27 +146,19 @@ class Composition:
             raise UserError("the router needs an instruction; set fixed weights for plain text")
         return self.router(encode_instruction(self.model.backbone, instruction))
 
-    def _final_hook(self, h, context: StepContext):
-        final = {j: (lambda m, h, c: m.final_delta(h, c)) for j, m in enumerate(self.methods)
-                 if m.config.injection == "final"}
-        return self._mix(final, h, context)
-
-    def _block_mixer(self, site: int):
-        blocks = {j: (lambda m, h, c: m.block_delta(site, h, c))
-                  for j, m in enumerate(self.methods) if m.config.injection == "blocks"}
-        return lambda h: self._mix(blocks, h, self.model.step_context)
+    def _block_mixer(self, site: int, blocks: list[int]):
+        """h -> the mixture after block `site` of the `blocks` adapters (indices into self.methods)."""
+        acting = {j: functools.partial(self.methods[j].block_delta, site) for j in blocks}
+        return lambda h: self._mix(acting, h, self.model.step_context)
 
     def _mix(self, acting: dict, h, context: StepContext):
-        """sum_j w_j delta_j over the adapters `acting` here (j -> delta_of(method, h, context))."""
+        """sum_j w_j delta_j over the adapters `acting` at this site (j -> delta_of(h, context))."""
         if context is None:
             raise UserError("a composition acts at a denoising step: run the model through DiffusionLM")
-        if not acting:
-            return torch.zeros_like(h)
         if self.rows is not None:
             return self._each_row_its_adapter(acting, h, context)
         w = self.weights(context.instruction).to(h.dtype)
-        return sum(w[:, j, None, None] * delta_of(self.methods[j], h, context).to(h.dtype)
-                   for j, delta_of in acting.items())
+        return sum(w[:, j, None, None] * delta_of(h, context).to(h.dtype) for j, delta_of in acting.items())
 
     def _each_row_its_adapter(self, acting: dict, h, context: StepContext):
         """A mixed batch: each adapter's modules run on its own rows only (gathered, then
@@ -177,7 +171,7 @@ class Composition:
             mine = (rows == j).nonzero().squeeze(1)
             if len(mine):
                 own = StepContext(*(None if x is None else x[mine] for x in context))
-                delta[mine] = delta_of(self.methods[j], h[mine], own).to(h.dtype)
+                delta[mine] = delta_of(h[mine], own).to(h.dtype)
         return delta
 
     def use(self, weights=None) -> None:
