@@ -642,7 +642,8 @@ def _add_compare_profile(sub) -> None:
     _base_arg(p, "base model folder (default: the shipped base)")
     _task_args(p)
     p.add_argument("--preset", help="methods (= table5/7/9), ranks (= table10), modules (= table11), "
-                                    "regularizers, schedule, injection, phases, stepaware")
+                                    "regularizers, schedule, injection, phases, ablations (every row of the six "
+                                    "before it, once: run it first with the same --out), stepaware")
     p.add_argument("--rows", nargs="+", metavar="LABEL", help="only these rows of the preset, by label (as its table shows them)")
     p.add_argument("--methods", help="comma-separated method names instead of a preset")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="options for --methods rows")

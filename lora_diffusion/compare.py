@@ -56,22 +56,24 @@ PRESETS: dict[str, list[Spec]] = {
     "methods": [Spec("full", "full"), _ld("lora_diffusion", injection="final"), Spec("lora", "lora"),
                 Spec("dora", "dora"), Spec("adapter", "adapter"), Spec("bitfit", "bitfit"),
                 Spec("prefix", "prefix")],
-    "ranks": [_ld(f"uniform r={r}", schedule="uniform", rank=r) for r in (8, 16, 32, 64)]
-    + [_ld("adaptive 64/32/8")],
-    "modules": [_ld(f"k={k}", k=k) for k in (1, 2, 4, 8)],
-    "regularizers": [_ld("rank + orth"), _ld("rank only", lambda_orth=0.0), _ld("orth only", lambda_rank=0.0),
+    # The ablations vary one knob of the default (blocks on every position, adaptive 64/32/8,
+    # k = 2, both regularisers, per-phase modules), labelled "default" in each, so that the
+    # presets can share one --out folder and the default trains once (`--preset ablations`
+    # trains every row of all six).
+    "ranks": [_ld(f"uniform r={r}", schedule="uniform", rank=r) for r in (8, 16, 32, 64)] + [_ld("default")],
+    "modules": [_ld(f"k={k}", k=k) if k != 2 else _ld("default") for k in (1, 2, 4, 8)],
+    "regularizers": [_ld("default"), _ld("rank only", lambda_orth=0.0), _ld("orth only", lambda_rank=0.0),
                      _ld("none", lambda_rank=0.0, lambda_orth=0.0)],
-    "schedule": [_ld("adaptive 64/32/8"), _ld("inverted 8/32/64", schedule="inverted"),
+    "schedule": [_ld("default"), _ld("inverted 8/32/64", schedule="inverted"),
                  _ld("uniform r=35", schedule="uniform", rank=35)],
     # The same phase modules (64/32/8, k = 2) at each site; their parameter counts differ
     # (the stepaware preset compares the sites at LoRA's budget).
-    "injection": [_ld("final", injection="final"), _ld("blocks", injection="blocks", blocks_positions="denoised"),
-                  _ld("blocks, all positions", injection="blocks", blocks_positions="all"),
-                  _ld("weights", injection="weights")],
+    "injection": [_ld("final", injection="final"), _ld("blocks, denoised", injection="blocks", blocks_positions="denoised"),
+                  _ld("default"), _ld("weights", injection="weights")],
     # Phase-specific modules against one shared set of the same parameters, at three sites.
-    "phases": [_ld("per phase"), _ld("shared", phases="shared"),
-               _ld("final, per phase", injection="final"), _ld("final, shared", injection="final", phases="shared"),
-               _ld("weights 6/3/1 k=1, per phase", injection="weights", targets="attention", k=1, ranks=(6, 3, 1)),
+    "phases": [_ld("default"), _ld("shared", phases="shared"),
+               _ld("final", injection="final"), _ld("final, shared", injection="final", phases="shared"),
+               _ld("weights 6/3/1 k=1", injection="weights", targets="attention", k=1, ranks=(6, 3, 1)),
                _ld("weights 6/3/1 k=1, shared", injection="weights", targets="attention", k=1, ranks=(6, 3, 1),
                    phases="shared")],
     # Does knowing the step help an adapter? Weight LoRA r=16 (294,912 parameters on the
@@ -87,6 +89,18 @@ PRESETS: dict[str, list[Spec]] = {
                   _ld("LD blocks all 12/6/1", injection="blocks", blocks_positions="all", ranks=(12, 6, 1)),
                   _ld("LD weights 6/3/1 k=1", injection="weights", targets="attention", k=1, ranks=(6, 3, 1))],
 }
+ABLATIONS = ("ranks", "modules", "regularizers", "schedule", "injection", "phases")
+
+
+def _union(presets) -> list[Spec]:
+    """Every row of `presets` once (a label names the same row in each of them)."""
+    rows = {}
+    for spec in (spec for name in presets for spec in PRESETS[name]):
+        assert rows.setdefault(spec.label, spec) == spec, f"label {spec.label!r} names two different rows"
+    return list(rows.values())
+
+
+PRESETS["ablations"] = _union(ABLATIONS)
 ALIASES = {"table5": "methods", "table7": "methods", "table9": "methods", "table10": "ranks", "table11": "modules"}
 
 
@@ -304,9 +318,34 @@ class _Runner:
     def __init__(self, config: TrainConfig, base, sampler_steps: int, progress: bool, log):
         self.config, self.base, self.sampler_steps, self.progress, self.log = config, base, sampler_steps, progress, log
 
+    def finished(self, spec: Spec, seed: int, lr: float, task: Task, folder: Path) -> dict | None:
+        """The run already in `folder`, if any; refused if it trained anything else (folders are
+        named by label, and presets may share an --out folder)."""
+        if not (folder / "results.json").is_file():
+            return None
+        result = read_json(folder / "results.json")
+        trained = result.get("config") or {}
+        wanted = {"method": spec.method, "options": method_config(spec.method, spec.options).to_dict(),
+                  "task": task.name, "n_eval": len(task.eval), "seed": seed, "lr": lr,
+                  "steps": self.config.steps, "batch_size": self.config.batch_size}
+        found = {"method": result.get("method"), "task": result.get("task"), "n_eval": result.get("n_eval"),
+                 "seed": trained.get("seed"), "lr": trained.get("lr"), "steps": trained.get("steps"),
+                 "batch_size": trained.get("batch_size"),
+                 "options": _resolved(result.get("method"), result.get("options"))}
+        differ = [k for k in wanted if found[k] is not None and found[k] != wanted[k]]
+        if differ:
+            key, had, asked = differ[0], found[differ[0]], wanted[differ[0]]
+            if key == "options":  # name the option
+                key = next(k for k in sorted(had.keys() | asked.keys()) if had.get(k) != asked.get(k))
+                had, asked = had.get(key), asked.get(key)
+            raise UserError(f"{folder} holds a run with {key}={had!r}, not {asked!r} as row {quoted(spec.label)} "
+                            "asks: use another --out")
+        return result
+
     def run(self, spec: Spec, seed: int, lr: float, task: Task, folder: Path) -> dict:
-        if (folder / "results.json").is_file():
-            return read_json(folder / "results.json")
+        done = self.finished(spec, seed, lr, task, folder)
+        if done is not None:
+            return done
         result, seconds = _train_one(spec, seed, lr, task, folder, self.config, self.base, self.sampler_steps,
                                      self.progress)
         self.log(f"{spec.label} seed {seed} lr {lr:g}: score {score(result):.4f} ({seconds:.0f}s)")
@@ -320,7 +359,7 @@ class _Runner:
         usual, so the sequential pass that follows only reads them back (and a crash loses
         only the runs in flight).
         """
-        todo = [run for run in runs if not (run[3] / "results.json").is_file()]
+        todo = [run for run in runs if self.finished(*run[:3], task, run[3]) is None]
         if not todo:
             return
         threads = max(1, torch.get_num_threads() // jobs)
@@ -333,6 +372,16 @@ class _Runner:
                 spec, seed, lr = futures[future]
                 result, seconds = future.result()  # a failed run stops the comparison (finished ones are kept)
                 self.log(f"{spec.label} seed {seed} lr {lr:g}: score {score(result):.4f} ({seconds:.0f}s)")
+
+
+def _resolved(method, options) -> dict | None:
+    """A stored run's options with the defaults it trained under (None if unreadable)."""
+    if not isinstance(method, str) or not isinstance(options, dict):
+        return None
+    try:
+        return stored_config(method, options).to_dict()
+    except UserError:
+        return None
 
 
 def _train_one(spec: Spec, seed: int, lr: float, task: Task, folder: Path, config: TrainConfig, base,

@@ -183,3 +183,33 @@ def test_a_sweep_table_row_with_a_given_lr_keeps_its_columns():
     swept, given = table.splitlines()[2:]
     assert swept == "| swept | 50.0 (0.0005) | **75.0** (0.002) | 0.002 |"
     assert given == "| given | (given) | (given) | 0.003 |"
+
+
+def test_ablation_presets_share_their_default_row_and_ablations_holds_every_row_once():
+    from lora_diffusion.compare import ABLATIONS, PRESETS
+
+    rows = {}
+    for name in ABLATIONS:
+        assert "default" in [s.label for s in PRESETS[name]]
+        for spec in PRESETS[name]:
+            assert rows.setdefault(spec.label, spec) == spec  # one label, one row, in every preset
+    assert PRESETS["ablations"] == list(rows.values())
+    assert PRESETS["ranks"][-1].options == {}  # "default" is the method's defaults
+
+
+def test_a_shared_out_folder_reads_back_only_runs_of_the_same_row(capsys, tmp_path, tiny_base_dir):
+    """Presets share an --out folder (folders are named by label): a finished run is read back
+    for a row that trains the same things, and refused for one that does not."""
+    out = tmp_path / "cmp"
+    common = ["--base", str(tiny_base_dir), "--task", "suite_topic", "--seed", "0", "--steps", "2",
+              "--batch-size", "4", "--max-train-examples", "40", "--max-eval-examples", "8", "--sampler-steps", "2",
+              "--no-profile", "--quiet", "--out", str(out)]
+    code, _, err = run_cli(capsys, "compare", "--methods", "lora", *common)
+    assert code == 0, err
+    mtime = (out / "lora" / "seed-0" / "results.json").stat().st_mtime
+    code, _, err = run_cli(capsys, "compare", "--methods", "lora", *common)  # the same row: read back
+    assert code == 0 and (out / "lora" / "seed-0" / "results.json").stat().st_mtime == mtime
+    code, _, err = run_cli(capsys, "compare", "--methods", "lora", "--option", "r=4", *common)
+    assert code != 0 and "holds a run with r=16, not 4" in err and "use another --out" in err
+    code, _, err = run_cli(capsys, "compare", "--methods", "lora", *common[:-1], str(out), "--steps", "3")
+    assert code != 0 and "holds a run with steps=2, not 3" in err
