@@ -196,7 +196,18 @@ def cmd_sample(args) -> None:
     from .diffusion import sample
 
     _threads(args.threads)
-    model, _, config = load_model(args.adapter, base=args.base)
+    if args.adapter and len(args.adapter) > 1:  # one mixed batch: each row its own adapter
+        from .mixed import MixedAdapters
+
+        mixed = MixedAdapters(args.adapter, base=args.base)
+        answers = mixed.answers([args.prompt] * args.n, steps=args.steps, length=args.length,
+                                instruction=args.instruction, seed=args.seed, remasking=args.remasking,
+                                temperature=args.temperature, block_length=args.block_length, threshold=args.threshold)
+        for per_adapter in answers:
+            for label, text in zip(mixed.labels, per_adapter):
+                print(f"{label}: {text}")
+        return
+    model, _, config = load_model(args.adapter[0] if args.adapter else None, base=args.base)
     instruction = args.instruction if args.instruction is not None else (config and config["task"]["instruction"])
     length = args.length or (config["response_length"] if config else 32)
     tok = model.backbone.tokenizer
@@ -354,8 +365,8 @@ def analyze_mixed_batch(args):
 
     report = mixed_batch_report(adapter_counts=args.adapter_counts, base=args.base, batch_size=args.batch_size,
                                 response_length=args.response_length, steps=args.sampler_steps, log=_log)
-    summary = {f"{r['adapters']} adapters": f"{r['throughput_ratio']:.2f}x one adapter's tokens/s"
-               for r in report["mixed"]}
+    summary = {f"{m['method']}, {r['adapters']} adapters": f"{r['throughput_ratio']:.2f}x one adapter's tokens/s"
+               for m in report["methods"] for r in m["mixed"]}
     return report, {}, summary
 
 
@@ -611,7 +622,8 @@ def _add_eval_sample_app(sub) -> None:
 
     p = sub.add_parser("sample", help="generate text with the sampler")
     _base_arg(p, "base model folder (default: the shipped base)")
-    p.add_argument("--adapter", help="adapter folder")
+    p.add_argument("--adapter", nargs="+", help="adapter folder; several: the prompt decoded by each of them in one "
+                                                "mixed batch (lora_diffusion and lora adapters)")
     p.add_argument("--prompt", help="input text (default: none, an all-[MASK] start)")
     p.add_argument("--instruction", help="instruction (default: the adapter's task instruction)")
     p.add_argument("--length", type=count, help="response tokens (default: 32, or the adapter's)")
@@ -727,7 +739,8 @@ def _add_analyze(sub) -> None:
     a.add_argument("--in-process", action="store_true",
                    help="measure in this process instead of a fresh one per point (faster; memory the "
                         "allocator already holds then hides part of the peak)")
-    a = analysis("mixed-batch", "generation throughput when each row of a batch has its own LoRA-Diffusion adapter",
+    a = analysis("mixed-batch", "generation throughput when each row of a batch has its own adapter "
+                 "(LoRA-Diffusion, weight LoRA)",
                  adapters=False, task=False)
     a.add_argument("--adapter-counts", type=counts, default="8,32", help="distinct adapters mixed in the batch")
     a.add_argument("--batch-size", type=count, default=32)

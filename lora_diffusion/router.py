@@ -180,10 +180,11 @@ class Composition:
         self.fixed = None if weights is None else torch.tensor(weights, dtype=torch.float32)
 
     def assign(self, rows) -> None:
-        """A mixed batch: row i of every batch is decoded with adapter rows[i] alone (0..M-1)."""
+        """A mixed batch: row i of every batch is decoded with adapter rows[i] alone (0..M-1),
+        or by the base alone (-1)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        if rows.ndim != 1 or len(rows) == 0 or int(rows.min()) < 0 or int(rows.max()) >= len(self.methods):
-            raise UserError(f"assign one adapter (0 to {len(self.methods) - 1}) to each row")
+        if rows.ndim != 1 or len(rows) == 0 or int(rows.min()) < -1 or int(rows.max()) >= len(self.methods):
+            raise UserError(f"assign one adapter (0 to {len(self.methods) - 1}, or -1 for none) to each row")
         self.fixed, self.rows = None, rows
 
     def instruction_weights(self, instructions: list[str]) -> torch.Tensor:

@@ -258,11 +258,13 @@ def test_mixed_batch_throughput_is_measured_against_one_adapter(capsys, tmp_path
                                 "--out", tmp_path / "mixed")
     assert code == 0, err
     report = json.loads((tmp_path / "mixed" / "mixed_batch.json").read_text())
-    assert [r["adapters"] for r in report["mixed"]] == [2, 4]
-    for r in report["mixed"]:
-        assert r["tokens_per_s"] == 8 * 4 / r["latency_s"]
-        assert r["throughput_ratio"] == report["one_adapter"]["latency_s"] / r["latency_s"]
-    assert "4 adapters" in json.loads(stdout.strip().splitlines()[-1])
+    assert [m["method"] for m in report["methods"]] == ["lora_diffusion", "lora"]
+    for m in report["methods"]:
+        assert [r["adapters"] for r in m["mixed"]] == [2, 4]
+        for r in m["mixed"]:
+            assert r["tokens_per_s"] == 8 * 4 / r["latency_s"]
+            assert r["throughput_ratio"] == m["one_adapter"]["latency_s"] / r["latency_s"]
+    assert {"lora_diffusion, 4 adapters", "lora, 4 adapters"} <= json.loads(stdout.strip().splitlines()[-1]).keys()
 
 
 def test_an_untouched_adapter_forgets_nothing(tmp_path, tiny_base_dir):

@@ -51,15 +51,19 @@ class WeightLoRA(Method):
     def attach(self, model) -> None:
         self.model = model
         backbone = model.backbone
-        c = self.config
-        config = LoraConfig(r=c.r, lora_alpha=c.lora_alpha(), lora_dropout=c.dropout, use_dora=self.use_dora,
-                            target_modules=backbone.projection_pattern(*TARGETS[c.targets]))
+        config = self.peft_config(backbone)
         self._remember_requires_grad(backbone.mlm)
         # Wraps the masked LM in place: the LoRA layers replace the targeted Linear layers
         # inside backbone.body, and every base weight is frozen.
         with warnings.catch_warnings():  # a deprecation inside peft, not ours to act on
             warnings.simplefilter("ignore", FutureWarning)
             self.peft_model = get_peft_model(backbone.mlm, config)
+
+    def peft_config(self, backbone) -> LoraConfig:
+        """This adapter's options as peft's LoraConfig for `backbone`."""
+        c = self.config
+        return LoraConfig(r=c.r, lora_alpha=c.lora_alpha(), lora_dropout=c.dropout, use_dora=self.use_dora,
+                          target_modules=backbone.projection_pattern(*TARGETS[c.targets]))
 
     def detach(self) -> None:
         """Take the LoRA layers out again (peft's `unload`), unmerging first if merged."""
