@@ -10,8 +10,10 @@ from lora_diffusion.analysis.tsne import trajectory_map
 from lora_diffusion.errors import UserError
 from lora_diffusion.plots import effective_rank_figure, forgetting_figure, instruction_router_figure, tsne_figure
 
+from . import explain
 from .common import (Context, adapter_paths, handler, names_given, readable_errors, short_text, user_workspace,
                      whole)
+from .explain import knob
 
 
 PROJECTIONS = ("tsne", "pca")
@@ -27,6 +29,21 @@ def _inputs(ctx: Context, user, names, examples, steps, needs_task: bool = True)
     return paths, whole(examples, "the number of examples", 8, 256), whole(steps, "the denoising steps", 2, 64)
 
 
+def steps_note(taken: dict, asked: int) -> str:
+    """What the summary adds when the sampler took fewer steps than asked: `taken` is task -> steps.
+
+    The sampler takes at most one step per answer position; two steps (a one-word answer and its
+    end marker) are too few to show a trajectory."""
+    short = {task: n for task, n in taken.items() if n < asked}
+    if not short:
+        return ""
+    note = (" Steps taken (at most one per answer position): "
+            + ", ".join(f"{task} {n}" for task, n in short.items()) + ".")
+    if max(taken.values()) <= 2:
+        note += " Too few to see a trajectory: analyse an adapter trained on suite_struct, whose answers are long."
+    return note
+
+
 @readable_errors
 def effective_rank(ctx: Context, user, names, examples, steps, progress=gr.Progress()):
     paths, examples, steps = _inputs(ctx, user, names, examples, steps)
@@ -36,7 +53,8 @@ def effective_rank(ctx: Context, user, names, examples, steps, progress=gr.Progr
             "perturbations at each step; t = 1 is the all-masked start. " + " · ".join(
                 f"{r['label']}: {r['effective_rank'][0]:.1f} → {r['effective_rank'][-1]:.1f}"
                 for r in report["methods"]))
-    return note, effective_rank_figure(report), None
+    taken = {r["task"]: len(r["t"]) for r in report["methods"]}
+    return note + steps_note(taken, steps), effective_rank_figure(report), None
 
 
 @readable_errors
@@ -49,6 +67,10 @@ def trajectory_tsne(ctx: Context, user, names, examples, steps, projection, prog
                             method=projection)
     note = (f"trustworthiness of the 2-D map: perturbations {report['perturbations']['trustworthiness']:.3f}, "
             f"base trajectories {report['base']['trustworthiness']:.3f} (1 = neighbourhoods kept)")
+    taken = {}
+    for point in report["perturbations"]["points"]:
+        taken[point["task"]] = max(taken.get(point["task"], 0), point["step"] + 1)
+    note += steps_note(taken, steps)
     return note, tsne_figure(report, "perturbations", "task"), tsne_figure(report, "base", "step")
 
 
@@ -74,29 +96,36 @@ def route(ctx: Context, user, names, instruction, progress=gr.Progress()):
 
 
 def tab(ctx: Context, user) -> dict:
+    explain.accordion(explain.ANALYSE_TAB)
     with gr.Row():
-        adapters = gr.Dropdown([], multiselect=True, label="adapters to analyse",
-                               elem_id="analyse-adapters", allow_custom_value=True)
+        adapters = gr.Dropdown([], multiselect=True, elem_id="analyse-adapters", allow_custom_value=True,
+                               **knob("Analyse", "adapters to analyse"))
         refresh_btn = gr.Button("Refresh adapters")
     with gr.Row():
-        examples = gr.Slider(8, 256, value=32, step=8, label="held-out examples (rows of text for forgetting)")
-        steps = gr.Slider(2, 64, value=8, step=1, label="denoising steps")
-        projection = gr.Radio(list(PROJECTIONS), value="tsne", label="projection")
+        examples = gr.Slider(8, 256, value=32, step=8,
+                             **knob("Analyse", "held-out examples (rows of text for forgetting)"))
+        steps = gr.Slider(2, 64, value=8, step=1, **knob("Analyse", "denoising steps"))
+        projection = gr.Radio(list(PROJECTIONS), value="tsne", **knob("Analyse", "projection"))
     with gr.Row():
         rank_btn = gr.Button("Effective rank per step")
         tsne_btn = gr.Button("Trajectory t-SNE")
         forget_btn = gr.Button("Forgetting")
-    note = gr.Markdown(elem_id="analysis-note")
-    plot = gr.Plot(label="analysis", elem_id="analysis-plot")
-    plot2 = gr.Plot(label="base trajectories")
+    with gr.Column():  # the three analyses share the plots; each has its note below them
+        note = gr.Markdown(elem_id="analysis-note")
+        plot = gr.Plot(label="analysis", elem_id="analysis-plot")
+        plot2 = gr.Plot(label="base trajectories")
+        for text in (explain.EFFECTIVE_RANK, explain.TSNE, explain.FORGETTING):
+            explain.accordion(text)
     gr.Markdown("### Router weights for an instruction\nPick LoRA-Diffusion adapters of different tasks; "
                 "the router is trained on their instructions once, then answers instantly.")
     with gr.Row():
-        router_adapters = gr.Dropdown([], multiselect=True,
-                                      label="LoRA-Diffusion adapters", allow_custom_value=True)
-        router_text = gr.Textbox("does this review sound positive or negative ?", label="instruction")
+        router_adapters = gr.Dropdown([], multiselect=True, allow_custom_value=True,
+                                      **knob("Analyse", "LoRA-Diffusion adapters"))
+        router_text = gr.Textbox("does this review sound positive or negative ?", **knob("Analyse", "instruction"))
         router_btn = gr.Button("Route")
-    router_plot = gr.Plot(label="router weights")
+    with gr.Column():
+        router_plot = gr.Plot(label="router weights")
+        explain.accordion(explain.ROUTER)
     rank_btn.click(handler(effective_rank, ctx), [user, adapters, examples, steps], [note, plot, plot2],
                    api_name="effective_rank")
     tsne_btn.click(handler(trajectory_tsne, ctx), [user, adapters, examples, steps, projection], [note, plot, plot2],

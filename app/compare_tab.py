@@ -16,6 +16,7 @@ from lora_diffusion.files import read_json
 from lora_diffusion.paths import CHECKOUT
 from lora_diffusion.plots import comparison_figure, scaling_figures
 
+from . import explain
 from .common import Context, handler, readable_errors
 
 NOT_LISTED = "not a results file of this workbench; choose one from the list"
@@ -84,20 +85,25 @@ def choices(ctx: Context):
 def _list(ctx: Context, kind: str, label: str) -> gr.Dropdown:
     names = list(results_files(ctx, kind))
     # custom values reach the handler, which refuses them with one message (gradio's own would echo them)
-    return gr.Dropdown(names, value=DEFAULTS[kind] if DEFAULTS[kind] in names else None, label=label,
-                       allow_custom_value=True)
+    return gr.Dropdown(names, value=DEFAULTS[kind] if DEFAULTS[kind] in names else None, allow_custom_value=True,
+                       **explain.knob("Compare", label))
 
 
 def tab(ctx: Context) -> dict:
+    explain.accordion(explain.COMPARE_TAB)
     results = _list(ctx, "compare", "results file of `lora-diffusion compare`")
     show_btn = gr.Button("Show")
-    table = gr.Markdown()
-    chart = gr.Plot()
+    with gr.Column():
+        table = gr.Markdown()
+        chart = gr.Plot()
+        explain.accordion(explain.COMPARE_RESULTS)
     gr.Markdown("### Memory and speed against rank")
     scaling = _list(ctx, "scaling", "results file of `lora-diffusion analyze scaling`")
     scaling_btn = gr.Button("Show scaling")
-    scaling_train = gr.Plot(label="training")
-    scaling_gen = gr.Plot(label="generation")
+    with gr.Column():
+        scaling_train = gr.Plot(label="training")
+        scaling_gen = gr.Plot(label="generation")
+        explain.accordion(explain.SCALING)
     show_btn.click(handler(show_results, ctx), results, [table, chart], api_name="show_results")
     scaling_btn.click(handler(show_scaling, ctx), scaling, [scaling_train, scaling_gen], api_name="show_scaling")
     return {"lists": [results, scaling]}

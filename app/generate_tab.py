@@ -13,8 +13,10 @@ from lora_diffusion.data import SENTIMENT_INSTRUCTION
 from lora_diffusion.errors import UserError
 from lora_diffusion.plots import perturbation_norm_figure
 
+from . import explain
 from .common import (BASE_ONLY, Context, adapter_paths, handler, number, readable_errors, short_text, user_workspace,
                      whole)
+from .explain import knob
 
 MAX_LENGTH = 32  # response tokens the page decodes at most
 COLOURS = {"masked": "#d0d0d0", "new": "#ffb347", "settled": "#8fd18f"}
@@ -72,23 +74,29 @@ def response_length_of(ctx: Context, user, adapter_name):
 
 
 def tab(ctx: Context, user) -> dict:
+    explain.accordion(explain.GENERATE_TAB)
     with gr.Row():
-        gen_adapter = gr.Dropdown([BASE_ONLY], value=BASE_ONLY, label="adapter",
-                                  elem_id="gen-adapter", allow_custom_value=True)
+        gen_adapter = gr.Dropdown([BASE_ONLY], value=BASE_ONLY, elem_id="gen-adapter", allow_custom_value=True,
+                                  **knob("Generate", "adapter"))
         refresh_btn = gr.Button("Refresh adapters")
-    instruction_in = gr.Textbox(SENTIMENT_INSTRUCTION, label="instruction")
-    input_in = gr.Textbox("the film is not bad at all , i loved it .", label="input")
+    instruction_in = gr.Textbox(SENTIMENT_INSTRUCTION, **knob("Generate", "instruction"))
+    input_in = gr.Textbox("the film is not bad at all , i loved it .", **knob("Generate", "input"))
     with gr.Row():
-        length_in = gr.Slider(1, MAX_LENGTH, value=4, step=1, label="response length (tokens)", elem_id="gen-length")
-        steps_in = gr.Slider(1, 64, value=4, step=1, label="denoising steps")
-        temp_in = gr.Slider(0.0, 1.5, value=0.0, step=0.1, label="temperature")
-        seed_in = gr.Number(0, label="seed", precision=0)
+        length_in = gr.Slider(1, MAX_LENGTH, value=4, step=1, elem_id="gen-length",
+                              **knob("Generate", "response length (tokens)"))
+        steps_in = gr.Slider(1, 64, value=4, step=1, **knob("Generate", "denoising steps"))
+        temp_in = gr.Slider(0.0, 1.5, value=0.0, step=0.1, **knob("Generate", "temperature"))
+        seed_in = gr.Number(0, precision=0, **knob("Generate", "seed"))
     composed = gr.Dropdown([], multiselect=True, allow_custom_value=True,
-                           label="also router-composed from these LoRA-Diffusion adapters "
-                                 "(one per task; the router trains once)")
+                           **knob("Generate", "also router-composed from these LoRA-Diffusion adapters "
+                                              "(one per task; the router trains once)"))
     gen_btn = gr.Button("Generate", variant="primary")
-    gen_html = gr.HTML(elem_id="trajectory")
-    gen_plot = gr.Plot(label="perturbation norm per step")
+    with gr.Column():
+        gen_html = gr.HTML(elem_id="trajectory")
+        explain.accordion(explain.TRAJECTORY)
+    with gr.Column():
+        gen_plot = gr.Plot(label="perturbation norm per step")
+        explain.accordion(explain.PERTURBATION_NORM)
     gen_adapter.change(handler(response_length_of, ctx), [user, gen_adapter], length_in, api_visibility="undocumented")
     gen_btn.click(handler(generate, ctx), [user, gen_adapter, composed, instruction_in, input_in, length_in, steps_in,
                                            temp_in, seed_in], [gen_html, gen_plot], api_name="generate")

@@ -26,7 +26,7 @@ from lora_diffusion.paths import default_data_dir  # noqa: E402
 from lora_diffusion.uploads import MAX_UPLOAD_BYTES  # noqa: E402
 from lora_diffusion.workspace import JobLimits, Workspace  # noqa: E402
 
-from . import analyse_tab, compare_tab, generate_tab, train_tab  # noqa: E402
+from . import analyse_tab, compare_tab, explain, generate_tab, train_tab  # noqa: E402
 from .common import (BASE_ONLY, Context, adapter_lists, broken_note, handler, readable_errors,  # noqa: E402
                      user_workspace)
 
@@ -73,9 +73,9 @@ def build(workspace: Workspace, data_dir: str | None = None, base: str | None = 
     ctx = Context(workspace, data_dir, base, uploads)
     with gr.Blocks(title="lora-diffusion workbench", delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as demo:
         gr.Markdown("# lora-diffusion workbench\nParameter-efficient fine-tuning of a masked diffusion LM, "
-                    "on the CPU, offline. Every number here is measured on held-out data.")
+                    "on the CPU, offline. Every number here is measured on held-out data.\n\n" + explain.INTRO)
         user = gr.BrowserState(None, storage_key="lora-diffusion-user", secret=browser_secret(workspace))
-        shared = gr.Checkbox(False, label=SHARED_LABEL)
+        shared = gr.Checkbox(False, **explain.knob("Every tab", SHARED_LABEL))
         with gr.Tab("Train"):
             train = train_tab.tab(ctx, user)
         with gr.Tab("Generate"):
@@ -84,6 +84,8 @@ def build(workspace: Workspace, data_dir: str | None = None, base: str | None = 
             analyse = analyse_tab.tab(ctx, user)
         with gr.Tab("Compare"):
             compare = compare_tab.tab(ctx)
+        with gr.Accordion("Glossary: every knob of the page", open=False):
+            gr.Markdown(explain.glossary())
         lists = [generate["adapter"], train["pick"], generate["composed"], analyse["adapters"],
                  analyse["router_adapters"], train["table"], train["broken"]]
         refresh = handler(refreshed, ctx)

@@ -17,10 +17,13 @@ from lora_diffusion.plots import training_figure
 from lora_diffusion.training import TrainConfig
 from lora_diffusion.workspace import LOADABLE_TASKS
 
+from . import explain
 from .common import (TABLE_HEADERS, Context, handler, number, readable_errors, short_text, uploaded, user_workspace,
                      whole)
+from .explain import knob
 
-TASKS = list(LOADABLE_TASKS) + ["uploaded CSV"]  # never a hub dataset: the workbench runs offline
+CSV_TASK = "uploaded CSV"
+TASKS = list(LOADABLE_TASKS) + [CSV_TASK]  # never a hub dataset: the workbench runs offline
 MAX_CSV_BYTES = 20 * 2**20  # an uploaded CSV, checked before it is read
 MAX_CSV_ROWS = 20_000       # rows of it at most
 CSV_HELD_OUT = 200          # rows of it held out (and scored at the end of a run) at most
@@ -58,6 +61,11 @@ def show_options(method: str) -> list:
     return [gr.update(visible=m == method) for m in METHODS]
 
 
+def show_csv(task_name: str):
+    """The CSV upload and its columns are visible only for the task that trains on them."""
+    return gr.update(visible=task_name == CSV_TASK)
+
+
 def csv_task_name(name: str) -> str:
     """What an uploaded CSV's task is called: its file's name, unless the workbench would take that for a
     task it loads itself or for a hub dataset (its adapter would be scored on, or refused for, that)."""
@@ -68,7 +76,7 @@ def csv_task_name(name: str) -> str:
 
 def _task(ctx: Context, task_name, csv_file, text_column, label_column, max_train, seed):
     max_train = whole(max_train, "max train examples", 0, 10**7)
-    if task_name == "uploaded CSV":
+    if task_name == CSV_TASK:
         if csv_file is None:
             raise UserError("upload a CSV file first (a text column and a label column)")
         path = uploaded(ctx, csv_file)
@@ -240,16 +248,20 @@ def limits_text(ctx: Context) -> str:
 
 def tab(ctx: Context, user) -> dict:
     """Lay out the Train tab and wire it; returns the lists other tabs refresh and the events that change them."""
+    explain.accordion(explain.TRAIN_TAB)
     with gr.Row():
         with gr.Column():
-            task_in = gr.Dropdown(TASKS, value="suite_sentiment", label="task")
-            csv_in = gr.File(label="CSV to train on (for 'uploaded CSV')", file_types=[".csv"], type="filepath")
-            with gr.Row():
-                text_col = gr.Textbox("text", label="text column")
-                label_col = gr.Textbox("label", label="label column")
-            max_train = gr.Number(0, label="max train examples (0 = all)", precision=0)
+            task_in = gr.Dropdown(TASKS, value="suite_sentiment", **knob("Train", "task"))
+            with gr.Group(visible=False) as csv_group:  # shown for "uploaded CSV" only (show_csv)
+                csv_in = gr.File(label="CSV to train on (a text column and a label column)", file_types=[".csv"],
+                                 type="filepath")
+                with gr.Row():
+                    text_col = gr.Textbox("text", **knob("Train", "text column"))
+                    label_col = gr.Textbox("label", **knob("Train", "label column"))
+            max_train = gr.Number(0, precision=0, **knob("Train", "max train examples (0 = all)"))
         with gr.Column():
-            method_in = gr.Dropdown(list(METHODS), value="lora_diffusion", label="method", elem_id="train-method")
+            method_in = gr.Dropdown(list(METHODS), value="lora_diffusion", elem_id="train-method",
+                                    **knob("Train", "method"))
             controls, groups = [], []
             for m in METHODS:
                 with gr.Group(visible=m == "lora_diffusion") as group:
@@ -258,10 +270,10 @@ def tab(ctx: Context, user) -> dict:
                 groups.append(group)
             options_json = gr.JSON(visible=False)
         with gr.Column():
-            lr_in = gr.Number(0, label="learning rate (0 = the method's default)")
-            steps_in = gr.Number(200, label="steps", precision=0)
-            batch_in = gr.Number(16, label="batch size", precision=0)
-            seed_in = gr.Number(0, label="seed", precision=0)
+            lr_in = gr.Number(0, **knob("Train", "learning rate (0 = the method's default)"))
+            steps_in = gr.Number(200, precision=0, **knob("Train", "steps"))
+            batch_in = gr.Number(16, precision=0, **knob("Train", "batch size"))
+            seed_in = gr.Number(0, precision=0, **knob("Train", "seed"))
             with gr.Row():
                 start_btn = gr.Button("Train", variant="primary")
                 stop_btn = gr.Button("Stop")
@@ -270,12 +282,14 @@ def tab(ctx: Context, user) -> dict:
     status = gr.Markdown("", elem_id="train-status")
     with gr.Row():
         loss_plot = gr.Plot(label="loss and held-out score", elem_id="loss-plot")
-        metric = gr.Markdown("", elem_id="train-metric")
+        with gr.Column():
+            metric = gr.Markdown("", elem_id="train-metric")
+            explain.accordion(explain.LOSS_PLOT)
     gr.Markdown("### Your adapters")
     table = gr.Dataframe([], headers=TABLE_HEADERS, interactive=False, elem_id="adapters-table")
     broken = gr.Markdown("")
     with gr.Row():
-        pick = gr.Dropdown([], label="adapter", allow_custom_value=True, elem_id="train-pick")
+        pick = gr.Dropdown([], allow_custom_value=True, elem_id="train-pick", **knob("Train", "adapter"))
         download_btn = gr.Button("Prepare download")
         delete_btn = gr.Button("Delete", variant="stop")
         download_file = gr.File(label="adapter zip")
@@ -284,11 +298,12 @@ def tab(ctx: Context, user) -> dict:
                                file_types=[".zip", ".safetensors", ".json"], file_count="multiple", type="filepath")
         upload_btn = gr.Button("Import")
     with gr.Row():
-        confirm = gr.Checkbox(False, label=RESET_LABEL, elem_id="reset-confirm")
+        confirm = gr.Checkbox(False, elem_id="reset-confirm", **knob("Train", RESET_LABEL))
         reset_btn = gr.Button("Delete all my adapters and runs", variant="stop")
     adapters_msg = gr.Markdown("", elem_id="adapters-message")
 
     method_in.change(show_options, method_in, groups, api_visibility="undocumented")
+    task_in.change(show_csv, task_in, csv_group, api_visibility="undocumented")
     trained = start_btn.click(collect_options, [method_in] + controls, options_json,
                               api_visibility="undocumented").then(
         handler(train, ctx), [user, task_in, csv_in, text_col, label_col, max_train, method_in, options_json, lr_in,

@@ -11,10 +11,10 @@ import gradio as gr
 import pytest
 
 from lora_diffusion import uploads, workspace
-from lora_diffusion.app import common, compare_tab, generate_tab, main, train_tab
+from lora_diffusion.app import analyse_tab, common, compare_tab, explain, generate_tab, main, train_tab
 from lora_diffusion.app.common import Context
 from lora_diffusion.data import load_task
-from lora_diffusion.methods import METHODS, method_config, option_specs
+from lora_diffusion.methods import METHODS, describe, method_config, option_specs
 from lora_diffusion.paths import CHECKOUT
 from lora_diffusion.training import TrainConfig
 from lora_diffusion.workspace import JobLimits, Workspace
@@ -212,3 +212,132 @@ def test_the_readmes_limits_table_is_the_codes():
         "a results file Compare reads": f"{compare_tab.MAX_RESULTS_BYTES // 2**20} MB",
         "uploads and download zips kept": "1 hour",
     }
+
+
+# ---- Explanations where the user looks: notes beside every plot, a tooltip on every control, a glossary ----
+
+INPUT_TYPES = ("slider", "dropdown", "textbox", "checkbox", "number", "radio")  # the controls that take info=
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """The built page as gradio serialises it: components by id, each block's children and parent."""
+    config = main.build(Workspace(tmp_path_factory.mktemp("page"))).config
+    children, parent = {}, {}
+
+    def walk(node):
+        children[node["id"]] = [child["id"] for child in node.get("children", [])]
+        for child in node.get("children", []):
+            parent[child["id"]] = node["id"]
+            walk(child)
+
+    walk(config["layout"])
+    components = {c["id"]: c for c in config["components"]}
+    return {"components": components, "children": children, "parent": parent, "dependencies": config["dependencies"]}
+
+
+def _of_type(page, kind: str) -> list[dict]:
+    return [c for c in page["components"].values() if c["type"] == kind]
+
+
+def _descendants(page, block_id) -> list[dict]:
+    found = []
+    for child in page["children"].get(block_id, []):
+        found += [page["components"][child]] + _descendants(page, child)
+    return found
+
+
+def _by_label(page, kind: str, label: str) -> dict:
+    return next(c for c in _of_type(page, kind) if c["props"].get("label") == label)
+
+
+def test_every_control_has_a_tooltip_from_one_place_and_the_glossary_lists_it(page):
+    app_knobs = {(label, info) for knobs in explain.KNOBS.values() for label, info in knobs.items()}
+    method_options = {(spec.name, describe(spec)) for _, spec in train_tab.OPTION_LAYOUT}
+    controls = [c for c in page["components"].values() if c["type"] in INPUT_TYPES]
+    shown = {(c["props"]["label"], c["props"].get("info")) for c in controls}
+    assert len(controls) > len(train_tab.OPTION_LAYOUT) + 20
+    assert all(c["props"].get("info") for c in controls)
+    assert shown <= app_knobs | method_options  # no tooltip written anywhere else
+    assert method_options <= shown  # every option control carries its config's help
+    assert app_knobs <= shown  # and no glossary entry is stale
+    glossary = explain.glossary()
+    assert all(f"| {label} | {info} |" in glossary for label, info in app_knobs)
+    page_glossary = _by_label(page, "accordion", "Glossary: every knob of the page")
+    assert _descendants(page, page_glossary["id"])[0]["props"]["value"] == glossary
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_glossary_lists_every_option_of_every_method_from_its_config(method):
+    section = explain.glossary().split(f"#### `{method}`\n\n", 1)[1].split("####", 1)[0]
+    assert section.startswith(explain.method_summary(method))
+    assert f"Default learning rate: {METHODS[method].Config().default_lr():g}." in section
+    specs = option_specs(method)
+    assert [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")] == [s.name for s in specs]
+    assert all(f"| `{s.name}` | {describe(s)} |" in section for s in specs)
+    assert specs or "No options." in section
+
+
+def test_every_tab_and_every_plot_has_a_closed_note_beside_it(page):
+    notes = [v for v in vars(explain).values() if isinstance(v, explain.Note)]
+    placed = {c["props"]["label"]: c for c in _of_type(page, "accordion")}
+    assert {n.title for n in notes} <= set(placed)  # every note is on the page
+    for note in notes:
+        assert note.what and note.read and note.next
+        text = _descendants(page, placed[note.title]["id"])[0]["props"]["value"]
+        assert text == note.markdown() and "What am I looking at?" in text and "What to try next." in text
+    assert not any(c["props"]["open"] for c in placed.values())  # closed until asked
+    for tab in _of_type(page, "tabitem"):
+        first = page["components"][page["children"][tab["id"]][0]]
+        assert first["type"] == "accordion" and first["props"]["label"] == f"About this tab: {tab['props']['label']}"
+    plots = _of_type(page, "plot")
+    assert len(plots) == 8  # loss; perturbation norm; analysis, base trajectories, router; methods, scaling x2
+    for plot in plots:
+        holder = page["components"][page["parent"][plot["id"]]]
+        assert holder["type"] in ("row", "column")  # the plot's own box, not the whole tab
+        beside = [c for c in _descendants(page, holder["id"]) if c["type"] == "accordion"]
+        assert beside and all(not b["props"]["label"].startswith("About this tab") for b in beside)
+
+
+def _outputs_of_change(page, component) -> list[dict]:
+    dep = next(d for d in page["dependencies"] if [component["id"], "change"] in [list(t) for t in d["targets"]])
+    return [page["components"][o] for o in dep["outputs"]]
+
+
+def test_method_options_and_the_csv_upload_are_shown_only_when_they_apply(page):
+    method = next(c for c in _of_type(page, "dropdown") if c["props"].get("elem_id") == "train-method")
+    groups = _outputs_of_change(page, method)
+    assert len(groups) == len(METHODS)
+    for name, group in zip(METHODS, groups):  # each group holds its method's options, shown for the default only
+        labels = [c["props"].get("label") for c in _descendants(page, group["id"]) if c["type"] in INPUT_TYPES]
+        assert labels == [s.name for s in option_specs(name)]
+        assert group["props"]["visible"] is (name == method["props"]["value"] == "lora_diffusion")
+    for name in METHODS:
+        assert [u["visible"] for u in train_tab.show_options(name)] == [m == name for m in METHODS]
+
+    task = _by_label(page, "dropdown", "task")
+    (csv_group,) = _outputs_of_change(page, task)
+    inside = {c["type"]: c for c in _descendants(page, csv_group["id"])}
+    assert "file" in inside and csv_group["props"]["visible"] is False  # the default task needs no file
+    assert task["props"]["value"] == "suite_sentiment"
+    for name in train_tab.TASKS:
+        assert train_tab.show_csv(name)["visible"] is (name == train_tab.CSV_TASK)
+
+
+def test_an_analysis_says_when_the_answers_are_too_short_for_a_trajectory():
+    assert analyse_tab.steps_note({"suite_struct": 8}, 8) == ""  # every step asked was taken
+    short = analyse_tab.steps_note({"suite_sentiment": 2}, 8)
+    assert "suite_sentiment 2" in short and "suite_struct" in short
+    mixed = analyse_tab.steps_note({"suite_struct": 12, "suite_sentiment": 2}, 16)
+    assert "suite_struct 12, suite_sentiment 2" in mixed and "Too few" not in mixed
+
+
+def test_effective_rank_and_tsne_of_a_sentiment_adapter_point_to_longer_answers(ctx):
+    if not ctx.workspace.user(USER).adapters():
+        train_run(ctx)
+    name = ctx.workspace.user(USER).adapters()[0]["name"]  # suite_sentiment: a label word and [SEP]
+    note, figure, _ = analyse_tab.effective_rank(ctx, USER, [name], 8, 8, progress=NOOP)
+    assert note.startswith("Effective rank") and len(figure.data[0].x) == 2
+    assert "suite_sentiment 2" in note and "suite_struct" in note
+    note, _, _ = analyse_tab.trajectory_tsne(ctx, USER, [name], 8, 8, "pca", progress=NOOP)
+    assert note.startswith("trustworthiness") and "suite_sentiment 2" in note
