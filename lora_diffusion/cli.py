@@ -149,6 +149,9 @@ def cmd_eval(args) -> None:
     _threads(args.threads)
     if args.adapter is None and args.task is None:
         raise UserError("give --task (or --adapter, whose task is used)")
+    if args.adapter and len(args.adapter) > 1:
+        return _eval_mixed(args)
+    args.adapter = args.adapter[0] if args.adapter else None
     model, method, config = load_model(args.adapter, base=args.base)
     if args.task is None:
         args.task = _adapter_task_name(config)
@@ -164,6 +167,36 @@ def cmd_eval(args) -> None:
     if args.out:
         write_json(args.out, result)
     print(json.dumps(result))
+
+
+def _eval_mixed(args) -> None:
+    """Several adapters scored on one task in mixed batches (each row its own adapter)."""
+    from .adapters import adapter_label
+    from .data import check_task_fits_adapter
+    from .evaluate import evaluate_mixed
+    from .files import write_json
+    from .mixed import MixedAdapters
+
+    mixed = MixedAdapters(args.adapter, base=args.base)
+    if args.task is None:
+        names = {_adapter_task_name(c) for c in mixed.configs}
+        if len(names) > 1:
+            raise UserError(f"the adapters were trained on different tasks ({', '.join(sorted(names))}): give --task")
+        args.task = names.pop()
+    task = _eval_task(args, mixed.configs[0])
+    for path, config in zip(args.adapter, mixed.configs):
+        check_task_fits_adapter(task, config["task"], adapter_label(path))
+    results = evaluate_mixed(mixed.model, mixed.assign, len(mixed.configs), task,
+                             response_length=max(c["response_length"] for c in mixed.configs),
+                             max_length=args.max_length or max(c["max_length"] for c in mixed.configs),
+                             steps=args.steps, remasking=args.remasking, batch_size=args.batch_size, seed=args.seed,
+                             truncate=args.truncate, threshold=args.threshold)
+    for result, path, config in zip(results, args.adapter, mixed.configs):
+        result.update(method=config["method"], adapter=path)
+    report = {"mixed_batch": True, "results": results}
+    if args.out:
+        write_json(args.out, report)
+    print(json.dumps(report))
 
 
 def _adapter_task_name(config: dict) -> str:
@@ -606,7 +639,8 @@ def _add_train(sub) -> None:
 
 def _add_eval_sample_app(sub) -> None:
     p = sub.add_parser("eval", help="held-out metrics of a base or an adapter; last line is JSON")
-    p.add_argument("--adapter", help="adapter folder (or a train --out folder)")
+    p.add_argument("--adapter", nargs="+", help="adapter folder (or a train --out folder); several: all scored in "
+                                                "mixed batches, each row its own adapter (lora_diffusion and lora)")
     _base_arg(p, "base model folder (default: the adapter's, or the shipped base)")
     _task_args(p, required=False)
     p.add_argument("--steps", type=count, default=64, help="denoising steps T")

@@ -72,3 +72,40 @@ def test_sample_with_several_adapters_answers_as_each_adapter_alone(capsys, tmp_
         assert code == 0, err
         label, text = line.split(": ", 1)
         assert label == "adapter" + path[-1] and text == alone.strip()
+
+
+def test_eval_with_several_adapters_scores_each_as_it_scores_alone(capsys, tmp_path, tiny_base_dir):
+    import json
+
+    from test_cli import run_cli
+
+    paths = [str(saved(tmp_path, i, name, options)) for i, (name, options) in enumerate(KINDS)]
+    common = ["--base", str(tiny_base_dir), "--max-eval-examples", "6", "--steps", "2", "--batch-size", "4"]
+    code, out, err = run_cli(capsys, "eval", "--adapter", *paths, *common, "--out", str(tmp_path / "mixed.json"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "mixed.json").read_text())
+    assert report["mixed_batch"] and [r["adapter"] for r in report["results"]] == paths
+    for mixed, path in zip(report["results"], paths):
+        code, out, err = run_cli(capsys, "eval", "--adapter", path, *common)
+        assert code == 0, err
+        alone = json.loads(out.strip().splitlines()[-1])
+        for key in ("task", "n_eval", "accuracy", "verbalizer_accuracy", "invalid_rate", "chance", "method"):
+            assert mixed[key] == alone[key], (path, key)
+
+
+def test_evaluate_mixed_gives_each_adapter_the_answers_it_gives_alone(tmp_path, tiny_base_dir):
+    from lora_diffusion.data import load_task
+    from lora_diffusion.evaluate import evaluate_mixed, evaluate_task
+
+    paths = [saved(tmp_path, i, name, options) for i, (name, options) in enumerate(KINDS)]
+    task = load_task("suite_struct", max_train=8, max_eval=5)  # multi-token answers: a real trajectory
+    mixed = MixedAdapters(paths, base=str(tiny_base_dir))
+    results = evaluate_mixed(mixed.model, mixed.assign, len(paths), task, steps=4, batch_size=3,
+                             return_predictions=True)
+    answers = set()
+    for result, path in zip(results, paths):
+        model = load_adapter(path, base=str(tiny_base_dir), merge=False)[0]
+        alone = evaluate_task(model, task, steps=4, batch_size=3, return_predictions=True)
+        assert result["predictions"] == alone["predictions"] and result["rouge_l"] == alone["rouge_l"]
+        answers.add(tuple(p["prediction"] for p in alone["predictions"]))
+    assert len(answers) == len(paths)  # the adapters answer differently: rows were not swapped unnoticed
