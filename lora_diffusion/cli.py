@@ -316,6 +316,13 @@ def cmd_report(args) -> None:
     print(markdown_table(results))
 
 
+def cmd_lessons(args) -> None:
+    from .lessons import build
+
+    _threads(args.threads)
+    print(json.dumps(build(base=args.base)))
+
+
 def cmd_app(args) -> None:
     from .app.main import serve
 
@@ -824,6 +831,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="markdown table of results files (train --results, eval --out)")
     p.add_argument("results", nargs="+", help="JSON results files")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("lessons", help="train the adapters the teaching notebooks load, once, into their cache "
+                                       "(LORA_DIFFUSION_LESSONS, else runs/lessons); cached ones are skipped")
+    _base_arg(p, "base model folder (default: the shipped base, the notebooks' own)")
+    p.add_argument("--threads", type=count)
+    p.set_defaults(func=cmd_lessons)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 Installed from a wheel, the assets sit inside the package (`lora_diffusion/assets/`); in a
 checkout they sit beside it (`assets/`). Environment variables override each location:
-LORA_DIFFUSION_BASE (the shipped base), LORA_DIFFUSION_DATA (the real datasets).
+LORA_DIFFUSION_BASE (the shipped base), LORA_DIFFUSION_DATA (the real datasets),
+LORA_DIFFUSION_LESSONS (the notebooks' cached adapters).
 LORA_DIFFUSION_TRUST_REMOTE_CODE=1 (what `--trust-remote-code` sets) lets a base folder
 run its own Python code.
 """
@@ -33,3 +34,10 @@ def default_data_dir() -> Path | None:
         return Path(os.environ["LORA_DIFFUSION_DATA"])
     return CHECKOUT.parent / "shared" / "data" if CHECKOUT else None
 
+
+def lessons_dir() -> Path:
+    """The cache of the adapters the teaching notebooks use (`lessons.py`): LORA_DIFFUSION_LESSONS,
+    else runs/lessons in a checkout, else ~/.cache/lora-diffusion/lessons."""
+    if "LORA_DIFFUSION_LESSONS" in os.environ:
+        return Path(os.environ["LORA_DIFFUSION_LESSONS"])
+    return CHECKOUT / "runs" / "lessons" if CHECKOUT else Path.home() / ".cache" / "lora-diffusion" / "lessons"
