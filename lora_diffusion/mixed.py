@@ -10,6 +10,10 @@ The frozen body runs once for the whole batch; each adapter acts on its own rows
 
 Rows of other adapters (or of the base, index -1) see neither. Merged weights cannot serve
 a mixed batch, so nothing here merges.
+
+`side_by_side` answers a list of texts with several columns at once (the base, adapters of any
+method, routers): LoRA-Diffusion and weight-LoRA adapters and the base share mixed batches, the
+other columns are decoded alone.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ import torch
 from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from .adapters import adapter_folder, adapter_label, base_for, check_adapter
+from .adapters import adapter_folder, adapter_label, base_for, check_adapter, load_model, read_adapter_config
 from .backbone import load_backbone
-from .data import Encoded, collate, encode_prompt
+from .data import Encoded, answer_ids, collate, encode_prompt
 from .diffusion import DiffusionLM, sample
 from .errors import UserError
 from .methods import stored_method
@@ -124,24 +128,13 @@ class MixedAdapters:
         response length is the longest of the adapters' (or `length`). `sampling`: the rest of
         `sample`'s options (remasking, temperature, block_length, threshold).
         """
-        tok, n = self.model.backbone.tokenizer, len(self.configs)
+        n = len(self.configs)
         length = length or max(c["response_length"] for c in self.configs)
         rows = [(text, j) for text in texts for j in range(n)]
-        prompts = [encode_prompt(tok, instruction if instruction is not None else self.configs[j]["task"]["instruction"],
-                                 text, length, self.model.backbone.max_length) for text, j in rows]
-        enc = Encoded([p.prompts[0] for p in prompts], [p.responses[0] for p in prompts],
-                      [p.instructions[0] for p in prompts], length)
-        generator = torch.Generator().manual_seed(seed)
-        device = next(self.model.parameters()).device
-        decoded = []
-        for start in range(0, len(rows), batch_size):
-            idx = list(range(start, min(start + batch_size, len(rows))))
-            self.assign([rows[i][1] for i in idx])
-            batch = {k: v.to(device) for k, v in collate(enc, idx, self.model.backbone.pad_id).items()}
-            tokens, _ = sample(self.model, **batch, steps=steps, generator=generator, **sampling)
-            for row in range(len(idx)):
-                ids = tokens[row][batch["response_mask"][row]].tolist()
-                decoded.append(" ".join(tok.decode(ids, skip_special_tokens=False).replace(tok.sep_token, " | ").split()))
+        prompts = [(instruction if instruction is not None else self.configs[j]["task"]["instruction"], text)
+                   for text, j in rows]
+        decoded = decode(self.model, prompts, length, steps, batch_size, seed,
+                         before_batch=lambda idx: self.assign([rows[i][1] for i in idx]), **sampling)
         return [decoded[i * n:(i + 1) * n] for i in range(len(texts))]
 
     def remove(self) -> None:
@@ -150,6 +143,94 @@ class MixedAdapters:
             self.composition.remove()
         for hook in self._lora_hooks:
             hook.remove()
+
+
+def mixable(config: dict) -> bool:
+    """Whether an adapter with this config can share a mixed batch: weight LoRA, and LoRA-Diffusion
+    acting on the hidden states (`final`, `blocks`; a `weights` one changes the projections)."""
+    return config["method"] in MIXABLE and config["options"].get("injection") != "weights"
+
+
+@torch.no_grad()
+def decode(model: DiffusionLM, prompts: list[tuple[str, str | None]], length: int, steps: int, batch_size: int = 64,
+           seed: int = 0, before_batch=None, until_sep: bool = False, **sampling) -> list[str]:
+    """The response `model` decodes for each (instruction, text) prompt, in batches of `batch_size`
+    (`before_batch(indices)` runs before each: a mixed batch assigns its rows there).
+
+    Each is the whole response, `[SEP]` shown as ' | ' (as `sample` prints it), or with `until_sep`
+    the answer before the first `[SEP]` (as the Generate tab and the evaluation read it)."""
+    tok = model.backbone.tokenizer
+    encoded = [encode_prompt(tok, ins, text, length, model.backbone.max_length) for ins, text in prompts]
+    enc = Encoded([p.prompts[0] for p in encoded], [p.responses[0] for p in encoded],
+                  [p.instructions[0] for p in encoded], length)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    decoded = []
+    for start in range(0, len(prompts), batch_size):
+        idx = list(range(start, min(start + batch_size, len(prompts))))
+        if before_batch:
+            before_batch(idx)
+        batch = {k: v.to(device) for k, v in collate(enc, idx, model.backbone.pad_id).items()}
+        tokens, _ = sample(model, **batch, steps=steps, generator=generator, **sampling)
+        for row in range(len(idx)):
+            ids = tokens[row][batch["response_mask"][row]].tolist()
+            if until_sep:
+                decoded.append(tok.decode(answer_ids(ids, model.backbone.sep_id), skip_special_tokens=True))
+            else:
+                text = tok.decode(ids, skip_special_tokens=False).replace(tok.sep_token, " | ")
+                decoded.append(" ".join(text.split()))
+    return decoded
+
+
+def side_by_side(texts: list[str], columns: list, base=None, instruction: str | None = None,
+                 length: int | None = None, batch_size: int = 64) -> list[list[str]]:
+    """Every text answered by every column: answers[text][column], each the answer before its first [SEP].
+
+    A column is None (the base alone), a saved adapter's folder, or a `Composition` (a router over
+    LoRA-Diffusion adapters, weighting them by the instruction). LoRA-Diffusion and weight-LoRA
+    adapters share mixed batches, with the base's rows riding along (`MixedAdapters`); any other
+    method and a router decode alone, as `load_model` serves them. Decoding is greedy with one
+    step per answer position, so each answer is what that column gives alone.
+
+    `instruction`: what every column reads; None: each adapter its own task's, the base and a
+    router the first adapter's (else the router's first task's). `length`: the response positions;
+    None: the longest any column's adapters were trained with.
+    """
+    if not texts or not columns:
+        raise UserError("give one or more texts and one or more columns (adapters, or the base)")
+    configs = [[] if c is None else c.configs if isinstance(c, Composition) else [read_adapter_config(c)]
+               for c in columns]
+    own = [cs[0]["task"]["instruction"] for c, cs in zip(columns, configs) if cs and not isinstance(c, Composition)]
+    routed = [cs[0]["task"]["instruction"] for c, cs in zip(columns, configs) if cs and isinstance(c, Composition)]
+    shared = instruction if instruction is not None else next(iter(own + routed), None)
+    if shared is None:
+        raise UserError("type an instruction: the base model has no task of its own")
+    reads = [cs[0]["task"]["instruction"] if instruction is None and cs and not isinstance(c, Composition) else shared
+             for c, cs in zip(columns, configs)]
+    length = length or max((cfg["response_length"] for cs in configs for cfg in cs), default=None)
+    if not length:
+        raise UserError("give the response length: the base model has none of its own")
+    answers = [[""] * len(columns) for _ in texts]
+    mix = [k for k, (c, cs) in enumerate(zip(columns, configs)) if cs and not isinstance(c, Composition)
+           and mixable(cs[0])]
+    riding = [k for k, c in enumerate(columns) if c is None] if mix else []
+    if mix:
+        mixed = MixedAdapters([columns[k] for k in mix], base=base)
+        row_of = {k: mix.index(k) if k in mix else BASE_ROW for k in mix + riding}
+        rows = [(i, k) for i in range(len(texts)) for k in mix + riding]
+        decoded = decode(mixed.model, [(reads[k], texts[i]) for i, k in rows], length, length, batch_size,
+                         before_batch=lambda idx: mixed.assign([row_of[rows[r][1]] for r in idx]), until_sep=True)
+        for (i, k), answer in zip(rows, decoded):
+            answers[i][k] = answer
+        mixed.remove()
+    for k, column in enumerate(columns):
+        if k in mix or k in riding:
+            continue
+        model = column.model if isinstance(column, Composition) else load_model(column, base=base)[0]
+        for i, answer in enumerate(decode(model, [(reads[k], t) for t in texts], length, length, batch_size,
+                                          until_sep=True)):
+            answers[i][k] = answer
+    return answers
 
 
 def _base_source(config: dict):

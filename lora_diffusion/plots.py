@@ -7,6 +7,7 @@ library function produced, so the CLI, the app and the notebooks show the same f
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -30,6 +31,27 @@ def write_figure(path, figure, png: bool = False) -> None:
     write_text(path, figure.to_html(include_plotlyjs=True, full_html=True))
     if png:
         write_png(Path(path).with_suffix(".png"), figure)
+
+
+MAX_FIGURE_JSON = 20 * 2**20  # characters of a figure sent back for download (a t-SNE map of 256 examples is ~1 MB)
+
+
+def figure_from_json(text) -> go.Figure:
+    """A plotly figure from its JSON (as a page shows it and sends it back); what is not a figure's
+    property is dropped, anything else that is not a figure is one readable line."""
+    if not isinstance(text, str) or len(text) > MAX_FIGURE_JSON or not text.lstrip().startswith("{"):
+        raise UserError(f"that is not a figure of this page (at most {MAX_FIGURE_JSON // 2**20} MB of JSON)")
+    try:
+        import plotly.io as pio
+
+        return pio.from_json(text, output_type="Figure", skip_invalid=True)
+    except Exception:  # plotly's own errors on a bad figure are ValueError, TypeError, KeyError, ...
+        raise UserError("that is not a figure of this page") from None
+
+
+def png_available() -> bool:
+    """Whether kaleido (the `figures` extra) is installed; a PNG still needs Chrome or Chromium."""
+    return importlib.util.find_spec("kaleido") is not None
 
 
 def write_png(path, figure, width: int = 900, height: int = 500) -> None:
@@ -186,6 +208,40 @@ def data_efficiency_figure(report: dict):
                             f"{report['batch_size']}, mean ± std over {len(report['seeds'])} seeds)",
                       xaxis_type="log", xaxis_title="training examples",
                       yaxis_title=f"held-out {key.replace('_', '-')} (%)", template="plotly_white")
+    return fig
+
+
+def runs_figure(runs: list[dict]):
+    """Held-out score per run of a workspace (`Workspace.adapters`), a bar per run coloured by method;
+    a run with no score (stopped) is named in the title instead."""
+    scored = [r for r in runs if r["score"] is not None]
+    fig = go.Figure()
+    for method in dict.fromkeys(r["method"] for r in scored):
+        mine = [r for r in scored if r["method"] == method]
+        fig.add_trace(go.Bar(x=[r["name"] for r in mine], y=[100 * r["score"] for r in mine], name=method,
+                             customdata=[[r["task"], r["metric"], r["steps"]] for r in mine],
+                             hovertemplate="%{x}<br>%{customdata[0]}: held-out %{customdata[1]} %{y:.1f}%"
+                                           "<br>%{customdata[2]} steps<extra>" + method + "</extra>"))
+    unscored = len(runs) - len(scored)
+    fig.update_layout(template="plotly_white", yaxis_title="held-out score (%)", yaxis_range=[0, 100],
+                      title="Held-out score per run" + (f" ({unscored} not scored: stopped)" if unscored else ""),
+                      legend_title="method", xaxis_tickangle=-30)
+    return fig
+
+
+def curves_figure(curves: dict[str, list[dict]]):
+    """Training loss against step, one line per run (`Workspace.curve`)."""
+    fig = go.Figure()
+    for name, records in curves.items():
+        losses = [r for r in records if r.get("loss") is not None]
+        if losses:
+            fig.add_trace(go.Scatter(x=[r["step"] for r in losses], y=[r["loss"] for r in losses],
+                                     mode="lines", name=name))
+    if not fig.data:
+        fig.add_annotation(text="No logged curve yet: train a run in the Train tab.", showarrow=False,
+                           xref="paper", yref="paper", x=0.5, y=0.5)
+    fig.update_layout(template="plotly_white", title="Training loss per run", xaxis_title="step",
+                      yaxis_title="diffusion loss", legend=dict(orientation="h", y=-0.25))
     return fig
 
 

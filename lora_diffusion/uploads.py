@@ -4,7 +4,8 @@ An upload comes from anyone. A zip's header can lie about sizes, so bytes are co
 they are really unpacked; only the entries an exported adapter holds are taken; then the
 adapter's config and tensors are checked and it is loaded on the app's base, so its tensors
 must fit. Nothing is unpickled. An exported adapter also carries its run's held-out results
-(`RESULTS_FILE`); an upload's are checked to be this adapter's (`check_results`). The workbench
+(`RESULTS_FILE`) and its training curve (`CURVE_FILE`); an upload's are checked to be this
+adapter's (`check_results`) and plain numbers per step (`check_curve`). The workbench
 runs offline: an adapter whose task names a hub dataset (or a path) is refused
 (`offline_refusal`), since analysing it would load that task.
 """
@@ -12,6 +13,7 @@ runs offline: an adapter whose task names a hub dataset (or a path) is refused
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 import zipfile
 import zlib
@@ -24,12 +26,13 @@ from .files import atomic_write, load_tensors, read_json
 from .metrics import metric_of
 
 RESULTS_FILE = "results.json"    # a run's held-out results; an exported adapter carries them
+CURVE_FILE = "metrics.jsonl"     # a run's training log (loss and monitor score per step): its curves, carried too
 # What an adapter upload may hold: its own files, each with a size bound (JSON is small).
 MAX_UPLOAD_BYTES = 200 * 2**20   # in total, unpacked
 MAX_JSON_BYTES = 2**20
 ADAPTER_ENTRIES = {TENSORS_FILE: MAX_UPLOAD_BYTES, CONFIG_FILE: MAX_JSON_BYTES,
                    "peft/adapter_model.safetensors": MAX_UPLOAD_BYTES, "peft/adapter_config.json": MAX_JSON_BYTES,
-                   RESULTS_FILE: MAX_JSON_BYTES}
+                   RESULTS_FILE: MAX_JSON_BYTES, CURVE_FILE: MAX_JSON_BYTES}
 MAX_ENTRIES = 16                 # entries of an upload zip, folders included
 _CHUNK = 2**20
 NOT_A_ZIP = "the upload is not a valid zip file"
@@ -63,6 +66,31 @@ def check_results(results, config: dict) -> None:
             raise UserError(f"{RESULTS_FILE}: stopped_at_step must be a whole number")
     elif not is_score(results.get(metric_of(results))):
         raise UserError(f"{RESULTS_FILE}: {metric_of(results)} must be a number between 0 and 1")
+
+
+MAX_CURVE_KEYS = 32  # values logged at one step (a run logs about ten)
+
+
+def check_curve(text: str) -> list[dict]:
+    """A training log an adapter carries (`CURVE_FILE`): one JSON object per line, each a whole `step`
+    and plain numbers (or null) under short names; its records."""
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            raise UserError(f"{CURVE_FILE} line {number} is not JSON") from None
+        if not isinstance(record, dict) or not _whole(record.get("step")) or len(record) > MAX_CURVE_KEYS or \
+                not all(len(k) <= 64 and (v is None or _number(v)) for k, v in record.items()):
+            raise UserError(f"{CURVE_FILE} line {number} is not a step's numbers")
+        records.append(record)
+    return records
+
+
+def _number(value) -> bool:  # NaN too: a run that diverged logs it
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def is_score(value) -> bool:
@@ -153,6 +181,11 @@ def check_whole_adapter(target: Path, base) -> None:
         raise UserError(refusal)
     if (target / RESULTS_FILE).is_file():
         check_results(read_json(target / RESULTS_FILE), config)
+    if (target / CURVE_FILE).is_file():
+        try:
+            check_curve((target / CURVE_FILE).read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"{CURVE_FILE} is not UTF-8 text") from None
     if (target / peft[0]).is_file():
         load_tensors(target / peft[0])  # peft's copy of the weights: safetensors too
     # Loaded on a Backbone we pass, never on the base its config names: that could be any path.

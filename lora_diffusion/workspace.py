@@ -22,6 +22,10 @@ works at every stage: a queued job never starts, a running one ends at the next 
 its adapter but is not scored (it is marked stopped at step N, so it never passes for a
 finished run), and one stopped in its final evaluation ends at once without keeping its adapter.
 `delete_adapter` and `reset` remove a user's own runs, never a shared adapter.
+`adapters` lists the runs side by side (method, task, steps, time, score), `curve` gives a run's
+logged curve, `decoding` how an adapter decodes (its instruction, length and sampler steps), and
+`routers` / `router` the routers this workspace trained and saved. An exported run is one zip:
+its adapter, held-out results and curve; `export_figures` writes figures for download.
 """
 
 from __future__ import annotations
@@ -51,10 +55,12 @@ from .metrics import metric_of
 from .router import Composition, trained_composition
 from .runs import fine_tune
 from .training import TrainConfig
-from .uploads import (ADAPTER_ENTRIES, MAX_UPLOAD_BYTES, OFFLINE, RESULTS_FILE, check_results, check_whole_adapter,
-                      copy_adapter_files, extract_adapter_zip, is_score, offline_refusal)
+from .uploads import (ADAPTER_ENTRIES, CURVE_FILE, MAX_JSON_BYTES, MAX_UPLOAD_BYTES, OFFLINE, RESULTS_FILE, check_curve,
+                      check_results, check_whole_adapter, copy_adapter_files, extract_adapter_zip, is_score,
+                      offline_refusal)
 
 SHARED = "shared:"          # the prefix of an adapter from the root's shared/ folder
+ROUTER = "router:"          # the prefix of a saved router of the workspace (its folder under compositions/)
 MAX_NAME = 128              # characters of an adapter name, a user id or a job id
 MIN_USER_ID = 8
 LOADABLE_TASKS = tuple(SUITE_TASKS) + tuple(BUILTIN)  # what load_task loads by name alone (shipped, or --data-dir)
@@ -313,9 +319,12 @@ class Workspace:
             status = f"stopped at step {stopped_at}"
         else:
             status = "shared" if shared else ("done" if trained else "imported")
+        train = config.get("train") or {}  # what the run did: an adapter of an older version may not say
         return {"name": name, "path": str(run / RUN_ADAPTER), "method": config["method"],
                 "task": config["task"]["name"], "metric": metric, "score": value, "status": status,
-                "shared": shared, "trainable_parameters": config["accounting"]["trainable_parameters"]}
+                "shared": shared, "trainable_parameters": config["accounting"]["trainable_parameters"],
+                "steps": stopped_at if stopped_at is not None else train.get("steps"),
+                "train_seconds": train.get("train_seconds")}
 
     def _valid_config(self, folder: Path) -> dict:
         """The adapter's config if the adapter checks out as a whole and the workbench may use it (see
@@ -360,31 +369,81 @@ class Workspace:
                             f"this needs adapters of one of: {', '.join(LOADABLE_TASKS)}")
         return path
 
+    def curve(self, name) -> list[dict]:
+        """The logged curve of adapter `name`'s run (its own log, or the one an import carried): one record
+        per logged step (loss, held-out monitor score); [] where there is none or it does not check out."""
+        folder = self.adapter_path(name)
+        for path in (folder.parent / CURVE_FILE, folder / CURVE_FILE):
+            if path.is_file():
+                try:
+                    return check_curve(path.read_text(encoding="utf-8"))
+                except (UserError, UnicodeDecodeError):
+                    return []
+        return []
+
+    def decoding(self, name) -> dict:
+        """How adapter `name` decodes as it was trained: its task's instruction, its response length, and
+        the sampler steps it was scored with (at most one per answer position; the length where unrecorded)."""
+        folder = self.adapter_path(name)
+        config = self._valid_config(folder)
+        length = int(config["response_length"])
+        results = _optional_json(folder.parent / RESULTS_FILE) or _optional_json(folder / RESULTS_FILE) or {}
+        scored = results.get("steps")
+        steps = scored if isinstance(scored, int) and not isinstance(scored, bool) and scored > 0 else length
+        return {"instruction": config["task"]["instruction"], "response_length": length,
+                "sampler_steps": min(steps, length)}
+
+    def routers(self) -> dict[str, str]:
+        """The routers this workspace trained and saved (`composition`): `router:<folder>` -> what it mixes."""
+        found = {}
+        folder = self.root / "compositions"
+        for spec in sorted(folder.glob("*/composition.json")) if folder.is_dir() else []:
+            saved = _optional_json(spec) or {}
+            labels, adapters = saved.get("labels"), saved.get("adapters")
+            if _PLAIN.fullmatch(spec.parent.name) and isinstance(labels, list) and isinstance(adapters, list) and \
+                    all(isinstance(x, str) for x in labels + adapters) and \
+                    all(Path(a).is_dir() for a in adapters):  # an adapter it mixes was deleted: not offered
+                found[ROUTER + spec.parent.name] = "router over " + ", ".join(labels)
+        return found
+
+    def router(self, name, base=None) -> Composition:
+        """A saved router of this workspace by its `routers` name, loaded once and kept (`Compositions`)."""
+        if not isinstance(name, str) or not name.startswith(ROUTER):
+            raise UserError("no such router: pick one from the list")
+        folder = self.root / "compositions" / plain_name(name[len(ROUTER):], "router name")
+        if not (folder / "composition.json").is_file():
+            raise UserError("no such router in your workspace: compose one in the Generate tab first")
+        composition = self.compositions.get(folder)
+        if composition is None:
+            composition = Composition.load(folder, base=base)
+            composition.model.eval()
+            self.compositions.put(folder, composition)
+        composition.use(None)
+        return composition
+
     def export_adapter(self, name) -> Path:
-        """A zip of the adapter's own files and its held-out results (what `import_adapter` takes back), in
-        this workspace's export folder.
+        """A zip of the adapter's own files, its held-out results and its curve (what `import_adapter`
+        takes back), in this workspace's export folder: a finished run as one file.
 
         That folder is in the temp folder (see `exports`), which gradio serves files from
         wherever the workspace is; zips older than EXPORT_HOURS are removed on the way.
         """
         folder = self.adapter_path(name)
         results = self._results_to_export(folder)
+        curve = self._curve_to_export(folder)
         exports = self.exports()
-        for old in exports.glob("*.zip"):
-            try:
-                if old.stat().st_mtime < time.time() - EXPORT_HOURS * 3600:
-                    old.unlink()
-            except FileNotFoundError:
-                pass
+        _remove_old(exports.glob("*.zip"))
         target = exports / f"{folder.parent.name}.zip"
 
         def write(tmp):
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
                 for entry in ADAPTER_ENTRIES:
-                    if (folder / entry).is_file() and entry != RESULTS_FILE:
+                    if (folder / entry).is_file() and entry not in (RESULTS_FILE, CURVE_FILE):
                         z.write(folder / entry, entry)
                 if results is not None:
                     z.write(results, RESULTS_FILE)
+                if curve is not None:
+                    z.write(curve, CURVE_FILE)
         atomic_write(target, write)
         return target
 
@@ -402,6 +461,42 @@ class Workspace:
                 except UserError:
                     return None
         return None
+
+    def _curve_to_export(self, folder: Path) -> Path | None:
+        """The run's logged curve (or the one an import carried), if an upload of it would be taken back."""
+        for path in (folder.parent / CURVE_FILE, folder / CURVE_FILE):
+            if path.is_file():
+                try:
+                    if path.stat().st_size <= MAX_JSON_BYTES:
+                        check_curve(path.read_text(encoding="utf-8"))
+                        return path
+                except (UserError, UnicodeDecodeError):
+                    pass
+                return None
+        return None
+
+    def export_figures(self, figures: dict, png: bool = False) -> tuple[list[Path], str]:
+        """Figures (file stem -> plotly figure) as self-contained HTML pages, and PNGs if asked, in this
+        workspace's export folder (gradio serves files from there); returns the files and what could not be
+        written (a PNG needs kaleido and a browser: `plots.write_png`), '' if nothing."""
+        from .plots import write_figure, write_png  # plotly only when figures are asked for
+
+        folder = self.exports() / "figures"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        _remove_old(folder.glob("*"))
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        written, note = [], ""
+        for stem, figure in figures.items():
+            path = folder / f"{stamp}-{re.sub(r'[^A-Za-z0-9._-]+', '-', stem).strip('-.')[:60] or 'figure'}.html"
+            write_figure(path, figure)
+            written.append(path)
+            if png and not note:
+                try:
+                    write_png(path.with_suffix(".png"), figure)
+                    written.append(path.with_suffix(".png"))
+                except UserError as e:
+                    note = f"HTML only: {self.public(str(e))}"
+        return written, note
 
     def exports(self) -> Path:
         """<temp folder>/EXPORTS/<hash of this workspace's folder>/: one per workspace, so one per user."""
@@ -502,6 +597,16 @@ class Workspace:
         composition.model.eval()
         self.compositions.put(folder, composition)
         return composition
+
+
+def _remove_old(paths) -> None:
+    """Remove the files among `paths` older than EXPORT_HOURS (gradio has its own copy by then)."""
+    for old in paths:
+        try:
+            if old.is_file() and old.stat().st_mtime < time.time() - EXPORT_HOURS * 3600:
+                old.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def _optional_json(path: Path) -> dict | None:

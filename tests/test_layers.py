@@ -22,7 +22,7 @@ LAYERS = [
     ("adapters", "evaluate", "training"),               # adapter folders; held-out metrics; the loop
     ("runs", "router", "profiling", "prepare_base",     # a fine-tuning run; composition; cost; the base;
      "jobs", "uploads"),                                # the app's job queue; adapter uploads
-    ("compare", "workspace"),                           # many runs; the app's folders of runs
+    ("compare", "workspace", "mixed"),                  # many runs; the app's folders of runs; mixed batches
     ("analysis",),                                      # reports
     ("app",),                                           # the Gradio workbench
     ("cli",),                                           # the command line (starts the app)

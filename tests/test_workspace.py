@@ -56,15 +56,17 @@ def test_export_then_import_gives_the_same_adapter_and_its_score(trained, tiny_b
     assert archive.is_relative_to(Path(tempfile.gettempdir()) / EXPORTS)  # gradio serves it, wherever ws is
     assert not list(ws.root.rglob("*.zip"))
     with zipfile.ZipFile(archive) as z:
-        assert sorted(z.namelist()) == ["adapter.safetensors", "adapter_config.json", "results.json"]
+        assert sorted(z.namelist()) == ["adapter.safetensors", "adapter_config.json", "metrics.jsonl", "results.json"]
     name = ws.import_adapter(archive, base=str(tiny_base_dir))
     original, imported = ws.adapter_path(job.id), ws.adapter_path(name)
     assert (imported / "adapter.safetensors").read_bytes() == (original / "adapter.safetensors").read_bytes()
     listed = {a["name"]: a for a in ws.adapters()}
     assert listed[name]["status"] == "imported" and listed[name]["metric"] == "accuracy"
     assert listed[name]["score"] == listed[job.id]["score"] == job.result["accuracy"]  # the score came with it
-    with zipfile.ZipFile(ws.export_adapter(name)) as z:  # and goes with it again
+    assert ws.curve(name) == ws.curve(job.id) != []  # and so did the training curve
+    with zipfile.ZipFile(ws.export_adapter(name)) as z:  # and both go with it again
         assert json.loads(z.read("results.json"))["accuracy"] == job.result["accuracy"]
+        assert z.read("metrics.jsonl") == (ws.root / job.id / "metrics.jsonl").read_bytes()
 
 
 def test_results_that_are_not_the_adapters_are_refused_at_import(trained, tmp_path, tiny_base_dir):
