@@ -11,8 +11,8 @@ from lora_diffusion.errors import UserError
 from lora_diffusion.plots import effective_rank_figure, forgetting_figure, instruction_router_figure, tsne_figure
 
 from . import explain
-from .common import (Context, adapter_paths, handler, names_given, readable_errors, short_text, user_workspace,
-                     whole)
+from .common import (Context, adapter_paths, figure_download, handler, names_given, readable_errors, short_text,
+                     user_workspace, whole)
 from .explain import knob
 
 
@@ -126,6 +126,8 @@ def tab(ctx: Context, user) -> dict:
     with gr.Column():
         router_plot = gr.Plot(label="router weights")
         explain.accordion(explain.ROUTER)
+    figure_download(ctx, user, {"analysis": plot, "base-trajectories": plot2, "router-weights": router_plot},
+                    "download_figures_analyse")
     rank_btn.click(handler(effective_rank, ctx), [user, adapters, examples, steps], [note, plot, plot2],
                    api_name="effective_rank")
     tsne_btn.click(handler(trajectory_tsne, ctx), [user, adapters, examples, steps, projection], [note, plot, plot2],

@@ -1,4 +1,5 @@
-"""What every tab shares: the workspace it works in, readable errors, checked inputs, the adapter lists.
+"""What every tab shares: the workspace it works in, readable errors, checked inputs, the adapter lists,
+and the button that downloads a tab's figures.
 
 Every handler's input comes from a page or from an API call, that is from anyone: names are
 checked by the workspace (`Workspace.user`, `adapter_path`), files by `uploaded`, numbers by
@@ -20,7 +21,10 @@ from gradio.utils import get_upload_folder
 from lora_diffusion.errors import UserError
 from lora_diffusion.metrics import percent
 from lora_diffusion.paths import SHIPPED_BASE
+from lora_diffusion.plots import figure_from_json, png_available
 from lora_diffusion.workspace import Workspace, public_message
+
+from . import explain
 
 BASE_ONLY = "(base model, no adapter)"
 MAX_TEXT = 2000  # characters of an instruction or input typed into a page
@@ -158,3 +162,34 @@ def adapter_paths(ws: Workspace, names, needs_task: bool = False) -> list:
     """The folders of the picked adapters; `needs_task`: the caller loads their tasks by name (see
     `Workspace.adapter_path`)."""
     return [ws.adapter_path(n, needs_task) for n in names_given(names)]
+
+
+@readable_errors
+def download_figures(ctx: Context, stems, user, *figures):
+    """The figures a tab shows, as HTML pages (and PNGs where kaleido is installed), for download:
+    (files, a note on what could not be written). `stems` name the files, one per figure."""
+    ws = user_workspace(ctx, user)
+    if len(figures) != len(stems):
+        raise UserError(f"send the tab's {len(stems)} figures")
+    shown = {}
+    for stem, figure in zip(stems, figures):
+        if figure is None:  # a plot not drawn yet
+            continue
+        data = figure if isinstance(figure, dict) else getattr(figure, "model_dump", lambda: None)()
+        if not isinstance(data, dict) or data.get("type") != "plotly":
+            raise UserError("that is not a figure of this page")
+        shown[stem] = figure_from_json(data.get("plot"))
+    if not shown:
+        raise UserError("no figure to download yet: make one first")
+    files, note = ws.export_figures(shown, png=png_available())
+    return [str(f) for f in files], note
+
+
+def figure_download(ctx: Context, user, plots: dict, api_name: str) -> None:
+    """A button under a tab's plots that offers them as files; `plots`: file stem -> gr.Plot."""
+    with gr.Row():
+        button = gr.Button(explain.FIGURES_BUTTON if png_available() else explain.FIGURES_BUTTON_HTML_ONLY)
+        files = gr.File(label="figures", file_count="multiple", interactive=False)
+    note = gr.Markdown("")
+    button.click(functools.partial(download_figures, ctx, tuple(plots)), [user, *plots.values()], [files, note],
+                 api_name=api_name)

@@ -88,8 +88,8 @@ GENERATE_TAB = Note(
     "Below: the decoding of each model, a line per step, and the size of the perturbation LoRA-Diffusion adds "
     "at each step. Each has its own note. The base has never seen your task: its answer shows what the "
     "adapter changed.",
-    "Pick your adapter (the response length follows it), then change the input: a negation or a 'but' clause "
-    "in a review. Raise the temperature above 0 to sample, and change the seed.")
+    "Pick your adapter (the instruction, response length and steps follow it), then change the input: a "
+    "negation or a 'but' clause in a review. Raise the temperature above 0 to sample, and change the seed.")
 
 TRAJECTORY = Note(
     "How to read the decoding",
@@ -193,12 +193,47 @@ ROUTER = Note(
 
 COMPARE_TAB = Note(
     "About this tab: Compare",
-    "Results files written by the project's commands, from the checkout's `results/` and the workspace's "
-    "`results/`: `lora-diffusion compare` trains every method on one task with the same budget and several "
-    "seeds; `lora-diffusion analyze scaling` measures memory and speed against rank. Nothing is trained here.",
-    "Pick a file and press its button; the table and each chart have a note below them.",
-    "Run `lora-diffusion compare` on a task of your own, put its JSON file in the workspace's `results/`, and "
-    "reload the page to find it in the list.")
+    "Your runs side by side (every adapter you trained or imported, with its score and its loss curve); a list "
+    "of sentences answered by several adapters at once; and results files written by the project's commands, "
+    "from the checkout's `results/` and the workspace's `results/`: `lora-diffusion compare` trains every "
+    "method on one task with the same budget and several seeds; `lora-diffusion analyze scaling` measures "
+    "memory and speed against rank. Nothing is trained here.",
+    "Your runs fill in by themselves (and with **Refresh runs**). For a results file, pick it and press its "
+    "button. Each table and chart has a note below it. **Download figures** at the bottom gives every chart "
+    "of the tab as a page that opens offline, for slides.",
+    "Train the same task with two methods in the Train tab and compare their rows here; download a run "
+    "(Train tab, Prepare download) and give the zip to a neighbour: their Import shows it with its score and "
+    "curve. Run `lora-diffusion compare` on a task of your own, put its JSON file in the workspace's "
+    "`results/`, and reload the page to find it in the list.")
+
+COMPARE_RUNS = Note(
+    "How to read your runs",
+    "A row per adapter of your workspace (and the shared ones, if shown): its method and task, the optimiser "
+    "steps it trained, the parameters it trained, its score on the held-out split with the metric's name, "
+    "the training time and its status (done, stopped at step N, imported, shared). The first chart is the "
+    "score per run, a colour per method; the second the training loss per run against the step.",
+    "Scores are comparable only between runs of one task with one metric. A stopped run has no score: it was "
+    "never evaluated. One run per setting is one seed: a gap of a point or two may be noise (the results "
+    "files below report the spread over seeds). Imported runs show the score and curve their zip carried.",
+    "Train a second seed of your best run and see how far its score moves; then compare methods by "
+    "the score they reach for the parameters they train.")
+
+SEVERAL_ADAPTERS = Note(
+    "About: several adapters at once",
+    "The same sentences answered by several models at once: the base and any of your adapters (and routers "
+    "you composed in the Generate tab). A row per sentence, a column per model. LoRA-Diffusion and weight "
+    "LoRA adapters share one batch (each row of it decoded with its own adapter, the base's rows with none); "
+    "other methods and routers decode on their own. Every answer is what that model gives alone: greedy, one "
+    "step per answer position.",
+    "Each adapter reads its own task's instruction unless you type one; the base and a router read the first "
+    "adapter's. The response length is the longest the adapters were trained with unless you set one. Where "
+    "the columns disagree, the adapters learned different things; where the base agrees with an adapter, "
+    "that sentence needed no fine-tuning.",
+    "Add sentences that are hard for a bag of words: a negation ('not bad at all'), a contrast ('brilliant, "
+    "but'), sarcasm. Compare an adapter trained for 50 steps with one trained for 500.")
+
+FIGURES_BUTTON = "Download figures (HTML and PNG)"
+FIGURES_BUTTON_HTML_ONLY = "Download figures (HTML; PNG needs the figures extra: pip install 'lora-diffusion[figures]')"
 
 COMPARE_RESULTS = Note(
     "How to read the methods table and chart",
@@ -253,8 +288,8 @@ KNOBS: dict[str, dict[str, str]] = {
                                           "adapters and runs",
     },
     "Generate": {
-        "adapter": "the fine-tuned model decoded beside the base; picking one sets the response length it was "
-                   "trained with",
+        "adapter": "the fine-tuned model decoded beside the base; picking one sets the instruction and response "
+                   "length it was trained with, and the steps it was scored with",
         "instruction": "what the model is asked to do; an adapter was trained with its task's instruction",
         "input": "the text the instruction is about",
         "response length (tokens)": "answer positions to decode, all starting as [MASK]; positions past an "
@@ -279,6 +314,15 @@ KNOBS: dict[str, dict[str, str]] = {
         "instruction": "any instruction: the router weighs the adapters by it alone",
     },
     "Compare": {
+        "adapters (and the base) to compare": "the columns of the table: the base, your adapters and the "
+                                              "routers you composed; up to 16",
+        "sentences, one per line": "the rows of the table, each an input to answer; up to 32 (an empty line is "
+                                   "skipped)",
+        "instruction (empty: each adapter its task's own)": "what every column is asked; empty: each adapter "
+                                                            "reads the instruction it was trained with",
+        "response length (0: the longest the adapters were trained with)": "answer positions every column "
+                                                                           "decodes; past an adapter's trained "
+                                                                           "length it was never trained",
         "results file of `lora-diffusion compare`": "a methods comparison from the checkout's results/ or the "
                                                     "workspace's results/",
         "results file of `lora-diffusion analyze scaling`": "memory and speed against rank, from the same "

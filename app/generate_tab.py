@@ -6,7 +6,7 @@ import html
 
 import gradio as gr
 
-from lora_diffusion.adapters import load_model, read_adapter_config
+from lora_diffusion.adapters import load_model
 from lora_diffusion.bounds import MAX_SEED
 from lora_diffusion.analysis.trajectories import denoising_trajectory
 from lora_diffusion.data import SENTIMENT_INSTRUCTION
@@ -14,8 +14,8 @@ from lora_diffusion.errors import UserError
 from lora_diffusion.plots import perturbation_norm_figure
 
 from . import explain
-from .common import (BASE_ONLY, Context, adapter_paths, handler, number, readable_errors, short_text, user_workspace,
-                     whole)
+from .common import (BASE_ONLY, MAX_TEXT, Context, adapter_paths, figure_download, handler, number, readable_errors,
+                     short_text, user_workspace, whole)
 from .explain import knob
 
 MAX_LENGTH = 32  # response tokens the page decodes at most
@@ -61,16 +61,20 @@ def generate(ctx: Context, user, adapter_name, composed, instruction, text, leng
             perturbation_norm_figure(reports))
 
 
-def response_length_of(ctx: Context, user, adapter_name):
-    """The picked adapter's trained response length, for the length slider: positions past
-    it were never trained, so an answer decoded longer repeats or wanders."""
+def decoding_of(ctx: Context, user, adapter_name):
+    """The picked adapter's decoding, for the length, steps and instruction controls: its trained
+    response length (positions past it were never trained, so an answer decoded longer repeats or
+    wanders), the sampler steps it was scored with, and its task's instruction."""
+    unchanged = (gr.update(), gr.update(), gr.update())
     if not adapter_name or adapter_name == BASE_ONLY:
-        return gr.update()
+        return unchanged
     try:
-        config = read_adapter_config(user_workspace(ctx, user).adapter_path(adapter_name))
-        return gr.update(value=min(MAX_LENGTH, max(1, int(config["response_length"]))))
-    except (UserError, KeyError, TypeError, ValueError):
-        return gr.update()  # a bad name: Generate itself says what is wrong
+        decoding = user_workspace(ctx, user).decoding(adapter_name)
+    except UserError:
+        return unchanged  # a bad name: Generate itself says what is wrong
+    return (gr.update(value=min(MAX_LENGTH, max(1, decoding["response_length"]))),
+            gr.update(value=min(64, max(1, decoding["sampler_steps"]))),
+            gr.update(value=decoding["instruction"][:MAX_TEXT]))
 
 
 def tab(ctx: Context, user) -> dict:
@@ -97,7 +101,9 @@ def tab(ctx: Context, user) -> dict:
     with gr.Column():
         gen_plot = gr.Plot(label="perturbation norm per step")
         explain.accordion(explain.PERTURBATION_NORM)
-    gen_adapter.change(handler(response_length_of, ctx), [user, gen_adapter], length_in, api_visibility="undocumented")
+    figure_download(ctx, user, {"perturbation-norm": gen_plot}, "download_figures_generate")
+    gen_adapter.change(handler(decoding_of, ctx), [user, gen_adapter], [length_in, steps_in, instruction_in],
+                       api_visibility="undocumented")
     gen_btn.click(handler(generate, ctx), [user, gen_adapter, composed, instruction_in, input_in, length_in, steps_in,
                                            temp_in, seed_in], [gen_html, gen_plot], api_name="generate")
     return {"adapter": gen_adapter, "composed": composed, "refresh": refresh_btn}

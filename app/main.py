@@ -39,12 +39,13 @@ PAGE_CSS = "[data-testid='status-tracker']:has(span.error) { display: none !impo
 
 @readable_errors
 def refreshed(ctx: Context, user, shared):
-    """Fresh choices for every adapter list: generate, download, composed, analyse, router; the table and
-    the skipped folders."""
+    """Fresh choices for every adapter list: generate, download, composed, analyse, router; Compare's view of
+    the runs (`compare_tab.runs_view`); the table and the skipped folders."""
     ws = user_workspace(ctx, user)
     names, ld, table = adapter_lists(ws, shared)
     return (gr.update(choices=[BASE_ONLY] + names), gr.update(choices=names), gr.update(choices=ld),
-            gr.update(choices=names), gr.update(choices=ld), table, broken_note(ws))
+            gr.update(choices=names), gr.update(choices=ld), *compare_tab.runs_view(ws, shared), table,
+            broken_note(ws))
 
 
 @readable_errors
@@ -83,11 +84,11 @@ def build(workspace: Workspace, data_dir: str | None = None, base: str | None = 
         with gr.Tab("Analyse"):
             analyse = analyse_tab.tab(ctx, user)
         with gr.Tab("Compare"):
-            compare = compare_tab.tab(ctx)
+            compare = compare_tab.tab(ctx, user, shared)
         with gr.Accordion("Glossary: every knob of the page", open=False):
             gr.Markdown(explain.glossary())
         lists = [generate["adapter"], train["pick"], generate["composed"], analyse["adapters"],
-                 analyse["router_adapters"], train["table"], train["broken"]]
+                 analyse["router_adapters"], *compare["runs"], train["table"], train["broken"]]
         refresh = handler(refreshed, ctx)
         # A page opens (or reloads): its user's adapter lists, then their job still training, if any, until it ends.
         opened = demo.load(handler(session, ctx), [user, shared], [user] + lists, api_visibility="undocumented")

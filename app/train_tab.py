@@ -18,8 +18,8 @@ from lora_diffusion.training import TrainConfig
 from lora_diffusion.workspace import LOADABLE_TASKS
 
 from . import explain
-from .common import (TABLE_HEADERS, Context, handler, number, readable_errors, short_text, uploaded, user_workspace,
-                     whole)
+from .common import (TABLE_HEADERS, Context, figure_download, handler, number, readable_errors, short_text, uploaded,
+                     user_workspace, whole)
 from .explain import knob
 
 CSV_TASK = "uploaded CSV"
@@ -285,6 +285,7 @@ def tab(ctx: Context, user) -> dict:
         with gr.Column():
             metric = gr.Markdown("", elem_id="train-metric")
             explain.accordion(explain.LOSS_PLOT)
+    figure_download(ctx, user, {"loss": loss_plot}, "download_figures_train")
     gr.Markdown("### Your adapters")
     table = gr.Dataframe([], headers=TABLE_HEADERS, interactive=False, elem_id="adapters-table")
     broken = gr.Markdown("")

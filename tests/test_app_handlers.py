@@ -16,6 +16,7 @@ from lora_diffusion.app.common import Context
 from lora_diffusion.data import load_task
 from lora_diffusion.methods import METHODS, describe, method_config, option_specs
 from lora_diffusion.paths import CHECKOUT
+from lora_diffusion.plots import MAX_FIGURE_JSON
 from lora_diffusion.training import TrainConfig
 from lora_diffusion.workspace import JobLimits, Workspace
 
@@ -112,8 +113,10 @@ def test_the_page_fills_the_adapter_lists_on_load_and_after_every_change(ctx):
     deps = {d["id"]: d for d in config["dependencies"]}
     fill = [d for d in deps.values() if table in d["outputs"]]
     assert any(t[1] == "load" for d in fill for t in d["targets"])
-    lists = fill[0]["outputs"][-7:]  # every adapter dropdown of every tab, the table, the skipped folders
-    assert all(d["outputs"][-7:] == lists for d in fill)
+    # every adapter dropdown of every tab, Compare's runs (its column list, table and two charts), the table,
+    # the skipped folders
+    lists = fill[0]["outputs"][-11:]
+    assert all(d["outputs"][-11:] == lists for d in fill)
     refreshed_after = {deps[d["trigger_after"]]["api_name"] for d in fill if d["trigger_after"] is not None}
     assert {"train", "upload", "delete", "reset"} <= refreshed_after  # a job's end (done or stopped) ends train
 
@@ -153,10 +156,11 @@ def test_generate_decodes_with_the_base_and_the_adapter(ctx):
     assert page.count("<h4>") == 2 and "step 2" in page and name in page
     # The default LoRA-Diffusion (blocks) adds no step delta after the body: the plot says so.
     assert len(figure.data) == 0 and "No δ_t to show" in figure.layout.annotations[0].text
-    # Picking the adapter sets the response length it was trained with (suite_sentiment: 2).
-    assert generate_tab.response_length_of(ctx, USER, name)["value"] == 2
-    assert "value" not in generate_tab.response_length_of(ctx, USER, common.BASE_ONLY)
-    assert "value" not in generate_tab.response_length_of(ctx, USER, "../escape")  # refused, nothing read
+    # Picking the adapter sets the response length it was trained with (suite_sentiment: 2), and steps and
+    # instruction (tests/test_app_compare.py).
+    assert generate_tab.decoding_of(ctx, USER, name)[0]["value"] == 2
+    assert "value" not in generate_tab.decoding_of(ctx, USER, common.BASE_ONLY)[0]
+    assert "value" not in generate_tab.decoding_of(ctx, USER, "../escape")[0]  # refused, nothing read
 
 
 @pytest.mark.skipif(CHECKOUT is None or not (CHECKOUT / "results" / "compare_sst2.json").is_file(),
@@ -210,7 +214,9 @@ def test_the_readmes_limits_table_is_the_codes():
         "text typed into a page": f"{common.MAX_TEXT:,} characters",
         "routers kept in memory, all users together": str(workspace.Compositions().size),
         "a results file Compare reads": f"{compare_tab.MAX_RESULTS_BYTES // 2**20} MB",
-        "uploads and download zips kept": "1 hour",
+        "sentences answered by several adapters at once": str(compare_tab.MAX_SENTENCES),
+        "a figure sent back for download": f"{MAX_FIGURE_JSON // 2**20} MB of JSON",
+        "uploads, download zips and figures kept": "1 hour",
     }
 
 
@@ -291,7 +297,7 @@ def test_every_tab_and_every_plot_has_a_closed_note_beside_it(page):
         first = page["components"][page["children"][tab["id"]][0]]
         assert first["type"] == "accordion" and first["props"]["label"] == f"About this tab: {tab['props']['label']}"
     plots = _of_type(page, "plot")
-    assert len(plots) == 8  # loss; perturbation norm; analysis, base trajectories, router; methods, scaling x2
+    assert len(plots) == 10  # loss; perturbation norm; analysis, trajectories, router; runs x2, methods, scaling x2
     for plot in plots:
         holder = page["components"][page["parent"][plot["id"]]]
         assert holder["type"] in ("row", "column")  # the plot's own box, not the whole tab
