@@ -7,12 +7,14 @@ import torch
 
 from conftest import tiny_batch, write_lines
 from lora_diffusion.adapters import load_adapter, save_adapter
-from lora_diffusion.analysis.composition import score_composition
+from lora_diffusion.analysis.composition import router_choices, score_composition
+from lora_diffusion.analysis.rank import phase_means
+from lora_diffusion.analysis.tsne import map_vectors, same_label_neighbours, trajectory_map, trajectory_vectors
 from lora_diffusion.analysis.forgetting import forgetting_report
 from lora_diffusion.analysis.trajectories import (effective_rank, effective_rank_per_layer, effective_rank_per_step,
                                                   perturbation_trajectories)
 from lora_diffusion.backbone import tiny_backbone
-from lora_diffusion.data import Task, collate, encode, load_task
+from lora_diffusion.data import PARAPHRASES, Task, collate, encode, load_task
 from lora_diffusion.diffusion import DiffusionLM, sample
 from lora_diffusion.errors import UserError
 from lora_diffusion.methods import make_method
@@ -286,6 +288,41 @@ def test_an_untouched_adapter_forgets_nothing(tmp_path, tiny_base_dir):
     for model in report["models"][1:]:
         assert model["delta_nelbo"] == {"tinystories_valid_tail20": 0.0, "wikitext2_test": 0.0}
     assert report["models"][0]["scores"]["wikitext2_test"]["nelbo"] > 0
+
+
+def test_phase_means_average_the_steps_of_each_phase():
+    # eight sampler steps: t = 1 ... 1/8; early is t > 2/3, late t <= 1/3
+    t = [(8 - s) / 8 for s in range(8)]
+    assert phase_means(t, list(range(8))) == {"early": 1.0, "middle": 4.0, "late": 6.5}
+    assert phase_means([1.0], [5.0]) == {"early": 5.0, "middle": None, "late": None}
+
+
+def test_same_label_neighbours_counts_the_nearest_other_point():
+    # two tight pairs far apart; in the second pair the labels differ
+    points = [{"x": 0.0, "y": 0.0, "task": "a"}, {"x": 0.1, "y": 0.0, "task": "a"},
+              {"x": 9.0, "y": 9.0, "task": "a"}, {"x": 9.1, "y": 9.0, "task": "b"}]
+    assert same_label_neighbours(points, "task") == 0.5
+
+
+def test_the_map_is_the_projection_of_the_vectors(adapters, tiny_base_dir):
+    paths = [adapters[("lora_diffusion", t)] for t in ("suite_topic", "suite_sentiment")]
+    vectors = trajectory_vectors(paths, base=str(tiny_base_dir), n_examples=4, steps=2)
+    assert vectors["perturbations"]["x"].shape == (len(vectors["perturbations"]["meta"]), 32)
+    assert map_vectors(vectors, "pca") == trajectory_map(paths, base=str(tiny_base_dir), n_examples=4, steps=2,
+                                                         method="pca")
+
+
+def test_the_routers_right_weight_is_its_mean_weight_on_the_own_adapter(adapters, tiny_base_dir):
+    paths = [adapters[("lora_diffusion", t)] for t in ("suite_topic", "suite_sentiment")]
+    composition = Composition.from_adapters(paths, base=str(tiny_base_dir))
+    tasks = {name: load_task(name, max_eval=4) for name in composition.labels}
+    report = router_choices(composition, tasks)
+    for group in ("train", "heldout"):
+        weights = [float(composition.instruction_weights(PARAPHRASES[name][group])[:, j].mean())
+                   for j, name in enumerate(composition.labels)]
+        counts = [len(PARAPHRASES[name][group]) for name in composition.labels]
+        expected = sum(w * n for w, n in zip(weights, counts)) / sum(counts)
+        assert report["router_right_weight"][group] == pytest.approx(expected, abs=1e-6)
 
 
 # --- every analysis runs from the CLI and writes JSON of the documented shape + HTML -----

@@ -84,9 +84,11 @@ def score_composition(composition: Composition, tasks: dict[str, Task], configs:
 
 def router_choices(composition: Composition, tasks: dict[str, Task]) -> dict:
     """The router's weights for every instruction: each task's own, its training paraphrases and
-    the held-out ones it never saw; how often the own task's adapter gets the most weight."""
+    the held-out ones it never saw; how often the own task's adapter gets the most weight, and
+    the mean weight it gets (how sure the router is, right or wrong)."""
     names = composition.labels
     weights, correct = [], {"train": [0, 0], "heldout": [0, 0]}
+    right_weight = {"train": [], "heldout": []}
     for j, name in enumerate(names):
         groups = {"canonical": [tasks[name].train[0]["instruction"]], **PARAPHRASES.get(name, {})}
         for group, texts in groups.items():
@@ -95,8 +97,10 @@ def router_choices(composition: Composition, tasks: dict[str, Task]) -> dict:
                 if group in correct:
                     correct[group][0] += int(max(range(len(names)), key=row.__getitem__) == j)
                     correct[group][1] += 1
+                    right_weight[group].append(row[j])
     return {"router_weights": weights, "router_accuracy_counts": correct,
-            "router_accuracy": {g: (c / n if n else None) for g, (c, n) in correct.items()}}
+            "router_accuracy": {g: (c / n if n else None) for g, (c, n) in correct.items()},
+            "router_right_weight": {g: (sum(w) / len(w) if w else None) for g, w in right_weight.items()}}
 
 
 def weight_lora_merges(paths, base, tasks: dict, sampler_steps: int, seed: int) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..adapters import adapter_label, load_adapter
 from ..backbone import load_backbone
 from ..data import encode, load_task
-from ..diffusion import DiffusionLM
+from ..diffusion import PHASES, DiffusionLM, phase_name
 from .trajectories import effective_rank_per_layer, effective_rank_per_step, perturbation_trajectories
 
 
@@ -53,3 +53,10 @@ def effective_rank_report(adapters, base=None, task_name=None, data_dir=None, n_
     return {"analysis": "effective_rank_per_step", "steps": steps, "seed": seed, "methods": rows,
             "measure": "exp(entropy of normalised singular values) of the stacked per-token perturbations "
                        "of the final hidden states at the response positions, per sampler step"}
+
+
+def phase_means(t: list, values: list) -> dict[str, float | None]:
+    """{phase: mean of the values of the steps in it} (early t > 2/3, middle, late t <= 1/3; None for
+    a phase no step fell in): e.g. a row's mean effective rank per phase."""
+    grouped = {phase: [v for ti, v in zip(t, values) if phase_name(ti) == phase] for phase in PHASES}
+    return {phase: sum(v) / len(v) if v else None for phase, v in grouped.items()}

@@ -33,6 +33,17 @@ def embed(x: np.ndarray, method: str = "tsne", perplexity: float = 30.0, seed: i
 def trajectory_map(adapters, base=None, task_name=None, data_dir=None, n_examples=32, steps=8,
                    method: str = "tsne", perplexity: float = 30.0, seed: int = 0) -> dict:
     """Perturbation map and base-trajectory map for saved adapters (one adapter per task, typically)."""
+    vectors = trajectory_vectors(adapters, base, task_name, data_dir, n_examples, steps, seed)
+    return map_vectors(vectors, method, perplexity, seed)
+
+
+def trajectory_vectors(adapters, base=None, task_name=None, data_dir=None, n_examples=32, steps=8,
+                       seed: int = 0) -> dict:
+    """The points before any projection (the costly part: sampling with every adapter).
+
+    {"perturbations": {"x": [n_points, d] array, "meta": [{adapter, task, example, step, t, phase}]},
+     "base": the same for the base's own hidden states, once per task, "steps", "n_examples", "seed"}
+    """
     base_model, loaded = load_for_analysis(adapters, base, task_name, data_dir, n_examples, seed)
     pert_x, pert_meta, base_x, base_meta, seen_tasks = [], [], [], [], set()
     for label, model, _, config, task, enc in loaded:
@@ -47,9 +58,27 @@ def trajectory_map(adapters, base=None, task_name=None, data_dir=None, n_example
             base_x.append(x.numpy())
             base_meta += [{"task": task.name, "example": e, "step": s, "t": t, "phase": phase_name(t)}
                           for e, s, t in keys]
-    out = {"analysis": "trajectory_map", "method": method, "steps": steps, "n_examples": n_examples, "seed": seed}
-    for name, xs, meta in (("perturbations", pert_x, pert_meta), ("base", base_x, base_meta)):
-        coords, trust = embed(np.concatenate(xs), method, perplexity, seed)
+    return {"perturbations": {"x": np.concatenate(pert_x), "meta": pert_meta},
+            "base": {"x": np.concatenate(base_x), "meta": base_meta},
+            "steps": steps, "n_examples": n_examples, "seed": seed}
+
+
+def map_vectors(vectors: dict, method: str = "tsne", perplexity: float = 30.0, seed: int = 0) -> dict:
+    """`trajectory_vectors`' points projected to 2-D: the report `trajectory_map` returns."""
+    out = {"analysis": "trajectory_map", "method": method, "steps": vectors["steps"],
+           "n_examples": vectors["n_examples"], "seed": vectors["seed"]}
+    for name in ("perturbations", "base"):
+        coords, trust = embed(vectors[name]["x"], method, perplexity, seed)
         out[name] = {"trustworthiness": trust,
-                     "points": [{**m, "x": float(c[0]), "y": float(c[1])} for m, c in zip(meta, coords)]}
+                     "points": [{**m, "x": float(c[0]), "y": float(c[1])} for m, c in zip(vectors[name]["meta"], coords)]}
     return out
+
+
+def same_label_neighbours(points: list[dict], key: str = "task") -> float:
+    """Share of a map's points whose nearest other point (2-D distance) has the same `key`: how well
+    the map separates, e.g., tasks (1 = every neighbour alike; chance is about the largest group's share)."""
+    xy = np.array([[p["x"], p["y"]] for p in points])
+    distance = ((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(distance, np.inf)  # a point is not its own neighbour
+    nearest = distance.argmin(1)
+    return float(np.mean([points[i][key] == points[j][key] for i, j in enumerate(nearest)]))
