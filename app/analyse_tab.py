@@ -44,17 +44,22 @@ def steps_note(taken: dict, asked: int) -> str:
     return note
 
 
-@readable_errors
-def effective_rank(ctx: Context, user, names, examples, steps, progress=gr.Progress()):
-    paths, examples, steps = _inputs(ctx, user, names, examples, steps)
-    progress(0, desc="decoding held-out prompts with every adapter")
-    report = effective_rank_report(paths, base=ctx.base, data_dir=ctx.data_dir, n_examples=examples, steps=steps)
+def rank_note(report: dict, steps: int) -> str:
+    """The summary line of an effective-rank report (`steps`: the steps asked), here and in the Lesson tab."""
     note = ("Effective rank = exp(entropy of the normalised singular values) of the per-token "
             "perturbations at each step; t = 1 is the all-masked start. " + " · ".join(
                 f"{r['label']}: {r['effective_rank'][0]:.1f} → {r['effective_rank'][-1]:.1f}"
                 for r in report["methods"]))
     taken = {r["task"]: len(r["t"]) for r in report["methods"]}
-    return note + steps_note(taken, steps), effective_rank_figure(report), None
+    return note + steps_note(taken, steps)
+
+
+@readable_errors
+def effective_rank(ctx: Context, user, names, examples, steps, progress=gr.Progress()):
+    paths, examples, steps = _inputs(ctx, user, names, examples, steps)
+    progress(0, desc="decoding held-out prompts with every adapter")
+    report = effective_rank_report(paths, base=ctx.base, data_dir=ctx.data_dir, n_examples=examples, steps=steps)
+    return rank_note(report, steps), effective_rank_figure(report), None
 
 
 @readable_errors

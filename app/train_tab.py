@@ -27,6 +27,9 @@ TASKS = list(LOADABLE_TASKS) + [CSV_TASK]  # never a hub dataset: the workbench 
 MAX_CSV_BYTES = 20 * 2**20  # an uploaded CSV, checked before it is read
 MAX_CSV_ROWS = 20_000       # rows of it at most
 CSV_HELD_OUT = 200          # rows of it held out (and scored at the end of a run) at most
+# The tab's default run (what its controls start at): the app's demo, and the Lesson tab's step 1.
+DEFAULT_RUN = dict(task_name="suite_sentiment", max_train=0, method="lora_diffusion", lr=0, steps=200, batch_size=16,
+                   seed=0)
 # Every option control of every method, in the order the Train button passes them.
 OPTION_LAYOUT: list[tuple[str, OptionSpec]] = [(m, spec) for m in METHODS for spec in option_specs(m)]
 
@@ -251,29 +254,30 @@ def tab(ctx: Context, user) -> dict:
     explain.accordion(explain.TRAIN_TAB)
     with gr.Row():
         with gr.Column():
-            task_in = gr.Dropdown(TASKS, value="suite_sentiment", **knob("Train", "task"))
+            task_in = gr.Dropdown(TASKS, value=DEFAULT_RUN["task_name"], **knob("Train", "task"))
             with gr.Group(visible=False) as csv_group:  # shown for "uploaded CSV" only (show_csv)
                 csv_in = gr.File(label="CSV to train on (a text column and a label column)", file_types=[".csv"],
                                  type="filepath")
                 with gr.Row():
                     text_col = gr.Textbox("text", **knob("Train", "text column"))
                     label_col = gr.Textbox("label", **knob("Train", "label column"))
-            max_train = gr.Number(0, precision=0, **knob("Train", "max train examples (0 = all)"))
+            max_train = gr.Number(DEFAULT_RUN["max_train"], precision=0,
+                                  **knob("Train", "max train examples (0 = all)"))
         with gr.Column():
-            method_in = gr.Dropdown(list(METHODS), value="lora_diffusion", elem_id="train-method",
+            method_in = gr.Dropdown(list(METHODS), value=DEFAULT_RUN["method"], elem_id="train-method",
                                     **knob("Train", "method"))
             controls, groups = [], []
             for m in METHODS:
-                with gr.Group(visible=m == "lora_diffusion") as group:
+                with gr.Group(visible=m == DEFAULT_RUN["method"]) as group:
                     gr.Markdown(f"options of `{m}`" if option_specs(m) else f"`{m}` has no options")
                     controls += [option_control(spec) for spec in option_specs(m)]
                 groups.append(group)
             options_json = gr.JSON(visible=False)
         with gr.Column():
-            lr_in = gr.Number(0, **knob("Train", "learning rate (0 = the method's default)"))
-            steps_in = gr.Number(200, precision=0, **knob("Train", "steps"))
-            batch_in = gr.Number(16, precision=0, **knob("Train", "batch size"))
-            seed_in = gr.Number(0, precision=0, **knob("Train", "seed"))
+            lr_in = gr.Number(DEFAULT_RUN["lr"], **knob("Train", "learning rate (0 = the method's default)"))
+            steps_in = gr.Number(DEFAULT_RUN["steps"], precision=0, **knob("Train", "steps"))
+            batch_in = gr.Number(DEFAULT_RUN["batch_size"], precision=0, **knob("Train", "batch size"))
+            seed_in = gr.Number(DEFAULT_RUN["seed"], precision=0, **knob("Train", "seed"))
             with gr.Row():
                 start_btn = gr.Button("Train", variant="primary")
                 stop_btn = gr.Button("Stop")
