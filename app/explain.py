@@ -260,6 +260,77 @@ SCALING = Note(
     "Find the rank at which memory or step time starts to grow, and set it against the scores in the "
     "methods table.")
 
+# ---- Lesson ------------------------------------------------------------------------------
+
+LESSON_TAB = Note(
+    "About this tab: Lesson",
+    "A guided path through the other tabs for a workshop of 60 to 90 minutes, in five numbered steps. Each "
+    "step asks a question, runs what the other tabs run (the same training, decoding and analyses) and then "
+    "reveals what was measured in your workspace, next to what you predicted.",
+    "Work from the top. Pick your prediction before you press **Run**: Run locks it in, so changing it "
+    "afterwards does not count. A training step shows its status and loss curve as the Train tab does, and "
+    "the page stays usable while it runs. **Reveal** states the measured answer, computed from what the run "
+    "just measured, and whether your prediction matched. The adapters trained here are listed in the Train "
+    "tab too.",
+    "Repeat a step in its own tab with one knob changed: another seed, `injection=final` for LoRA-Diffusion, "
+    "or the task `suite_struct` for a longer trajectory. Instructors: the bottom of the tab has the reset for "
+    "the next group; each step's **Export** saves its figures for slides.")
+
+LESSON_INTRO = ("Five steps, each in three parts: **predict** (pick an answer), **run** (the button locks your answer "
+                "in), **reveal** (the measured answer beside yours). Steps 1 and 2 train for a minute or two each "
+                "on a laptop CPU; steps 3 to 5 use the two adapters they train.")
+
+# The text above each step (placeholders: the Train tab's default run, and the number of reviews in step 3).
+LESSON_STEPS = (
+    "### Step 1 · Train LoRA-Diffusion: the Train tab's default run\n"
+    "LoRA-Diffusion on `{task_name}` (is a short review positive or negative?): {steps} steps of {batch_size} "
+    "examples, seed {seed}. The base stays frozen; the adapter adds a small learned change to the hidden states "
+    "after every transformer block at every denoising step, with its own modules for the early, middle and late "
+    "phase of the denoising. Its score is the held-out accuracy: reviews the run never saw, each answer decoded "
+    "from all-`[MASK]`.",
+    "### Step 2 · Train weight LoRA r=16 on the same task and budget\n"
+    "The classic PEFT method: a rank-16 update B·A of the attention's weight matrices, the same at every "
+    "denoising step. Everything else as in step 1: the task, {steps} steps of {batch_size} examples, the seed, "
+    "each method's own default learning rate. The same budget means the same training examples seen, not the "
+    "same number of parameters: the reveal shows both.",
+    "### Step 3 · Tricky reviews through both adapters\n"
+    "{n_reviews} reviews written for this lesson, none of them in the task's data, some built to trip a "
+    "classifier: negations ('never good', 'not bad at all') and contrasts, where one clause praises and the "
+    "other criticises ('but': the clause after it decides; 'although': the main clause decides). Tick the "
+    "reviews you expect each adapter to answer right, then Run: both decode every review from all-`[MASK]`, "
+    "step by step, as in the Generate tab.",
+    "### Step 4 · When in the denoising does each adapter act?\n"
+    "Effective rank per denoising step, as in the Analyse tab: at each step, over how many directions the "
+    "adapter's change to the final hidden states spreads (1: a single direction carries it all). "
+    "LoRA-Diffusion gives its early-phase modules the largest rank by default, after the paper's claim that "
+    "the early, mostly masked steps need the most. The sampler takes at most one step per answer position, "
+    "and a sentiment answer is a word and its end marker: the reveal says which phases had a step.",
+    "### Step 5 · What did fine-tuning cost?\n"
+    "Forgetting, as in the Analyse tab: ordinary English text (held-out WikiText-2 and TinyStories) scored "
+    "under the base and under each adapter, as the NELBO in nats per token (lower is better). An adapter that "
+    "scores it worse than the base has lost some of the base's language modelling. It needs the data folder "
+    "the workbench was started with.",
+)
+
+# The prediction each step asks for (the label of its control; KNOBS["Lesson"] holds the tooltips).
+LESSON_QUESTIONS = {
+    1: "Step 1: how well will the default LoRA-Diffusion adapter answer held-out reviews?",
+    2: "Step 2: how will LoRA-Diffusion's held-out accuracy compare with weight LoRA's?",
+    3: "Step 3: which reviews will LoRA-Diffusion answer right?",
+    "3b": "Step 3: which reviews will weight LoRA answer right?",
+    4: "Step 4: in which phase will LoRA-Diffusion's change have the highest effective rank?",
+    5: "Step 5: which adapter will score ordinary text worse than the base by more?",
+}
+LESSON_PLOTS = {1: "step 1: loss and held-out score", 2: "step 2: loss and held-out score",
+                4: "step 4: effective rank per step", 5: "step 5: forgetting"}
+
+LESSON_INSTRUCTOR = (
+    "### For the instructor\n"
+    "**Export** under each step saves that step's figures as pages that open offline (plotly's HTML), and as "
+    "PNG images where kaleido is installed (the `figures` extra), for slides. Between groups, clear the "
+    "workspace: it deletes every adapter and run of this browser's user, in every tab, and starts the lesson "
+    "over.")
+
 # ---- Tooltips: the app's own controls, per tab (label -> tooltip) -------------------------
 
 KNOBS: dict[str, dict[str, str]] = {
@@ -327,6 +398,21 @@ KNOBS: dict[str, dict[str, str]] = {
                                                     "workspace's results/",
         "results file of `lora-diffusion analyze scaling`": "memory and speed against rank, from the same "
                                                             "folders",
+    },
+    "Lesson": {
+        LESSON_QUESTIONS[1]: "pick before you run: the reveal puts the measured held-out accuracy in one of these "
+                             "bands (two balanced labels: guessing scores about half)",
+        LESSON_QUESTIONS[2]: "pick before you run step 2: within 3 points counts as even; the reveal shows both "
+                             "held-out scores, measured in your workspace",
+        LESSON_QUESTIONS[3]: "tick the reviews you expect LoRA-Diffusion to answer right (none ticked: you expect "
+                             "none right)",
+        LESSON_QUESTIONS["3b"]: "tick the reviews you expect weight LoRA to answer right",
+        LESSON_QUESTIONS[4]: "phases split the denoising by t, the share of the answer still masked: LoRA-Diffusion "
+                             "has separate modules for each",
+        LESSON_QUESTIONS[5]: "forgetting: the change in held-out NELBO of ordinary text against the base; the "
+                             "reveal shows both",
+        "yes, clear my workspace for the next group": "a safety catch for the button beside it, which deletes all "
+                                                      "your adapters and runs and starts the lesson over",
     },
 }
 

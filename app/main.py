@@ -26,7 +26,7 @@ from lora_diffusion.paths import default_data_dir  # noqa: E402
 from lora_diffusion.uploads import MAX_UPLOAD_BYTES  # noqa: E402
 from lora_diffusion.workspace import JobLimits, Workspace  # noqa: E402
 
-from . import analyse_tab, compare_tab, explain, generate_tab, train_tab  # noqa: E402
+from . import analyse_tab, compare_tab, explain, generate_tab, lesson_tab, train_tab  # noqa: E402
 from .common import (BASE_ONLY, Context, adapter_lists, broken_note, handler, readable_errors,  # noqa: E402
                      user_workspace)
 
@@ -85,6 +85,8 @@ def build(workspace: Workspace, data_dir: str | None = None, base: str | None = 
             analyse = analyse_tab.tab(ctx, user)
         with gr.Tab("Compare"):
             compare = compare_tab.tab(ctx, user, shared)
+        with gr.Tab("Lesson"):
+            lesson = lesson_tab.tab(ctx, user)
         with gr.Accordion("Glossary: every knob of the page", open=False):
             gr.Markdown(explain.glossary())
         lists = [generate["adapter"], train["pick"], generate["composed"], analyse["adapters"],
@@ -97,7 +99,8 @@ def build(workspace: Workspace, data_dir: str | None = None, base: str | None = 
         demo.load(handler(compare_tab.choices, ctx), None, compare["lists"], api_visibility="undocumented")
         for trigger in (generate["refresh"].click, analyse["refresh"].click, shared.change):
             trigger(refresh, [user, shared], lists, api_visibility="undocumented")
-        for event in train["changed"]:  # a job that ended (done, stopped, failed), an import, a delete, a reset
+        # a job that ended (done, stopped, failed), an import, a delete, a reset (in the Train or the Lesson tab)
+        for event in train["changed"] + lesson["changed"]:
             event.then(refresh, [user, shared], lists, api_visibility="undocumented")
     return demo
 

@@ -222,7 +222,7 @@ def test_the_readmes_limits_table_is_the_codes():
 
 # ---- Explanations where the user looks: notes beside every plot, a tooltip on every control, a glossary ----
 
-INPUT_TYPES = ("slider", "dropdown", "textbox", "checkbox", "number", "radio")  # the controls that take info=
+INPUT_TYPES = ("slider", "dropdown", "textbox", "checkbox", "checkboxgroup", "number", "radio")  # take info=
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +297,8 @@ def test_every_tab_and_every_plot_has_a_closed_note_beside_it(page):
         first = page["components"][page["children"][tab["id"]][0]]
         assert first["type"] == "accordion" and first["props"]["label"] == f"About this tab: {tab['props']['label']}"
     plots = _of_type(page, "plot")
-    assert len(plots) == 10  # loss; perturbation norm; analysis, trajectories, router; runs x2, methods, scaling x2
+    # loss; perturbation norm; analysis, trajectories, router; runs x2, methods, scaling x2; the lesson's 4
+    assert len(plots) == 14
     for plot in plots:
         holder = page["components"][page["parent"][plot["id"]]]
         assert holder["type"] in ("row", "column")  # the plot's own box, not the whole tab
