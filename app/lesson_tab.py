@@ -27,7 +27,7 @@ from lora_diffusion.data import SENTIMENT_INSTRUCTION
 from lora_diffusion.diffusion import PHASES
 from lora_diffusion.errors import UserError
 from lora_diffusion.files import write_text
-from lora_diffusion.plots import effective_rank_figure, forgetting_figure
+from lora_diffusion.plots import effective_rank_figure, forgetting_figure, training_figure
 from lora_diffusion.suite import render_contrast, render_review
 
 from . import analyse_tab, explain, generate_tab, train_tab
@@ -76,7 +76,7 @@ REVIEWS = tuple(text for _, text, _ in PRESETS)
 
 def new_lesson() -> dict:
     """A lesson not yet started: per step, the prediction locked in, the adapter trained, what was measured,
-    the figures (file stem -> plotly figure) and HTML pages (file stem -> HTML) it showed."""
+    the figures of an analysis (file stem -> plotly figure) and HTML pages (file stem -> HTML) it showed."""
     return {"predictions": {}, "runs": {}, "measured": {}, "figures": {}, "pages": {}}
 
 
@@ -124,11 +124,14 @@ def train(ctx: Context, user, lesson, step, prediction, progress=gr.Progress()):
         for part in ("measured", "figures", "pages"):
             lesson[part].pop(later, None)
     method, options = TRAINED[step]
-    for job_id, status, figure, metric in train_tab.train(ctx, user, **dict(RUN, method=method, options=options),
-                                                          progress=progress):
-        lesson["runs"][step] = job_id
-        lesson["figures"][step] = {"loss-curve": figure}
-        yield lesson, status, figure, metric
+    updates = train_tab.train(ctx, user, **dict(RUN, method=method, options=options), progress=progress)
+    job_id, status, figure, metric = next(updates)
+    lesson["runs"][step] = job_id
+    yield lesson, status, figure, metric
+    # The page's state is written once, as the run starts: steps 1 and 2 may stream at once, and each update
+    # would put back its own copy. The loss curve is read back from the run's log when exported.
+    for _, status, figure, metric in updates:
+        yield gr.skip(), status, figure, metric
 
 
 @readable_errors
@@ -345,13 +348,26 @@ def reveal(ctx: Context, user, lesson, step) -> str:
 
 # ---- Instructor tools --------------------------------------------------------------------
 
+def _loss_figure(ctx: Context, user, lesson: dict, step: int) -> dict:
+    """{"loss-curve": figure} of step `step`'s run, read back from its log ({} before the step has run)."""
+    name = lesson["runs"].get(step)
+    if not name:
+        return {}
+    ws = user_workspace(ctx, user)
+    job = ws.jobs.get(name)
+    if job is not None and not job.finished:
+        raise UserError(f"step {step}'s run is still {job.status}: export its figure when it is done")
+    return {"loss-curve": training_figure(ws.curve(name), f"{NAMES[step]}: {name}")}
+
+
 @readable_errors
 def export(ctx: Context, user, lesson, step):
     """Step `step`'s figures as self-contained HTML pages, and PNGs where kaleido can draw them
     (`Workspace.export_figures`, as every tab's Download figures), in the user's export folder, which gradio
     serves files from; step 3's decodings as their HTML page. Returns (the files, a line on what was written)."""
     lesson, step = _lesson(lesson), _step(step)
-    figures, pages = lesson["figures"].get(step, {}), lesson["pages"].get(step, {})
+    figures = {**lesson["figures"].get(step, {}), **(_loss_figure(ctx, user, lesson, step) if step in TRAINED else {})}
+    pages = lesson["pages"].get(step, {})
     if not figures and not pages:
         raise UserError(f"step {step} has no figures yet: run it first")
     ws = user_workspace(ctx, user)

@@ -73,8 +73,10 @@ def refused(call) -> str:
 
 
 def run_step(ctx, lesson, step, prediction, user=USER):
-    """A training step to its end: the last (lesson, status, figure, metric) it streamed."""
-    return list(lesson_tab.train(ctx, user, lesson, step, prediction, progress=NOOP))[-1]
+    """A training step to its end: (the lesson it wrote, and the last status, figure, metric it streamed)."""
+    updates = list(lesson_tab.train(ctx, user, lesson, step, prediction, progress=NOOP))
+    assert all(u[0] == gr.skip() for u in updates[1:])  # the state is written once, as the run starts
+    return (updates[0][0], *updates[-1][1:])
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +104,7 @@ def test_steps_1_and_2_train_the_default_run_then_weight_lora_on_the_same_budget
     budget = ("task", "steps", "batch_size", "seed", "n_train", "n_eval")
     assert [ld[k] for k in budget] == [lora[k] for k in budget] == ["suite_sentiment", 4, 4, 0, 32, ld["n_eval"]]
     assert lesson["predictions"] == {1: lesson_tab.CHOICES[1][2], 2: lesson_tab.CHOICES[2][1]}
-    assert set(lesson["figures"]) == {1, 2} and all(len(f[s]["loss-curve"].data) for f, s in
-                                                   ((lesson["figures"], 1), (lesson["figures"], 2)))
+    assert all(len(figure.data) >= 2 for figure in trained["figure"])  # the loss and the held-out monitor
 
 
 def test_the_lessons_runs_are_the_train_tabs_default_and_weight_lora_r16():
@@ -216,10 +217,15 @@ def test_step_5_reveals_the_forgetting_the_library_measures(ctx, trained, monkey
 
 
 def test_export_writes_each_steps_figures_as_html_and_says_when_png_cannot_be_made(ctx, trained):
-    files, note = lesson_tab.export(ctx, USER, trained["lesson"], 1)
+    lesson = trained["lesson"]
+    files, note = lesson_tab.export(ctx, USER, lesson, 1)
     html = [Path(f) for f in files if f.endswith(".html")]
     assert len(html) == 1 and html[0].name.endswith("-lesson-step-1-loss-curve.html")
-    assert html[0].is_relative_to(ctx.workspace.user(USER).exports()) and "plotly" in html[0].read_text()[:100000]
+    assert html[0].is_relative_to(ctx.workspace.user(USER).exports())
+    page = html[0].read_text()
+    assert "plotly" in page[:100000] and lesson["runs"][1] in page  # the run's own curve, read from its log
+    steps_logged = [r["step"] for r in ctx.workspace.user(USER).curve(lesson["runs"][1]) if "loss" in r]
+    assert steps_logged == list(trained["figure"][0].data[0].x)  # the curve the page showed at the end
     if not png_available():  # no PNG, and the line says why in the library's words
         assert len(files) == 1 and "(HTML only: PNG figures need kaleido" in note
 
