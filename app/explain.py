@@ -44,7 +44,8 @@ INTRO = ("A **masked diffusion LM** writes an answer the way you fill in a cloze
          "surest of, until none is left. *t* is the share still masked: 1 at the start, 0 at the end. "
          "Fine-tuning teaches it a task's answers; a PEFT method trains a small adapter instead of the whole "
          "model. Every tab and plot has a closed note (click it) on what it shows, how to read it and what to "
-         "try next; the glossary at the bottom explains every knob.")
+         "try next; the glossary at the bottom explains every knob. For a workshop, the **Lesson** tab walks "
+         "through the other tabs in five steps: predict, run, reveal.")
 
 # ---- Train -------------------------------------------------------------------------------
 
