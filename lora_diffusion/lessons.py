@@ -47,7 +47,7 @@ def cache_dir(base=None) -> Path:
     return lessons_dir() / _fingerprint(str(base or SHIPPED_BASE))
 
 
-def adapter_folder(task: str, method: str, n_steps: int, base=None) -> Path:
+def run_folder(task: str, method: str, n_steps: int, base=None) -> Path:
     return cache_dir(base) / f"{method}-{task}-{n_steps}steps"
 
 
@@ -60,7 +60,7 @@ def adapters(pairs, n_steps: int | None = None, base=None, data_dir=None) -> lis
 def _adapter(task: str, method: str, n_steps: int, base, data_dir) -> Path:
     from .runs import train_adapter
 
-    folder = adapter_folder(task, method, n_steps, base)
+    folder = run_folder(task, method, n_steps, base)
     if (folder / "results.json").is_file():  # written last by fine_tune: the run is complete
         return folder
     print(f"{method} on {task} is not in the lessons cache: training it now ({n_steps} steps; "
@@ -106,7 +106,7 @@ def _compared(folder: Path, methods, seeds) -> bool:
 def is_warm(base=None) -> bool:
     """Whether every default lesson adapter and comparison run is cached for this base (and budget)."""
     n_steps = steps(ADAPTER_STEPS)
-    return (all((adapter_folder(t, m, n_steps, base) / "results.json").is_file() for t, m in ADAPTERS)
+    return (all((run_folder(t, m, n_steps, base) / "results.json").is_file() for t, m in ADAPTERS)
             and _compared(compare_folder(COMPARE["task"], steps(COMPARE["steps"]), base),
                           COMPARE["methods"], COMPARE["seeds"]))
 

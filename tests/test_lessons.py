@@ -30,7 +30,7 @@ def test_an_adapter_is_trained_once_per_base_then_read_back(small_lessons, tiny_
 
 
 def test_a_run_killed_halfway_is_trained_again_from_scratch(small_lessons, tiny_base_dir):
-    folder = lessons.adapter_folder("suite_topic", "lora", 2, tiny_base_dir)
+    folder = lessons.run_folder("suite_topic", "lora", 2, tiny_base_dir)
     partial = folder.with_name(folder.name + ".partial")
     partial.mkdir(parents=True)
     (partial / "metrics.jsonl").write_text("{not json\n")
