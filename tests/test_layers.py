@@ -23,7 +23,7 @@ LAYERS = [
     ("runs", "router", "profiling", "prepare_base",     # a fine-tuning run; composition; cost; the base;
      "jobs", "uploads"),                                # the app's job queue; adapter uploads
     ("compare", "workspace", "mixed"),                  # many runs; the app's folders of runs; mixed batches
-    ("analysis",),                                      # reports
+    ("analysis", "lessons"),                            # reports; the notebooks' adapters, trained once
     ("app",),                                           # the Gradio workbench
     ("cli",),                                           # the command line (starts the app)
 ]
