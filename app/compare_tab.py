@@ -205,8 +205,8 @@ def tab(ctx: Context, user, shared) -> dict:
     scaling = _list(ctx, "scaling", "results file of `lora-diffusion analyze scaling`")
     scaling_btn = gr.Button("Show scaling")
     with gr.Column():
-        scaling_train = gr.Plot(label="training")
-        scaling_gen = gr.Plot(label="generation")
+        scaling_train = gr.Plot(label="training", elem_id="scaling-train")
+        scaling_gen = gr.Plot(label="generation", elem_id="scaling-gen")
         explain.accordion(explain.SCALING)
     figure_download(ctx, user, {"runs-score": runs_chart, "runs-loss": curves_chart, "methods": chart,
                                 "scaling-training": scaling_train, "scaling-generation": scaling_gen},

@@ -103,7 +103,8 @@ def test_api_trains_generates_analyses_and_reports_errors(app_url):
 
     archive = client.predict(user=USER, name=name, api_name="/download")
     with zipfile.ZipFile(archive) as z:
-        assert sorted(z.namelist()) == ["adapter.safetensors", "adapter_config.json", "results.json"]
+        # the run as one file: the adapter, its held-out results and its loss curve
+        assert sorted(z.namelist()) == ["adapter.safetensors", "adapter_config.json", "metrics.jsonl", "results.json"]
 
     # Bad input: one readable line, never a traceback.
     with pytest.raises(Exception) as error:
@@ -254,12 +255,16 @@ def test_browser_trains_generates_and_shows_every_tab(app_url, tmp_path):
 
         # Compare: the methods table of the shipped results file, and a readable error for a bad path.
         page.get_by_role("tab", name="Compare").click()
+        # the workspace's own runs, side by side: the run trained above is listed, finished
+        runs = "document.querySelector('#runs-table')?.innerText || ''"
+        page.wait_for_function(f"({runs}).includes('lora_diffusion-suite_sentiment')", timeout=60_000)
         page.get_by_role("button", name="Show", exact=True).click()
         if (ROOT / "results" / "compare_sst2.json").is_file():
             page.wait_for_selector("text=training examples", timeout=60_000)
         if (ROOT / "results" / "analysis" / "scaling" / "scaling.json").is_file():
             page.get_by_role("button", name="Show scaling").click()
-            page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=60_000)
+            for plot in ("#scaling-train", "#scaling-gen"):
+                page.wait_for_selector(f"{plot} .js-plotly-plot", timeout=60_000)
         page.screenshot(path=str(shots / "compare.png"), full_page=True)
         assert page.locator("text=Traceback").count() == 0
 

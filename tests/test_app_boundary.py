@@ -210,7 +210,8 @@ def test_a_download_is_written_to_the_callers_own_folder_in_the_temp_folder(worl
     archive = Path(train_tab.download(world.ctx, USER, world.good))
     assert archive.is_file() and archive.is_relative_to(Path(tempfile.gettempdir()) / EXPORTS)
     assert archive.parent == world.ctx.workspace.user(USER).exports() != world.ctx.workspace.user(OTHER).exports()
-    assert sorted(zipfile.ZipFile(archive).namelist()) == ["adapter.safetensors", "adapter_config.json", "results.json"]
+    assert sorted(zipfile.ZipFile(archive).namelist()) == ["adapter.safetensors", "adapter_config.json",
+                                                           "metrics.jsonl", "results.json"]
     assert sorted(world.workspace.rglob("*")) == before  # nothing written into the workspace
 
 
