@@ -96,7 +96,8 @@ def _union(presets) -> list[Spec]:
     """Every row of `presets` once (a label names the same row in each of them)."""
     rows = {}
     for spec in (spec for name in presets for spec in PRESETS[name]):
-        assert rows.setdefault(spec.label, spec) == spec, f"label {spec.label!r} names two different rows"
+        if rows.setdefault(spec.label, spec) != spec:
+            raise ValueError(f"label {spec.label!r} names two different rows")
     return list(rows.values())
 
 
@@ -326,9 +327,13 @@ class _Runner:
         result = read_json(folder / "results.json")
         trained = result.get("config") or {}
         wanted = {"method": spec.method, "options": method_config(spec.method, spec.options).to_dict(),
-                  "task": task.name, "n_eval": len(task.eval), "seed": seed, "lr": lr,
-                  "steps": self.config.steps, "batch_size": self.config.batch_size}
-        found = {"method": result.get("method"), "task": result.get("task"), "n_eval": result.get("n_eval"),
+                  "task": task.name, "n_train": len(task.train), "n_eval": len(task.eval), "seed": seed, "lr": lr,
+                  "steps": self.config.steps, "batch_size": self.config.batch_size,
+                  "grad_accum": self.config.grad_accum, "bf16": self.config.bf16,
+                  "sampler_steps": self.sampler_steps}
+        found = {"method": result.get("method"), "task": result.get("task"), "n_train": result.get("n_train"),
+                 "n_eval": result.get("n_eval"), "grad_accum": trained.get("grad_accum"),
+                 "bf16": trained.get("bf16"), "sampler_steps": result.get("steps"),
                  "seed": trained.get("seed"), "lr": trained.get("lr"), "steps": trained.get("steps"),
                  "batch_size": trained.get("batch_size"),
                  "options": _resolved(result.get("method"), result.get("options"))}

@@ -107,6 +107,7 @@ def evaluate_mixed(model: DiffusionLM, assign, n_adapters: int, task: Task, spli
     n = len(examples)
     every = Encoded(enc.prompts * n_adapters, enc.responses * n_adapters, enc.instructions * n_adapters,
                     enc.response_length, enc.n_truncated)
+    was_training = model.training
     model.eval()
     calls_before = model.sampler_calls
     generated = generate(model, every, batch_size, steps, remasking, seed, threshold=threshold,
@@ -117,6 +118,7 @@ def evaluate_mixed(model: DiffusionLM, assign, n_adapters: int, task: Task, spli
         assign_all = lambda idx, j=j: assign([j] * len(idx))  # the verbalizer pass, adapter by adapter
         results.append(_scores(model, task, split, enc, examples, generated[j * n:(j + 1) * n], steps, remasking,
                                calls, threshold, batch_size, return_predictions, assign_all))
+    model.train(was_training)
     return results
 
 

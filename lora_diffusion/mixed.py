@@ -131,7 +131,7 @@ class MixedAdapters:
         n = len(self.configs)
         length = length or max(c["response_length"] for c in self.configs)
         rows = [(text, j) for text in texts for j in range(n)]
-        prompts = [(instruction if instruction is not None else self.configs[j]["task"]["instruction"], text)
+        prompts = [(instruction if instruction is not None else (self.configs[j]["task"].get("instruction") or ""), text)
                    for text, j in rows]
         decoded = decode(self.model, prompts, length, steps, batch_size, seed,
                          before_batch=lambda idx: self.assign([rows[i][1] for i in idx]), **sampling)
@@ -200,12 +200,12 @@ def side_by_side(texts: list[str], columns: list, base=None, instruction: str | 
         raise UserError("give one or more texts and one or more columns (adapters, or the base)")
     configs = [[] if c is None else c.configs if isinstance(c, Composition) else [read_adapter_config(c)]
                for c in columns]
-    own = [cs[0]["task"]["instruction"] for c, cs in zip(columns, configs) if cs and not isinstance(c, Composition)]
-    routed = [cs[0]["task"]["instruction"] for c, cs in zip(columns, configs) if cs and isinstance(c, Composition)]
+    own = [(cs[0]["task"].get("instruction") or "") for c, cs in zip(columns, configs) if cs and not isinstance(c, Composition)]
+    routed = [(cs[0]["task"].get("instruction") or "") for c, cs in zip(columns, configs) if cs and isinstance(c, Composition)]
     shared = instruction if instruction is not None else next(iter(own + routed), None)
     if shared is None:
         raise UserError("type an instruction: the base model has no task of its own")
-    reads = [cs[0]["task"]["instruction"] if instruction is None and cs and not isinstance(c, Composition) else shared
+    reads = [(cs[0]["task"].get("instruction") or "") if instruction is None and cs and not isinstance(c, Composition) else shared
              for c, cs in zip(columns, configs)]
     length = length or max((cfg["response_length"] for cs in configs for cfg in cs), default=None)
     if not length:

@@ -390,7 +390,7 @@ class Workspace:
         results = _optional_json(folder.parent / RESULTS_FILE) or _optional_json(folder / RESULTS_FILE) or {}
         scored = results.get("steps")
         steps = scored if isinstance(scored, int) and not isinstance(scored, bool) and scored > 0 else length
-        return {"instruction": config["task"]["instruction"], "response_length": length,
+        return {"instruction": config["task"].get("instruction") or "", "response_length": length,
                 "sampler_steps": min(steps, length)}
 
     def routers(self) -> dict[str, str]:

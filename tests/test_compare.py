@@ -213,3 +213,7 @@ def test_a_shared_out_folder_reads_back_only_runs_of_the_same_row(capsys, tmp_pa
     assert code != 0 and "holds a run with r=16, not 4" in err and "use another --out" in err
     code, _, err = run_cli(capsys, "compare", "--methods", "lora", *common[:-1], str(out), "--steps", "3")
     assert code != 0 and "holds a run with steps=2, not 3" in err
+    code, _, err = run_cli(capsys, "compare", "--methods", "lora", *common, "--max-train-examples", "20")
+    assert code != 0 and "holds a run with n_train=40, not 20" in err
+    code, _, err = run_cli(capsys, "compare", "--methods", "lora", *common, "--sampler-steps", "3")
+    assert code != 0 and "holds a run with sampler_steps=2, not 3" in err
