@@ -461,6 +461,13 @@ def sweep_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _spread(value: dict) -> str:
+    """mean ± std over seeds, or the value of a single run."""
+    if value.get("n", 2) < 2:
+        return f"{value['mean']:.3f}"
+    return f"{value['mean']:.3f} ± {value['std']:.3f}"
+
+
 def markdown(results: dict) -> str:
     """The comparison as a markdown table (what the README shows)."""
     if results.get("sweep_only"):
@@ -474,7 +481,9 @@ def markdown(results: dict) -> str:
     lines = [f"Task `{task['task']}`: {b['n_train']} training examples, {b['steps']} steps × batch "
              f"{b['examples_seen'] // b['steps']} ({b['examples_seen']} examples seen"
              f"{', over ' + str(b['processes']) + ' processes' if b.get('processes', 1) > 1 else ''}), held-out "
-             f"{b['n_eval']} examples, seeds {', '.join(map(str, results['seeds']))} (mean ± sample std)."
+             f"{b['n_eval']} examples, "
+             + (f"seeds {', '.join(map(str, results['seeds']))} (mean ± sample std)." if len(results["seeds"]) > 1
+                else f"seed {results['seeds'][0]} (one run per row).")
              + (f" Trained {results['jobs']} runs at a time, so s/step is per run under that load."
                 if results.get("jobs", 1) > 1 else ""),
              "", head, "|" + "---|" * (head.count("|") - 1)]
@@ -486,5 +495,5 @@ def markdown(results: dict) -> str:
         lines.append(f"| {row['label']} | {metrics} | {full} | {row['trainable_parameters']:,} "
                      f"| {row['percent_of_base']:.2f} | {row['adapter_bytes']:,} | {row['lr']:g} "
                      f"| {row['sec_per_step']:.3f} | {'' if memory is None else f'{memory / 2**20:.0f}'} "
-                     f"| {row['final_train_loss']['mean']:.3f} ± {row['final_train_loss']['std']:.3f} |")
+                     f"| {_spread(row['final_train_loss'])} |")
     return "\n".join(lines)

@@ -79,7 +79,10 @@ def over_seeds(results: list[dict]) -> dict:
 
 
 def percent(value, digits: int = 1) -> str:
-    """A metric as text in percent: mean ± std for a summary over seeds, else the value ('' for None)."""
+    """A metric as text in percent: mean ± std for a summary over seeds (the mean alone for one
+    seed: a spread of one run is not a measurement), else the value ('' for None)."""
     if isinstance(value, dict):
+        if value.get("n", 2) < 2:
+            return f"{100 * value['mean']:.{digits}f}"
         return f"{100 * value['mean']:.{digits}f} ± {100 * value['std']:.{digits}f}"
     return "" if value is None else f"{100 * value:.{digits}f}"
