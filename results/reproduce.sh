@@ -137,3 +137,12 @@ done
 $LD analyze mixed-batch --adapter-counts 8,32 --threads 2 --out results/analysis/mixed_batch
 # Issue 15: the bench on this CPU (alone on the machine).
 $LD bench --methods lora_diffusion,lora,full --batch-size 16 --threads 2 --out results/bench_cpu.json
+
+# Issue 14: the paper's ablations at the blocks default, one seed, each row at its site's
+# default rate: every row of the six presets once (20 runs; 2 at a time), then each preset's
+# table read back from the same folder.
+$LD compare --task sst2 --preset ablations --steps 600 --seed 0 --jobs 2 --no-profile --out runs/ablations-sst2
+for p in ranks modules regularizers schedule injection phases; do
+    $LD compare --task sst2 --preset $p --steps 600 --seed 0 --no-profile --out runs/ablations-sst2 \
+        --results results/ablation_$p.json
+done
