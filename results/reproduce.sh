@@ -75,8 +75,8 @@ $LD analyze scaling --out results/analysis/scaling --png
 
 # LoRA-Diffusion's default injection was `final` up to commit 0f0432e (now `blocks` on every
 # position). The methods preset pins `final`, so the table above, its sweep and the analyses of
-# its adapters reproduce as they are; `bench` and `analyze mixed-batch` below measured
-# LoRA-Diffusion with its defaults of that time: rerun them with the code of 0f0432e.
+# its adapters reproduce as they are; `bench` below measured LoRA-Diffusion with its defaults
+# of that time: rerun it with the code of 0f0432e (`analyze mixed-batch` was rerun at blocks).
 
 # Issue 14: does knowing the step help an adapter? Weight LoRA r=16 against NaRA- and
 # T-LoRA-style LoRA and LoRA-Diffusion at each injection site, at about LoRA's parameter
