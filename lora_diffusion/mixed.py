@@ -47,6 +47,9 @@ class MixedAdapters:
         backbone = load_backbone(base if base is not None else _base_source(checked[0][0]))
         for path, (config, _) in zip(paths, checked):
             base_for(config, backbone, where=f"adapter {adapter_label(path)}")  # all on this one base
+            if config["method"] == "lora_diffusion" and config["options"].get("injection") == "weights":
+                raise UserError(f"adapter {adapter_label(path)} is LoRA-Diffusion with injection=weights: it changes "
+                                "the base's projections, so it cannot share a mixed batch; decode it alone")
             if config["method"] not in MIXABLE:
                 raise UserError(f"adapter {adapter_label(path)} is {config['method']}: a mixed batch takes "
                                 f"{' and '.join(MIXABLE)} adapters")

@@ -431,3 +431,20 @@ def test_scaling_and_data_efficiency_from_the_cli(capsys, tmp_path, tiny_base_di
     assert code == 0, err
     report = json.loads((tmp_path / "d2" / "data_efficiency.json").read_text())
     assert {p["method"]: p["lr"] for p in report["points"]} == {"bitfit": 0.01, "lora": 0.02}
+
+
+def test_same_label_chance_is_what_a_random_map_scores():
+    """The chance a random other point shares the label: sum n(n-1) / N(N-1), e.g. groups of
+    2, 2 and 6 among 10 points give (2 + 2 + 30) / 90, not the largest group's 60%."""
+    import numpy as np
+
+    from lora_diffusion.analysis.tsne import same_label_chance, same_label_neighbours
+
+    points = [{"task": t} for t in "aabbcccccc"]
+    assert same_label_chance(points) == 34 / 90
+    rng = np.random.default_rng(0)
+    scores = []
+    for _ in range(400):  # random placements score the chance on average
+        xy = rng.random((len(points), 2))
+        scores.append(same_label_neighbours([{**p, "x": x, "y": y} for p, (x, y) in zip(points, xy)]))
+    assert abs(np.mean(scores) - 34 / 90) < 0.03

@@ -50,6 +50,9 @@ def test_a_mixed_batch_refuses_other_methods_unassigned_rows_and_bad_indices(tmp
     bitfit = saved(tmp_path, 1, "bitfit", {})
     with pytest.raises(UserError, match="is bitfit: a mixed batch takes lora_diffusion and lora"):
         MixedAdapters([lora, bitfit], base=str(tiny_base_dir))
+    weights = saved(tmp_path, 2, "lora_diffusion", {"injection": "weights", "ranks": [2, 1, 1]})
+    with pytest.raises(UserError, match="injection=weights: it changes the base's projections"):
+        MixedAdapters([lora, weights], base=str(tiny_base_dir))
     mixed = MixedAdapters([lora], base=str(tiny_base_dir))
     batch = tiny_batch(tiny_backbone(seed=0), n=2)
     with pytest.raises(UserError, match="assign each row an adapter before"):

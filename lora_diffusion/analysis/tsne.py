@@ -9,6 +9,8 @@ keep the original ones, 1 = perfectly).
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE, trustworthiness
@@ -76,9 +78,17 @@ def map_vectors(vectors: dict, method: str = "tsne", perplexity: float = 30.0, s
 
 def same_label_neighbours(points: list[dict], key: str = "task") -> float:
     """Share of a map's points whose nearest other point (2-D distance) has the same `key`: how well
-    the map separates, e.g., tasks (1 = every neighbour alike; chance is about the largest group's share)."""
+    the map separates, e.g., tasks (1 = every neighbour alike; `same_label_chance` if they were mixed)."""
     xy = np.array([[p["x"], p["y"]] for p in points])
     distance = ((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)
     np.fill_diagonal(distance, np.inf)  # a point is not its own neighbour
     nearest = distance.argmin(1)
     return float(np.mean([points[i][key] == points[j][key] for i, j in enumerate(nearest)]))
+
+
+def same_label_chance(points: list[dict], key: str = "task") -> float:
+    """`same_label_neighbours` of a map whose points were placed at random: the chance that
+    another point drawn at random shares the point's `key` (sum over groups of n(n-1) / N(N-1))."""
+    counts = Counter(p[key] for p in points)
+    n = len(points)
+    return sum(c * (c - 1) for c in counts.values()) / (n * (n - 1)) if n > 1 else 0.0
