@@ -222,20 +222,16 @@ def _eval_task(args, adapter_config: dict | None):
 
 
 def cmd_sample(args) -> None:
-    import torch
-
     from .adapters import load_model
-    from .data import collate, encode_prompt
-    from .diffusion import sample
+    from .mixed import MixedAdapters, decode
 
     _threads(args.threads)
+    sampling = dict(remasking=args.remasking, temperature=args.temperature, block_length=args.block_length,
+                    threshold=args.threshold)
     if args.adapter and len(args.adapter) > 1:  # one mixed batch: each row its own adapter
-        from .mixed import MixedAdapters
-
         mixed = MixedAdapters(args.adapter, base=args.base)
         answers = mixed.answers([args.prompt] * args.n, steps=args.steps, length=args.length,
-                                instruction=args.instruction, seed=args.seed, remasking=args.remasking,
-                                temperature=args.temperature, block_length=args.block_length, threshold=args.threshold)
+                                instruction=args.instruction, seed=args.seed, **sampling)
         for per_adapter in answers:
             for label, text in zip(mixed.labels, per_adapter):
                 print(f"{label}: {text}")
@@ -243,16 +239,10 @@ def cmd_sample(args) -> None:
     model, _, config = load_model(args.adapter[0] if args.adapter else None, base=args.base)
     instruction = args.instruction if args.instruction is not None else (config and config["task"]["instruction"])
     length = args.length or (config["response_length"] if config else 32)
-    tok = model.backbone.tokenizer
-    enc = encode_prompt(tok, instruction or "", args.prompt, length, model.backbone.max_length, n=args.n)
-    batch = collate(enc, list(range(args.n)), model.backbone.pad_id)
-    tokens, _ = sample(model, **batch, steps=args.steps, remasking=args.remasking, temperature=args.temperature,
-                       block_length=args.block_length, generator=torch.Generator().manual_seed(args.seed),
-                       threshold=args.threshold)
-    for row in range(args.n):
-        ids = tokens[row][batch["response_mask"][row]].tolist()
-        text = tok.decode(ids, skip_special_tokens=False).replace(tok.sep_token, " | ")
-        print(" ".join(text.split()))
+    # the n samples in one batch, as the mixed path decodes them
+    for text in decode(model, [(instruction or "", args.prompt)] * args.n, length, args.steps,
+                       batch_size=args.n, seed=args.seed, **sampling):
+        print(text)
 
 
 def cmd_compare(args) -> None:

@@ -163,20 +163,9 @@ def learning_rates_from(*paths) -> dict[str, ChosenRate]:
             raise UserError(f"{path} is not the results.json of a `lora-diffusion compare` (rows with a label and an lr)")
         if any(not isinstance(r.get("config", {}), dict) for r in rows):
             raise UserError(f"{path}: a row's config is not a JSON object")
-        chosen.update({row["label"]: ChosenRate(row["lr"], row.get("method"), row.get("config") or _older_config(row),
+        chosen.update({row["label"]: ChosenRate(row["lr"], row.get("method"), row.get("config") or _resolved(row.get("method"), row.get("options")),
                                                 str(path)) for row in rows})
     return chosen
-
-
-def _older_config(row: dict) -> dict | None:
-    """The resolved options of a row from a file older than rows' "config": its options over
-    the defaults of that time (MethodConfig.from_stored)."""
-    if not isinstance(row.get("method"), str) or not isinstance(row.get("options"), dict):
-        return None
-    try:
-        return stored_config(row["method"], row["options"]).to_dict()
-    except UserError:  # a method or options this version no longer reads: nothing to check against
-        return None
 
 
 def _carried_lr(spec: Spec, chosen) -> float | None:
@@ -380,7 +369,8 @@ class _Runner:
 
 
 def _resolved(method, options) -> dict | None:
-    """A stored run's options with the defaults it trained under (None if unreadable)."""
+    """Stored options (a run's, or a row's of a file older than rows' "config") with the
+    defaults they trained under (MethodConfig.from_stored); None if this version cannot read them."""
     if not isinstance(method, str) or not isinstance(options, dict):
         return None
     try:

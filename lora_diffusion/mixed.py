@@ -47,12 +47,11 @@ class MixedAdapters:
         backbone = load_backbone(base if base is not None else _base_source(checked[0][0]))
         for path, (config, _) in zip(paths, checked):
             base_for(config, backbone, where=f"adapter {adapter_label(path)}")  # all on this one base
-            if config["method"] == "lora_diffusion" and config["options"].get("injection") == "weights":
-                raise UserError(f"adapter {adapter_label(path)} is LoRA-Diffusion with injection=weights: it changes "
-                                "the base's projections, so it cannot share a mixed batch; decode it alone")
-            if config["method"] not in MIXABLE:
-                raise UserError(f"adapter {adapter_label(path)} is {config['method']}: a mixed batch takes "
-                                f"{' and '.join(MIXABLE)} adapters")
+            if not mixable(config):
+                why = ("LoRA-Diffusion with injection=weights: it changes the base's projections, so it cannot "
+                       "share a mixed batch; decode it alone" if config["method"] == "lora_diffusion" else
+                       f"{config['method']}: a mixed batch takes {' and '.join(MIXABLE)} adapters")
+                raise UserError(f"adapter {adapter_label(path)} is {why}")
         self.model = DiffusionLM(backbone)
         self.configs = [config for config, _ in checked]
         self.labels = [adapter_label(p) for p in paths]
@@ -134,7 +133,7 @@ class MixedAdapters:
         n = len(self.configs)
         length = length or max(c["response_length"] for c in self.configs)
         rows = [(text, j) for text in texts for j in range(n)]
-        prompts = [(instruction if instruction is not None else (self.configs[j]["task"].get("instruction") or ""), text)
+        prompts = [(instruction if instruction is not None else _instruction(self.configs[j]), text)
                    for text, j in rows]
         decoded = decode(self.model, prompts, length, steps, batch_size, seed,
                          before_batch=lambda idx: self.assign([rows[i][1] for i in idx]), **sampling)
@@ -203,12 +202,12 @@ def side_by_side(texts: list[str], columns: list, base=None, instruction: str | 
         raise UserError("give one or more texts and one or more columns (adapters, or the base)")
     configs = [[] if c is None else c.configs if isinstance(c, Composition) else [read_adapter_config(c)]
                for c in columns]
-    own = [(cs[0]["task"].get("instruction") or "") for c, cs in zip(columns, configs) if cs and not isinstance(c, Composition)]
-    routed = [(cs[0]["task"].get("instruction") or "") for c, cs in zip(columns, configs) if cs and isinstance(c, Composition)]
+    own = [_instruction(cs[0]) for c, cs in zip(columns, configs) if cs and not isinstance(c, Composition)]
+    routed = [_instruction(cs[0]) for c, cs in zip(columns, configs) if cs and isinstance(c, Composition)]
     shared = instruction if instruction is not None else next(iter(own + routed), None)
     if shared is None:
         raise UserError("type an instruction: the base model has no task of its own")
-    reads = [(cs[0]["task"].get("instruction") or "") if instruction is None and cs and not isinstance(c, Composition) else shared
+    reads = [_instruction(cs[0]) if instruction is None and cs and not isinstance(c, Composition) else shared
              for c, cs in zip(columns, configs)]
     length = length or max((cfg["response_length"] for cs in configs for cfg in cs), default=None)
     if not length:
@@ -234,6 +233,11 @@ def side_by_side(texts: list[str], columns: list, base=None, instruction: str | 
                                           until_sep=True)):
             answers[i][k] = answer
     return answers
+
+
+def _instruction(config: dict) -> str:
+    """The instruction of an adapter's task ('' for a task without one)."""
+    return config["task"].get("instruction") or ""
 
 
 def _base_source(config: dict):

@@ -76,7 +76,6 @@ def mixed_batch_report(adapter_counts=(8, 32), base=None, batch_size: int = 32, 
         for method in methods:
             chosen = (options or {}).get(method, {})
             paths = _saved_adapters(backbone, method, chosen, max(adapter_counts), Path(tmp))
-            torch.manual_seed(0)
             single, _, _ = load_adapter(paths[0], base=base, merge=False)
             one = _latency(single, batch, steps, repeats)
             del single
