@@ -5,17 +5,21 @@ run (the Train tab's `train`, the library's decoding, effective-rank and forgett
 the Generate and Analyse tabs call), then reveals what was measured in the user's workspace next
 to the prediction. Run locks the prediction in: the reveal judges the answer given before the run.
 
-The lesson's state (predictions, the adapters its steps trained, what each step measured and drew)
-lives in the page (`gr.State`, see `new_lesson`); the adapters live in the user's workspace, where
-the Train tab lists them too. The instructor's tools: each step's figures exported as HTML pages
-(and PNG where kaleido is installed), and a reset of the workspace for the next group
-(`Workspace.reset`).
+The lesson (predictions, the adapters its steps trained, what each step measured and drew; see
+`new_lesson`) is kept on the server per user (`Lessons`), not in the page: the steps run at once (a
+training streams while another step measures), and a page's copy handed back by a slow step would
+put back old runs and old measurements. So a reload of the page keeps the lesson (same user id, same
+lesson); a restart of the server forgets it (predictions, which runs were the lesson's, what was
+measured), not its adapters, which stay in the user's workspace, where the Train tab lists them too.
+The instructor's tools: each step's figures exported as HTML pages (and PNG where kaleido is
+installed), and a reset of the workspace and the lesson for the next group (`Workspace.reset`).
 """
 
 from __future__ import annotations
 
 import functools
 import html
+import threading
 
 import gradio as gr
 
@@ -29,9 +33,10 @@ from lora_diffusion.errors import UserError
 from lora_diffusion.files import write_text
 from lora_diffusion.plots import effective_rank_figure, forgetting_figure, training_figure
 from lora_diffusion.suite import render_contrast, render_review
+from lora_diffusion.workspace import Workspace
 
 from . import analyse_tab, explain, generate_tab, train_tab
-from .common import Context, handler, readable_errors, user_workspace, whole
+from .common import Context, readable_errors, user_workspace, whole
 from .explain import knob
 
 STEPS = 5
@@ -80,25 +85,62 @@ def new_lesson() -> dict:
     return {"predictions": {}, "runs": {}, "measured": {}, "figures": {}, "pages": {}}
 
 
-def _lesson(value) -> dict:
-    """A copy of the page's lesson state to change (a new lesson where the page has none)."""
-    if value is None:
-        return new_lesson()
-    if not isinstance(value, dict) or set(value) != set(new_lesson()):
-        raise UserError("the lesson's state is not valid: reload the page")
-    return {key: dict(part) for key, part in value.items()}
+def _copy(lesson: dict) -> dict:
+    """A lesson whose parts can be changed without touching `lesson` (each step's entry is replaced whole,
+    never changed in place)."""
+    return {key: dict(part) for key, part in lesson.items()}
+
+
+class Lessons:
+    """Every user's lesson, kept on the server (keyed by the user's workspace) under a lock.
+
+    Each step changes only its own part, under the lock: a step that measured the adapters of runs since
+    replaced (step 1 or 2 rerun, or the instructor's reset) is refused rather than writing its stale result.
+    """
+
+    def __init__(self):
+        self._lessons: dict = {}  # the user's workspace folder -> lesson
+        self._lock = threading.Lock()
+
+    def read(self, ws: Workspace) -> dict:
+        """A copy of the user's lesson (a new one before any step has run)."""
+        with self._lock:
+            return _copy(self._lessons.get(ws.root, new_lesson()))
+
+    def update(self, ws: Workspace, change) -> None:
+        """Apply `change(lesson)` under the lock; kept only if it returns (a refusal changes nothing)."""
+        with self._lock:
+            lesson = _copy(self._lessons.get(ws.root, new_lesson()))
+            change(lesson)
+            self._lessons[ws.root] = lesson
+
+    def record(self, ws: Workspace, step: int, runs: dict, **parts) -> None:
+        """Keep what step `step` measured (`parts`: predictions, measured, figures, pages -> its entry) with the
+        adapters of `runs` ({step: run}, read as it started), unless the lesson's runs changed meanwhile."""
+        def change(lesson):
+            if {s: lesson["runs"].get(s) for s in runs} != runs:
+                raise UserError(f"the lesson's adapters changed while step {step} ran (a rerun or a reset): "
+                                f"run step {step} again")
+            for part, value in parts.items():
+                lesson[part][step] = value
+        self.update(ws, change)
+
+    def reset(self, ws: Workspace) -> None:
+        """The user's lesson starts over (the instructor's reset)."""
+        with self._lock:
+            self._lessons.pop(ws.root, None)
 
 
 def _step(step) -> int:
     return whole(step, "the step", 1, STEPS)
 
 
-def _lock(lesson: dict, step: int, prediction) -> None:
-    """Keep the prediction made before the run; a run without one is refused (predicting is the point)."""
+def _predicted(step: int, prediction):
+    """The prediction made before the run; a run without one is refused (predicting is the point)."""
     if prediction not in CHOICES[step]:
         raise UserError(f"step {step}: pick your prediction first, then run (the reveal compares it with "
                         "what the run measures)")
-    lesson["predictions"][step] = prediction
+    return prediction
 
 
 def _verdict(predicted, measured) -> str:
@@ -111,41 +153,42 @@ def _verdict(predicted, measured) -> str:
 # ---- Steps 1 and 2: train ----------------------------------------------------------------
 
 @readable_errors
-def train(ctx: Context, user, lesson, step, prediction, progress=gr.Progress()):
+def train(ctx: Context, lessons: Lessons, user, step, prediction, progress=gr.Progress()):
     """Train step `step`'s adapter (1: the default run, 2: weight LoRA r=16) through the Train tab's handler;
-    streams (lesson, status, loss figure, score line) until the run ends."""
-    lesson, step = _lesson(lesson), _step(step)
+    streams (status, loss figure, score line) until the run ends."""
+    ws, step = user_workspace(ctx, user), _step(step)
     if step not in TRAINED:
         raise UserError(f"step {step} trains nothing: press its own Run button")
-    if step == 2 and 1 not in lesson["runs"]:
+    if step == 2 and 1 not in lessons.read(ws)["runs"]:
         raise UserError("run step 1 first: weight LoRA is compared with the LoRA-Diffusion adapter it trains")
-    _lock(lesson, step, prediction)
-    for later in range(3, STEPS + 1):  # they measured the adapters of the runs this one replaces
-        for part in ("measured", "figures", "pages"):
-            lesson[part].pop(later, None)
+    prediction = _predicted(step, prediction)
     method, options = TRAINED[step]
     updates = train_tab.train(ctx, user, **dict(RUN, method=method, options=options), progress=progress)
     job_id, status, figure, metric = next(updates)
-    lesson["runs"][step] = job_id
-    yield lesson, status, figure, metric
-    # The page's state is written once, as the run starts: steps 1 and 2 may stream at once, and each update
-    # would put back its own copy. The loss curve is read back from the run's log when exported.
+
+    def started(lesson):  # once, as the run starts; its loss curve is read back from the run's log when exported
+        lesson["predictions"][step], lesson["runs"][step] = prediction, job_id
+        for later in range(3, STEPS + 1):  # they measured the adapters of the runs this one replaces
+            for part in ("measured", "figures", "pages"):
+                lesson[part].pop(later, None)
+    lessons.update(ws, started)
+    yield status, figure, metric
     for _, status, figure, metric in updates:
-        yield gr.skip(), status, figure, metric
+        yield status, figure, metric
 
 
 @readable_errors
-def stop(ctx: Context, user, lesson, step):
+def stop(ctx: Context, lessons: Lessons, user, step):
     """Stop the run of step `step` (the Train tab's Stop), whatever stage it is at."""
-    return train_tab.stop(ctx, user, _lesson(lesson)["runs"].get(_step(step), ""))
+    runs = lessons.read(user_workspace(ctx, user))["runs"]
+    return train_tab.stop(ctx, user, runs.get(_step(step), ""))
 
 
-def _trained(ctx: Context, user, lesson: dict, step: int) -> dict:
+def _trained(ws: Workspace, lesson: dict, step: int) -> dict:
     """The workspace's listing of the adapter step `step` trained (name, score, parameters), once it is scored."""
     name = lesson["runs"].get(step)
     if not name:
         raise UserError(f"run step {step} first: this needs the adapter it trains")
-    ws = user_workspace(ctx, user)
     job = ws.jobs.get(name)
     if job is not None and not job.finished:
         raise UserError(f"step {step}'s run is still {job.status}: wait until it is done")
@@ -157,6 +200,13 @@ def _trained(ctx: Context, user, lesson: dict, step: int) -> dict:
     if entry["score"] is None:
         raise UserError(f"step {step}'s run has no held-out score ({entry['status']}): run step {step} again")
     return entry
+
+
+def _measuring(ws: Workspace, lessons: Lessons) -> tuple[dict, dict]:
+    """As a measuring step starts: the runs it measures ({step: run}, for `Lessons.record`), and their listings."""
+    lesson = lessons.read(ws)
+    entries = {step: _trained(ws, lesson, step) for step in (1, 2)}
+    return {step: e["name"] for step, e in entries.items()}, entries
 
 
 def _accuracy(entry: dict) -> float:
@@ -175,18 +225,18 @@ def compared(difference: float) -> str:
     return COMPARED[1] if difference >= -CLOSE else COMPARED[2]
 
 
-def reveal_trained(ctx: Context, user, lesson: dict) -> str:
+def reveal_trained(ws: Workspace, lesson: dict) -> str:
     """Step 1: the default run's held-out accuracy, measured in this workspace, in its band."""
-    ld = _trained(ctx, user, lesson, 1)
+    ld = _trained(ws, lesson, 1)
     accuracy = _accuracy(ld)
     return (f"**Measured:** LoRA-Diffusion reached held-out {ld['metric']} **{accuracy:.1f}%** "
             f"(adapter `{ld['name']}`, {ld['trainable_parameters']:,} trainable parameters): *{band(accuracy)}*. "
             + _verdict(lesson["predictions"].get(1), band(accuracy)))
 
 
-def reveal_compared(ctx: Context, user, lesson: dict) -> str:
+def reveal_compared(ws: Workspace, lesson: dict) -> str:
     """Step 2: both held-out scores side by side, and their difference against the prediction."""
-    ld, lora = _trained(ctx, user, lesson, 1), _trained(ctx, user, lesson, 2)
+    ld, lora = _trained(ws, lesson, 1), _trained(ws, lesson, 2)
     difference = _accuracy(ld) - _accuracy(lora)
     rows = "\n".join(f"| {NAMES[step]} | `{e['name']}` | {_accuracy(e):.1f}% | {e['trainable_parameters']:,} |"
                      for step, e in ((1, ld), (2, lora)))
@@ -208,13 +258,12 @@ def _picked(reviews, who: str) -> list[str]:
 
 
 @readable_errors
-def decode_presets(ctx: Context, user, lesson, expect_ld, expect_lora, progress=gr.Progress()):
+def decode_presets(ctx: Context, lessons: Lessons, user, expect_ld, expect_lora, progress=gr.Progress()):
     """Decode every preset review with both adapters, as the Generate tab does (from all-[MASK], greedy, the
-    adapter's answer length); returns (lesson, status, the decodings as HTML)."""
-    lesson = _lesson(lesson)
-    lesson["predictions"][3] = {1: _picked(expect_ld, NAMES[1]), 2: _picked(expect_lora, NAMES[2])}
-    entries = {step: _trained(ctx, user, lesson, step) for step in (1, 2)}
+    adapter's answer length); returns (status, the decodings as HTML)."""
     ws = user_workspace(ctx, user)
+    prediction = {1: _picked(expect_ld, NAMES[1]), 2: _picked(expect_lora, NAMES[2])}
+    runs, entries = _measuring(ws, lessons)
     answers, sections = {}, {text: [] for text in REVIEWS}
     for step, entry in entries.items():
         progress((step - 1, 2), desc=f"decoding the reviews with {NAMES[step]}")
@@ -225,14 +274,14 @@ def decode_presets(ctx: Context, user, lesson, expect_ld, expect_lora, progress=
             report = denoising_trajectory(model, SENTIMENT_INSTRUCTION, text, length, length, 0.0, 0)
             answers[step].append(report["answer"])
             sections[text].append(generate_tab.trajectory_html(NAMES[step], report))
-    lesson["measured"][3] = {"adapters": {step: e["name"] for step, e in entries.items()}, "answers": answers}
     page = generate_tab.LEGEND + "<hr>".join(f"<h3>{html.escape(text)}</h3>" + "".join(parts)
                                              for text, parts in sections.items())
-    lesson["pages"][3] = {"decodings": page}
-    return lesson, f"decoded {len(REVIEWS)} reviews with both adapters: press Reveal", page
+    lessons.record(ws, 3, runs, predictions=prediction, measured={"adapters": runs, "answers": answers},
+                   pages={"decodings": page})
+    return f"decoded {len(REVIEWS)} reviews with both adapters: press Reveal", page
 
 
-def reveal_presets(ctx: Context, user, lesson: dict) -> str:
+def reveal_presets(ws: Workspace, lesson: dict) -> str:
     """Step 3: each review's right answer, each adapter's, and the predictions ticked before the run."""
     measured = lesson["measured"].get(3)
     if measured is None:
@@ -259,28 +308,27 @@ def reveal_presets(ctx: Context, user, lesson: dict) -> str:
 # ---- Step 4: effective rank per step, per phase -----------------------------------------
 
 @readable_errors
-def effective_rank(ctx: Context, user, lesson, prediction, progress=gr.Progress()):
-    """Effective rank per denoising step of both adapters, as the Analyse tab measures it; returns (lesson,
-    the summary line, the figure)."""
-    lesson = _lesson(lesson)
-    _lock(lesson, 4, prediction)
-    entries = {step: _trained(ctx, user, lesson, step) for step in (1, 2)}
+def effective_rank(ctx: Context, lessons: Lessons, user, prediction, progress=gr.Progress()):
+    """Effective rank per denoising step of both adapters, as the Analyse tab measures it; returns (the summary
+    line, the figure)."""
     ws = user_workspace(ctx, user)
+    prediction = _predicted(4, prediction)
+    runs, entries = _measuring(ws, lessons)
     paths = [ws.adapter_path(e["name"], needs_task=True) for e in entries.values()]
     progress(0, desc="decoding held-out prompts with both adapters")
     report = effective_rank_report(paths, base=ctx.base, data_dir=ctx.data_dir, **ANALYSIS)
     figure = effective_rank_figure(report)
-    lesson["measured"][4] = {step: {"name": e["name"], "t": row["t"], "effective_rank": row["effective_rank"]}
-                             for (step, e), row in zip(entries.items(), report["methods"])}
-    lesson["figures"][4] = {"effective-rank": figure}
-    return lesson, analyse_tab.rank_note(report, ANALYSIS["steps"]), figure
+    measured = {step: {"name": e["name"], "t": row["t"], "effective_rank": row["effective_rank"]}
+                for (step, e), row in zip(entries.items(), report["methods"])}
+    lessons.record(ws, 4, runs, predictions=prediction, measured=measured, figures={"effective-rank": figure})
+    return analyse_tab.rank_note(report, ANALYSIS["steps"]), figure
 
 
 def _rank(value) -> str:
     return "no step" if value is None else f"{value:.1f}"
 
 
-def reveal_rank(ctx: Context, user, lesson: dict) -> str:
+def reveal_rank(ws: Workspace, lesson: dict) -> str:
     """Step 4: the mean effective rank per phase of each adapter; LoRA-Diffusion's highest against the prediction."""
     measured = lesson["measured"].get(4)
     if measured is None:
@@ -303,25 +351,23 @@ def reveal_rank(ctx: Context, user, lesson: dict) -> str:
 # ---- Step 5: forgetting -----------------------------------------------------------------
 
 @readable_errors
-def forgetting(ctx: Context, user, lesson, prediction, progress=gr.Progress()):
+def forgetting(ctx: Context, lessons: Lessons, user, prediction, progress=gr.Progress()):
     """Held-out NELBO of ordinary text under the base and both adapters, as the Analyse tab measures it;
-    returns (lesson, a line, the figure)."""
-    lesson = _lesson(lesson)
-    _lock(lesson, 5, prediction)
-    entries = {step: _trained(ctx, user, lesson, step) for step in (1, 2)}
+    returns (a line, the figure)."""
     ws = user_workspace(ctx, user)
+    prediction = _predicted(5, prediction)
+    runs, entries = _measuring(ws, lessons)
     paths = [ws.adapter_path(e["name"]) for e in entries.values()]
     progress(0, desc="scoring ordinary text under the base and both adapters")
     report = forgetting_report(paths, base=ctx.base, data_dir=ctx.data_dir, rows=FORGETTING_ROWS)
     figure = forgetting_figure(report)
-    lesson["measured"][5] = {step: {"name": e["name"], "delta_nelbo": model["delta_nelbo"]}
-                             for (step, e), model in zip(entries.items(), report["models"][1:])}
-    lesson["figures"][5] = {"forgetting": figure}
-    return (lesson, f"scored {FORGETTING_ROWS} rows of 128 tokens from each of: {', '.join(report['sources'])}",
-            figure)
+    measured = {step: {"name": e["name"], "delta_nelbo": model["delta_nelbo"]}
+                for (step, e), model in zip(entries.items(), report["models"][1:])}
+    lessons.record(ws, 5, runs, predictions=prediction, measured=measured, figures={"forgetting": figure})
+    return f"scored {FORGETTING_ROWS} rows of 128 tokens from each of: {', '.join(report['sources'])}", figure
 
 
-def reveal_forgetting(ctx: Context, user, lesson: dict) -> str:
+def reveal_forgetting(ws: Workspace, lesson: dict) -> str:
     """Step 5: each adapter's change in held-out NELBO against the base (mean over the sources)."""
     measured = lesson["measured"].get(5)
     if measured is None:
@@ -340,20 +386,19 @@ REVEALS = {1: reveal_trained, 2: reveal_compared, 3: reveal_presets, 4: reveal_r
 
 
 @readable_errors
-def reveal(ctx: Context, user, lesson, step) -> str:
+def reveal(ctx: Context, lessons: Lessons, user, step) -> str:
     """The measured answer of step `step`, computed from what its run measured, next to the prediction."""
-    user_workspace(ctx, user)  # a bad user id is refused here as everywhere
-    return REVEALS[_step(step)](ctx, user, _lesson(lesson))
+    ws = user_workspace(ctx, user)
+    return REVEALS[_step(step)](ws, lessons.read(ws))
 
 
 # ---- Instructor tools --------------------------------------------------------------------
 
-def _loss_figure(ctx: Context, user, lesson: dict, step: int) -> dict:
+def _loss_figure(ws: Workspace, lesson: dict, step: int) -> dict:
     """{"loss-curve": figure} of step `step`'s run, read back from its log ({} before the step has run)."""
     name = lesson["runs"].get(step)
     if not name:
         return {}
-    ws = user_workspace(ctx, user)
     job = ws.jobs.get(name)
     if job is not None and not job.finished:
         raise UserError(f"step {step}'s run is still {job.status}: export its figure when it is done")
@@ -361,16 +406,16 @@ def _loss_figure(ctx: Context, user, lesson: dict, step: int) -> dict:
 
 
 @readable_errors
-def export(ctx: Context, user, lesson, step):
+def export(ctx: Context, lessons: Lessons, user, step):
     """Step `step`'s figures as self-contained HTML pages, and PNGs where kaleido can draw them
     (`Workspace.export_figures`, as every tab's Download figures), in the user's export folder, which gradio
     serves files from; step 3's decodings as their HTML page. Returns (the files, a line on what was written)."""
-    lesson, step = _lesson(lesson), _step(step)
-    figures = {**lesson["figures"].get(step, {}), **(_loss_figure(ctx, user, lesson, step) if step in TRAINED else {})}
+    ws, step = user_workspace(ctx, user), _step(step)
+    lesson = lessons.read(ws)
+    figures = {**lesson["figures"].get(step, {}), **(_loss_figure(ws, lesson, step) if step in TRAINED else {})}
     pages = lesson["pages"].get(step, {})
     if not figures and not pages:
         raise UserError(f"step {step} has no figures yet: run it first")
-    ws = user_workspace(ctx, user)
     # png=True: where kaleido (or a browser for it) is missing, the note says so in the library's words
     written, note = ws.export_figures({f"lesson-step-{step}-{stem}": f for stem, f in figures.items()}, png=True)
     for stem, page in pages.items():  # HTML already: written as a page beside the figures
@@ -387,13 +432,16 @@ RESET_LABEL = "yes, clear my workspace for the next group"
 
 
 @readable_errors
-def reset(ctx: Context, user, confirmed):
+def reset(ctx: Context, lessons: Lessons, user, confirmed):
     """Delete all of the user's runs and adapters (`Workspace.reset`, as the Train tab's reset) and start the
-    lesson over, once `confirmed`; returns (message, the box unticked, a new lesson)."""
+    lesson over, once `confirmed`; returns (message, the box unticked). A step still measuring is refused
+    when it ends (`Lessons.record`)."""
     if confirmed is not True:
         raise UserError(f"tick '{RESET_LABEL}' first: this deletes all your adapters and runs")
-    removed = user_workspace(ctx, user).reset()
-    return f"deleted all your runs and adapters ({removed}); the lesson starts over", False, new_lesson()
+    ws = user_workspace(ctx, user)
+    removed = ws.reset()
+    lessons.reset(ws)
+    return f"deleted all your runs and adapters ({removed}); the lesson starts over", False
 
 
 def emptied_page(count: int) -> list:
@@ -417,7 +465,11 @@ def tab(ctx: Context, user) -> dict:
     """Lay out the Lesson tab and wire it; returns the events after which the page's adapter lists change."""
     explain.accordion(explain.LESSON_TAB)
     gr.Markdown(explain.LESSON_INTRO)
-    lesson = gr.State(new_lesson())
+    lessons = Lessons()  # one for the app: every page of a user (a reload, a second tab) has the same lesson
+
+    def bound(fn):  # a handler with the app's context and the lessons bound (gradio sees the other parameters)
+        return functools.partial(fn, ctx, lessons)
+
     texts = {"n_reviews": len(PRESETS), **RUN}
     steps, changed, cleared = {}, [], []
     for step in range(1, STEPS + 1):
@@ -453,25 +505,22 @@ def tab(ctx: Context, user) -> dict:
         cleared += predict + [status] + shown + [revealed, exported, export_note]
         if step in TRAINED:
             changed.append(buttons["run"].click(
-                handler(train, ctx), [user, lesson, number] + predict, [lesson, status] + shown,
+                bound(train), [user, number] + predict, [status] + shown,
                 api_visibility="undocumented", concurrency_limit=None))  # the workspace queues the runs
-            buttons["stop"].click(handler(stop, ctx), [user, lesson, number], status, api_visibility="undocumented",
+            buttons["stop"].click(bound(stop), [user, number], status, api_visibility="undocumented",
                                   concurrency_limit=None)
         else:
             run = {3: decode_presets, 4: effective_rank, 5: forgetting}[step]
-            buttons["run"].click(handler(run, ctx), [user, lesson] + predict, [lesson, status] + shown,
-                                 api_visibility="undocumented")
-        buttons["reveal"].click(handler(reveal, ctx), [user, lesson, number], revealed, api_visibility="undocumented")
-        buttons["export"].click(handler(export, ctx), [user, lesson, number], [exported, export_note],
-                                api_visibility="undocumented")
+            buttons["run"].click(bound(run), [user] + predict, [status] + shown, api_visibility="undocumented")
+        buttons["reveal"].click(bound(reveal), [user, number], revealed, api_visibility="undocumented")
+        buttons["export"].click(bound(export), [user, number], [exported, export_note], api_visibility="undocumented")
 
     gr.Markdown(explain.LESSON_INSTRUCTOR)
     with gr.Row():
         confirm = gr.Checkbox(False, elem_id="lesson-reset-confirm", **knob("Lesson", RESET_LABEL))
         reset_btn = gr.Button("Reset for the next group", variant="stop", elem_id="lesson-reset")
     reset_msg = gr.Markdown("", elem_id="lesson-reset-message")
-    emptied = reset_btn.click(handler(reset, ctx), [user, confirm], [reset_msg, confirm, lesson],
-                              api_visibility="undocumented")
+    emptied = reset_btn.click(bound(reset), [user, confirm], [reset_msg, confirm], api_visibility="undocumented")
     # The page starts over too: every prediction, status, plot, reveal and export of the lesson is emptied.
     emptied.success(functools.partial(emptied_page, len(cleared)), None, cleared, api_visibility="undocumented")
     return {"changed": changed + [emptied], "steps": steps}
