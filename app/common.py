@@ -89,9 +89,10 @@ def readable_errors(fn):
     return wrapper
 
 
-def handler(fn, ctx: Context):
-    """`fn` with the app's context bound as its first argument (gradio sees the other parameters)."""
-    return functools.partial(fn, ctx)
+def handler(fn, ctx: Context, *bound):
+    """`fn` with the app's context (and `bound`, e.g. the Lesson tab's store) bound as its first arguments
+    (gradio sees the other parameters)."""
+    return functools.partial(fn, ctx, *bound)
 
 
 def number(value, what: str, low: float, high: float) -> float:

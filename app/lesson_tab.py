@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import html
 import threading
+from collections import OrderedDict
 
 import gradio as gr
 
@@ -36,7 +37,7 @@ from lora_diffusion.suite import render_contrast, render_review
 from lora_diffusion.workspace import Workspace
 
 from . import analyse_tab, explain, generate_tab, train_tab
-from .common import Context, readable_errors, user_workspace, whole
+from .common import Context, handler, readable_errors, user_workspace, whole
 from .explain import knob
 
 STEPS = 5
@@ -98,8 +99,10 @@ class Lessons:
     replaced (step 1 or 2 rerun, or the instructor's reset) is refused rather than writing its stale result.
     """
 
+    KEPT = 256  # lessons of the most recent users (as many as the workspace keeps users in memory)
+
     def __init__(self):
-        self._lessons: dict = {}  # the user's workspace folder -> lesson
+        self._lessons: OrderedDict = OrderedDict()  # the user's workspace folder -> lesson, least recent first
         self._lock = threading.Lock()
 
     def read(self, ws: Workspace) -> dict:
@@ -112,7 +115,10 @@ class Lessons:
         with self._lock:
             lesson = _copy(self._lessons.get(ws.root, new_lesson()))
             change(lesson)
+            self._lessons.pop(ws.root, None)
             self._lessons[ws.root] = lesson
+            while len(self._lessons) > self.KEPT:  # a forgotten lesson loses its predictions, not its adapters
+                self._lessons.popitem(last=False)
 
     def record(self, ws: Workspace, step: int, runs: dict, **parts) -> None:
         """Keep what step `step` measured (`parts`: predictions, measured, figures, pages -> its entry) with the
@@ -125,10 +131,14 @@ class Lessons:
                 lesson[part][step] = value
         self.update(ws, change)
 
-    def reset(self, ws: Workspace) -> None:
-        """The user's lesson starts over (the instructor's reset)."""
+    def reset(self, ws: Workspace, clear):
+        """The user's lesson starts over (the instructor's reset), after `clear()` (which empties the workspace)
+        under the same lock: a step-1 run starting meanwhile is recorded in the new lesson, not wiped with the
+        old one. Returns what `clear` returns."""
         with self._lock:
+            cleared = clear()
             self._lessons.pop(ws.root, None)
+        return cleared
 
 
 def _step(step) -> int:
@@ -439,8 +449,7 @@ def reset(ctx: Context, lessons: Lessons, user, confirmed):
     if confirmed is not True:
         raise UserError(f"tick '{RESET_LABEL}' first: this deletes all your adapters and runs")
     ws = user_workspace(ctx, user)
-    removed = ws.reset()
-    lessons.reset(ws)
+    removed = lessons.reset(ws, ws.reset)
     return f"deleted all your runs and adapters ({removed}); the lesson starts over", False
 
 
@@ -466,9 +475,6 @@ def tab(ctx: Context, user) -> dict:
     explain.accordion(explain.LESSON_TAB)
     gr.Markdown(explain.LESSON_INTRO)
     lessons = Lessons()  # one for the app: every page of a user (a reload, a second tab) has the same lesson
-
-    def bound(fn):  # a handler with the app's context and the lessons bound (gradio sees the other parameters)
-        return functools.partial(fn, ctx, lessons)
 
     texts = {"n_reviews": len(PRESETS), **RUN}
     steps, changed, cleared = {}, [], []
@@ -505,22 +511,25 @@ def tab(ctx: Context, user) -> dict:
         cleared += predict + [status] + shown + [revealed, exported, export_note]
         if step in TRAINED:
             changed.append(buttons["run"].click(
-                bound(train), [user, number] + predict, [status] + shown,
+                handler(train, ctx, lessons), [user, number] + predict, [status] + shown,
                 api_visibility="undocumented", concurrency_limit=None))  # the workspace queues the runs
-            buttons["stop"].click(bound(stop), [user, number], status, api_visibility="undocumented",
+            buttons["stop"].click(handler(stop, ctx, lessons), [user, number], status, api_visibility="undocumented",
                                   concurrency_limit=None)
         else:
             run = {3: decode_presets, 4: effective_rank, 5: forgetting}[step]
-            buttons["run"].click(bound(run), [user] + predict, [status] + shown, api_visibility="undocumented")
-        buttons["reveal"].click(bound(reveal), [user, number], revealed, api_visibility="undocumented")
-        buttons["export"].click(bound(export), [user, number], [exported, export_note], api_visibility="undocumented")
+            buttons["run"].click(handler(run, ctx, lessons), [user] + predict, [status] + shown,
+                                 api_visibility="undocumented")
+        buttons["reveal"].click(handler(reveal, ctx, lessons), [user, number], revealed, api_visibility="undocumented")
+        buttons["export"].click(handler(export, ctx, lessons), [user, number], [exported, export_note],
+                                api_visibility="undocumented")
 
     gr.Markdown(explain.LESSON_INSTRUCTOR)
     with gr.Row():
         confirm = gr.Checkbox(False, elem_id="lesson-reset-confirm", **knob("Lesson", RESET_LABEL))
         reset_btn = gr.Button("Reset for the next group", variant="stop", elem_id="lesson-reset")
     reset_msg = gr.Markdown("", elem_id="lesson-reset-message")
-    emptied = reset_btn.click(bound(reset), [user, confirm], [reset_msg, confirm], api_visibility="undocumented")
+    emptied = reset_btn.click(handler(reset, ctx, lessons), [user, confirm], [reset_msg, confirm],
+                              api_visibility="undocumented")
     # The page starts over too: every prediction, status, plot, reveal and export of the lesson is emptied.
     emptied.success(functools.partial(emptied_page, len(cleared)), None, cleared, api_visibility="undocumented")
     return {"changed": changed + [emptied], "steps": steps}

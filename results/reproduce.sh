@@ -122,8 +122,9 @@ $LD compare --task agnews --preset stepaware --rows lora "LD blocks all 12/6/1" 
 $LD analyze effective-rank --adapters runs/stepaware-agnews/lora/seed-0 runs/stepaware-agnews/LD_blocks_all_12_6_1/seed-0 \
     --examples 128 --sampler-steps 2 --per-layer --out results/analysis/effective_rank_agnews_blocks
 # The generation task: every stepaware row on suite_struct, a short budget (300 steps saturates
-# weight LoRA at ROUGE-L 100: results/stepaware_struct_lora_300steps.json, the same command with
-# --rows lora --steps 300 --seed 0 --jobs 1), the rates carried from SST-2.
+# weight LoRA at ROUGE-L 100, the first command), the rates carried from SST-2.
+$LD compare --task suite_struct --preset stepaware --rows lora --steps 300 --seed 0 --threads 1 \
+    --out runs/gen/probe --results results/stepaware_struct_lora_300steps.json
 $LD compare --task suite_struct --preset stepaware --steps 100 --seed 0 1 2 --jobs 2 \
     --lr-from results/lr_sweep_sst2.json results/stepaware_sst2_sweep.json results/stepaware_sst2_sweep_weights.json \
     results/stepaware_sst2_blocks.json --out runs/gen/struct100 --results results/stepaware_struct.json

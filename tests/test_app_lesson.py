@@ -290,7 +290,9 @@ def test_a_stopped_run_is_revealed_as_unscored(ctx):
 def test_reset_needs_the_tick_clears_the_workspace_and_starts_the_lesson_over(ctx, tiny_base_dir):
     user, lessons = "lesson-user-reset", lesson_tab.Lessons()
     run_step(ctx, lessons, 1, lesson_tab.CHOICES[1][0], user=user)
+    lessons.update(ctx.workspace.user(USER), lambda lesson: lesson["predictions"].update({1: "another user's"}))
     other = lesson_of(ctx, lessons, USER)
+    assert other["predictions"] == {1: "another user's"}  # a lesson of someone else, in the same store
     assert "tick 'yes, clear my workspace for the next group' first" in refused(
         lambda: lesson_tab.reset(ctx, lessons, user, False))
     assert ctx.workspace.user(user).adapters() and lesson_of(ctx, lessons, user)["runs"]
@@ -311,9 +313,9 @@ def test_a_lesson_whose_adapter_was_deleted_elsewhere_says_so(ctx):
     assert "adapter is gone" in refused(lambda: lesson_tab.reveal(ctx, lessons, user, 1))
 
 
-def test_a_reload_finds_the_same_lesson_and_each_user_has_their_own(ctx, trained):
+def test_the_same_user_id_finds_the_same_lesson_and_each_user_has_their_own(ctx, trained):
     lessons = holding(ctx, trained["lesson"])
-    assert lesson_of(ctx, lessons) == trained["lesson"]  # the same user id: the same lesson
+    assert lesson_of(ctx, lessons) == trained["lesson"]  # the same user id (a reload): the same lesson
     assert lesson_of(ctx, lessons, "lesson-user-other") == lesson_tab.new_lesson()
     copy = lesson_of(ctx, lessons)
     copy["runs"][1] = "changed-by-a-reader"
@@ -423,3 +425,33 @@ def test_no_lesson_event_hands_a_copy_of_the_lesson_back_to_the_page(tmp_path):
     events = [d for d in config["dependencies"] if {t[0] for t in d["targets"]} & lesson_ids]
     assert len(events) >= 5 * 3 + 2 + 1  # run, reveal, export of each step; the two stops; the reset
     assert not [o for d in events for o in d["outputs"] if components[o]["type"] == "state"]
+
+
+def test_the_store_keeps_the_most_recent_users_lessons(ctx, monkeypatch):
+    """Lessons of users long gone are forgotten (their adapters stay): the store does not grow without end."""
+    monkeypatch.setattr(lesson_tab.Lessons, "KEPT", 2)
+    lessons = lesson_tab.Lessons()
+    users = [f"lesson-user-kept-{i}" for i in range(3)]
+    for i, user in enumerate(users):
+        lessons.update(ctx.workspace.user(user), lambda lesson, i=i: lesson["predictions"].update({1: i}))
+    assert [lesson_of(ctx, lessons, u)["predictions"] for u in users] == [{}, {1: 1}, {1: 2}]
+
+
+def test_a_run_recorded_during_a_reset_lands_in_the_new_lesson(ctx):
+    """The reset empties the workspace and the lesson under one lock: a step-1 run that starts meanwhile waits,
+    then is recorded in the fresh lesson (not wiped with the old one, leaving a run the lesson cannot stop)."""
+    import threading
+
+    ws, lessons = ctx.workspace.user("lesson-user-racing"), lesson_tab.Lessons()
+    started = []
+
+    def clear():
+        record = threading.Thread(target=lessons.update, args=(ws, lambda l: l["runs"].update({1: "new-run"})))
+        record.start()
+        record.join(0.3)
+        started.append(record)
+        return "cleared" if record.is_alive() else "the run was recorded during the reset"
+
+    assert lessons.reset(ws, clear) == "cleared"
+    started[0].join(5)
+    assert lesson_of(ctx, lessons, "lesson-user-racing")["runs"] == {1: "new-run"}
