@@ -163,7 +163,8 @@ def learning_rates_from(*paths) -> dict[str, ChosenRate]:
             raise UserError(f"{path} is not the results.json of a `lora-diffusion compare` (rows with a label and an lr)")
         if any(not isinstance(r.get("config", {}), dict) for r in rows):
             raise UserError(f"{path}: a row's config is not a JSON object")
-        chosen.update({row["label"]: ChosenRate(row["lr"], row.get("method"), row.get("config") or _resolved(row.get("method"), row.get("options")),
+        chosen.update({row["label"]: ChosenRate(row["lr"], row.get("method"),
+                                                row.get("config") or _resolved(row.get("method"), row.get("options")),
                                                 str(path)) for row in rows})
     return chosen
 

@@ -171,7 +171,10 @@ def _pick(page, dropdown: str, option, refresh=None) -> None:
     raise AssertionError(f"{dropdown} never offered {option}; it offers {offered}")
 
 
-def test_browser_trains_generates_and_shows_every_tab(app_url, tmp_path):
+@contextlib.contextmanager
+def app_page(app_url, tmp_path):
+    """The app's page in headless Chromium, loaded, and the folder screenshots go to (APP_SCREENSHOTS, else the
+    test's tmp folder); skips without Chromium unless REQUIRE_BROWSER says it must be there."""
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).is_file():
         if os.environ.get("REQUIRE_BROWSER"):
@@ -184,6 +187,12 @@ def test_browser_trains_generates_and_shows_every_tab(app_url, tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(app_url)
         page.wait_for_selector("text=lora-diffusion workbench", timeout=60_000)
+        yield page, shots
+        browser.close()
+
+
+def test_browser_trains_generates_and_shows_every_tab(app_url, tmp_path):
+    with app_page(app_url, tmp_path) as (page, shots):
 
         # Train: a LoRA-Diffusion run; the loss curve and the held-out metric appear. On the
         # tiny base a short run; on the shipped base the app's default run, timed as a user sees it.
@@ -313,7 +322,6 @@ def test_browser_trains_generates_and_shows_every_tab(app_url, tmp_path):
         page.wait_for_function(f"!({table}).includes('lora_diffusion-suite_sentiment')", timeout=30_000)
         assert "deleted all your runs and adapters" in page.inner_text("#adapters-message")
         assert page.locator("text=Traceback").count() == 0
-        browser.close()
 
 
 def _choose(page, radio: str, index: int) -> None:
@@ -339,19 +347,8 @@ def test_browser_drives_the_lesson_end_to_end(app_url, tmp_path):
     step's figures, reset for the next group. On the shipped base it records the workshop's promises in
     app_timings.json ("lesson"): the default run done within 2 minutes, within 3 points of weight LoRA
     trained on the same budget, and every preset review answered right."""
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).is_file():
-        if os.environ.get("REQUIRE_BROWSER"):
-            pytest.fail("no Chromium at /usr/bin/chromium (apt-get install chromium)")
-        pytest.skip("no Chromium (apt-get install chromium); .ci/run installs it")
-    shots = Path(os.environ.get("APP_SCREENSHOTS", tmp_path))
-    shots.mkdir(parents=True, exist_ok=True)
     shipped = os.environ.get("APP_TEST_BASE") == "shipped"
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(app_url)
-        page.wait_for_selector("text=lora-diffusion workbench", timeout=60_000)
+    with app_page(app_url, tmp_path) as (page, shots):
         page.get_by_role("tab", name="Lesson").click()
 
         # Steps 1 and 2: predict, train (one after the other, each timed as a user sees it), reveal.
@@ -426,4 +423,3 @@ def test_browser_drives_the_lesson_end_to_end(app_url, tmp_path):
         # ... and on the server: the lesson starts over
         page.locator("#lesson-reveal-button-1").click()
         page.wait_for_selector("text=run step 1 first", timeout=30_000)
-        browser.close()
