@@ -40,6 +40,16 @@ def use_tiny_base(folder: Path) -> None:
                       NOTEBOOK_STEPS="4")
 
 
+def _shown(path: Path) -> str:
+    """A folder as the committed results file names it: inside the checkout or the home folder, relative to it
+    (no machine's own folders in the file)."""
+    path = path.resolve()
+    for top, shown in ((ROOT, ""), (Path.home().resolve(), "~/")):
+        if path.is_relative_to(top):
+            return shown + path.relative_to(top).as_posix()
+    return str(path)
+
+
 def time_notebook(path: Path, base: str) -> dict:
     import nbclient
     import nbformat
@@ -96,7 +106,7 @@ def main(argv=None) -> int:
                     "python": platform.python_version(), "torch": torch.__version__},
         "base": {"source": backbone.label, "fingerprint": backbone.fingerprint()},
         "notebook_steps": os.environ.get("NOTEBOOK_STEPS"),  # None: each lesson's own budget
-        "lessons_cache": str(lessons_dir()),
+        "lessons_cache": _shown(lessons_dir()),
         "cache_warm_at_start": lessons.is_warm(base),
         "notebooks": [],
     }
