@@ -139,12 +139,15 @@ def effective_rank_figure(report: dict):
     for row in report["methods"]:
         fig.add_trace(go.Scatter(x=row["t"], y=row["effective_rank"], mode="lines+markers", name=row["label"],
                                  hovertemplate="t=%{x:.2f}<br>effective rank %{y:.1f}<extra>" + row["label"] + "</extra>"))
-    for boundary in PHASE_BOUNDARIES:
-        fig.add_vline(x=boundary, line_dash="dot", line_color="grey")
+    late, early = sorted(PHASE_BOUNDARIES)  # LoRA-Diffusion's phases: early above 2/3, late below 1/3
+    for boundary, label in ((early, "early | middle"), (late, "middle | late")):
+        fig.add_vline(x=boundary, line_dash="dot", line_color="grey", annotation_text=label,
+                      annotation_position="top", annotation_font_color="grey")
+    # adapter names are long: the legend goes under the plot, which keeps the page's width
     fig.update_layout(title="Effective rank of the perturbation per denoising step",
-                      xaxis_title="t (share of the response still masked; sampling runs left to right)",
+                      xaxis_title="t, the share of the answer still masked (sampling runs left to right)",
                       yaxis_title="effective rank", xaxis_autorange="reversed", template="plotly_white",
-                      legend_title="method")
+                      legend=dict(title="method", orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0))
     return fig
 
 
