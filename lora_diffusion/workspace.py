@@ -120,6 +120,10 @@ class Compositions:
             while len(self._kept) > self.size:
                 self._kept.popitem(last=False)
 
+    def discard(self, key) -> None:
+        with self._lock:
+            self._kept.pop(key, None)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._kept)
@@ -542,13 +546,25 @@ class Workspace:
     # ---- removing -------------------------------------------------------------------
 
     def delete_adapter(self, name) -> None:
-        """Remove one of this workspace's own adapters with its whole run folder (never a shared one)."""
+        """Remove one of this workspace's own adapters with its whole run folder (never a shared one),
+        and the saved routers that mix it (they could no longer load)."""
         if isinstance(name, str) and name.startswith(SHARED):
             raise UserError("shared adapters are read-only: only whoever runs the workbench can remove them")
         run = self.root / plain_name(name)
         if run.is_symlink() or not (run / RUN_ADAPTER / CONFIG_FILE).is_file():
             raise UserError(f"no adapter named {name!r} in your workspace")
-        self._remove([run])
+        self._remove([run] + self._routers_mixing(run))
+
+    def _routers_mixing(self, run: Path) -> list[Path]:
+        """The folders of this workspace's saved routers with an adapter inside `run`."""
+        found, run = [], run.resolve()
+        folder = self.root / "compositions"
+        for spec in sorted(folder.glob("*/composition.json")) if folder.is_dir() else []:
+            adapters = (_optional_json(spec) or {}).get("adapters")
+            if isinstance(adapters, list) and any(isinstance(a, str) and run in (Path(a).resolve(), *Path(a).resolve().parents)
+                                                  for a in adapters):
+                found.append(spec.parent)
+        return found
 
     def reset(self) -> int:
         """Remove every run of this workspace (its adapters, trained or imported) and its saved routers;
@@ -567,6 +583,7 @@ class Workspace:
             for folder in folders:
                 self.jobs.pop(folder.name, None)
                 self._checked.pop(folder / RUN_ADAPTER, None)
+                self.compositions.discard(folder)
                 if folder.exists():
                     shutil.rmtree(folder)
 

@@ -321,6 +321,13 @@ def test_composition_trains_a_router_once_and_reloads_it(tmp_path, tiny_base_dir
     again = Workspace(tmp_path).composition(names, router_steps=2, base=str(tiny_base_dir))  # from disk
     assert again is not composition
     assert torch.allclose(again.instruction_weights(["is this review positive or negative ?"])[0], weights, atol=1e-6)
+    # deleting one of its adapters deletes the router too, on disk and in memory
+    (router,) = ws.routers()
+    ws.delete_adapter(names[0])
+    assert ws.routers() == {}
+    assert list((tmp_path / "compositions").iterdir()) == [] and len(ws.compositions) == 0
+    with pytest.raises(UserError, match="no such router in your workspace"):
+        ws.router(router)
 
 
 def test_every_user_shares_the_roots_routers_two_in_all(tmp_path):
