@@ -241,10 +241,10 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config: TrainCo
             rows.append((spec, row))
     if jobs > 1:
         results["jobs"] = jobs
-        runner.in_parallel([(spec, seed, row["lr"], _seed_folder(out_dir, spec, seed))
+        runner.in_parallel([(spec, seed, row["lr"], seed_folder(out_dir, spec, seed))
                             for spec, row in rows for seed in seeds], task, jobs)
     for spec, row in rows:
-        runs = [runner.run(spec, seed, row["lr"], task, _seed_folder(out_dir, spec, seed)) for seed in seeds]
+        runs = [runner.run(spec, seed, row["lr"], task, seed_folder(out_dir, spec, seed)) for seed in seeds]
         row.update(_summarise(runs))
         if profile and is_main():  # a measurement of one process
             row["profile"] = _profile_row(spec, task, runs[0], config, base)
@@ -276,8 +276,9 @@ def _check_request(specs: list[Spec], lr_sweep, sweep_only: bool, learning_rates
             _carried_lr(spec, learning_rates[spec.label])  # and a rate chosen for other options
 
 
-def _seed_folder(out_dir: Path, spec: Spec, seed: int) -> Path:
-    return out_dir / _safe(spec.label) / f"seed-{seed}"
+def seed_folder(out_dir: Path, spec: Spec, seed: int) -> Path:
+    """Where a comparison in `out_dir` keeps row `spec`'s run of `seed` (its results.json once done)."""
+    return Path(out_dir) / _safe(spec.label) / f"seed-{seed}"
 
 
 def _default_lr(spec: Spec) -> float:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from .backbone import load_backbone
 from .data import SUITE_TASKS
-from .files import read_json
 from .paths import SHIPPED_BASE, lessons_dir
 
 ADAPTER_STEPS = 200  # each lesson adapter, batch 16: what the suite's tasks need on the shipped base
@@ -96,11 +95,12 @@ def compare(task: str, methods, seeds, n_steps: int | None = None, base=None, da
 
 
 def _compared(folder: Path, methods, seeds) -> bool:
-    """Whether the comparison in `folder` already holds every method with every seed."""
-    if not (folder / "results.json").is_file():
-        return False
-    done = {row["label"]: row.get("seeds", []) for row in read_json(folder / "results.json").get("rows", [])}
-    return all(set(seeds) <= set(done.get(m, [])) for m in methods)
+    """Whether the comparison in `folder` already holds a finished run of every method with every seed
+    (each run's own results.json: the folder's table is rewritten by whichever comparison ran last)."""
+    from .compare import seed_folder, specs_from
+
+    return all((seed_folder(folder, spec, seed) / "results.json").is_file()
+               for spec in specs_from(methods=list(methods)) for seed in seeds)
 
 
 def is_warm(base=None) -> bool:

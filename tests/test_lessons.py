@@ -10,11 +10,12 @@ from lora_diffusion.cli import main
 
 @pytest.fixture
 def small_lessons(monkeypatch, tmp_path):
-    """A cache in tmp_path, two steps per run, and a lesson set of one adapter and a one-run comparison."""
+    """A cache in tmp_path, two steps per run, and a lesson set of one adapter and a two-run comparison."""
     monkeypatch.setenv("LORA_DIFFUSION_LESSONS", str(tmp_path / "lessons"))
     monkeypatch.setenv("NOTEBOOK_STEPS", "2")
     monkeypatch.setattr(lessons, "ADAPTERS", [("suite_topic", "lora")])
-    monkeypatch.setattr(lessons, "COMPARE", {**lessons.COMPARE, "methods": ("bitfit",), "seeds": (0,), "max_eval": 16})
+    monkeypatch.setattr(lessons, "COMPARE", {**lessons.COMPARE, "methods": ("bitfit", "lora"), "seeds": (0,),
+                                             "max_eval": 16})
     monkeypatch.setattr(lessons, "ADAPTER_EVAL", 16)
     return tmp_path / "lessons"
 
@@ -49,3 +50,7 @@ def test_the_lessons_command_builds_the_cache_once(small_lessons, tiny_base_dir,
     assert lessons.is_warm(tiny_base_dir)
     assert main(["lessons", "--base", str(tiny_base_dir)]) == 0
     assert "training" not in capsys.readouterr().out  # everything read back
+    # a notebook comparing fewer methods rewrites the folder's table, not the runs: still warm
+    lessons.compare(lessons.COMPARE["task"], lessons.COMPARE["methods"][:1], lessons.COMPARE["seeds"][:1],
+                    base=tiny_base_dir)
+    assert "training" not in capsys.readouterr().out and lessons.is_warm(tiny_base_dir)
