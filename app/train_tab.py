@@ -140,12 +140,21 @@ def _final_text(job) -> str:
 
 
 def _follow(job, progress):
-    """(job id, status, loss figure, score) of `job` every second until it ends; a failure is one line."""
+    """(job id, status, loss figure, score) of `job` every second until it ends; a failure is one line.
+
+    The figure and the score are sent again only when the run has logged something new: a plot
+    redrawn every second costs the browser CPU that the training, on the same laptop, needs.
+    """
     steps, title = job.spec["steps"], _title(job)
+    shown = len(job.records)
     yield job.id, _status(job), training_figure(list(job.records), title), _monitor_text(job)
     while not job.finished:
         time.sleep(1.0)
         progress((job.step, steps), desc=f"{job.status}: step {job.step}/{steps}")
+        if len(job.records) == shown:
+            yield job.id, _status(job), gr.skip(), gr.skip()
+            continue
+        shown = len(job.records)
         yield job.id, _status(job), training_figure(list(job.records), title), _monitor_text(job)
     if job.status == "failed":
         raise UserError(job.error)

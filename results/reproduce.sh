@@ -117,6 +117,15 @@ $LD compare --task sst2 --preset stepaware --rows "LD blocks 12/6/1" "LD blocks 
 $LD compare --task agnews --preset stepaware --rows lora "LD blocks all 12/6/1" --steps 600 --seed 0 1 2 --jobs 2 \
     --max-eval-examples 1000 --lr-from results/lr_sweep_sst2.json runs/lr_blocks_all_3e-4.json \
     --out runs/stepaware-agnews --no-profile --results results/stepaware_agnews.json
+# Does a learning-rate sweep on AG News itself close that gap? Both rows swept on a 10% validation
+# split of AG News train (1,000 examples), seed 0: LoRA-Diffusion at x1 and x3 of its default
+# (x0.3 lost 13 points on SST-2), weight LoRA at x0.3 and x1 (x3 diverged on SST-2).
+C="--task agnews --preset stepaware --validation-fraction 0.1 --steps 600 --seed 0 --sweep-only --max-eval-examples 1000 --out runs/stepaware-agnews-sweep"
+$LD compare $C --rows "LD blocks all 12/6/1" --lr-sweep 1,3 --jobs 2 --results results/stepaware_agnews_sweep_blocks_all.json
+$LD compare $C --rows lora --lr-sweep 0.3,1 --jobs 2 --results results/stepaware_agnews_sweep_lora.json
+# Is it capacity? LoRA-Diffusion's default size (64/32/8, k = 2: 5x weight LoRA's parameters) on AG News.
+$LD compare --task agnews --methods lora_diffusion --steps 600 --seed 0 1 --jobs 2 --max-eval-examples 1000 \
+    --no-profile --out runs/agnews-ld-default --results results/stepaware_agnews_ld_default.json
 # Effective rank per step and per layer for the new default's site, on AG News topic (seed-0
 # adapters of the command above; 2-token answers: 2 sampler steps).
 $LD analyze effective-rank --adapters runs/stepaware-agnews/lora/seed-0 runs/stepaware-agnews/LD_blocks_all_12_6_1/seed-0 \

@@ -348,3 +348,33 @@ def test_effective_rank_and_tsne_of_a_sentiment_adapter_point_to_longer_answers(
     assert "suite_sentiment 2" in note and "suite_struct" in note
     note, _, _ = analyse_tab.trajectory_tsne(ctx, USER, [name], 8, 8, "pca", progress=NOOP)
     assert note.startswith("trustworthiness") and "suite_sentiment 2" in note
+
+
+def test_following_a_run_resends_its_figure_only_when_it_logged_something_new(monkeypatch):
+    """A plot redrawn every second costs the browser CPU that training on the same laptop needs."""
+
+    class Job:  # the parts of a TrainJob that following it reads
+        id, spec, status, result, stopped, note, step = "run-1", {"steps": 4, "method": "lora", "task": "t",
+                                                               "n_train": 8, "n_eval": 2}, "running", None, None, "", 0
+        records, ticks = [], 0
+
+        @property
+        def finished(self):
+            return self.ticks >= 3
+
+        def monitor(self):
+            return []
+
+    job = Job()
+
+    def one_second(seconds):  # the run logs one record in second 2 and ends in second 3
+        job.ticks += 1
+        if job.ticks == 2:
+            job.records.append({"step": 1, "loss": 1.0})
+
+    monkeypatch.setattr(train_tab.time, "sleep", one_second)
+    updates = list(train_tab._follow(job, lambda *a, **k: None))
+    resent = [hasattr(u[2], "to_dict") for u in updates]
+    assert resent == [True, False, True, False, True]  # first view, nothing new, a record, nothing new, the end
+    assert updates[1][2] == gr.skip() and updates[1][3] == gr.skip() and "running" in updates[1][1]
+    assert len(updates[2][2].data[0].x) == 1 and all(u[0] == "run-1" for u in updates)
