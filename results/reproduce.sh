@@ -164,3 +164,13 @@ for p in ranks modules regularizers schedule injection phases; do
     $LD compare --task sst2 --preset $p --steps 600 --seed 0 --no-profile --out runs/ablations-sst2 \
         --results results/ablation_$p.json
 done
+# Issue 16: the app's default run at 150 steps (LoRA-Diffusion 77.5 +- 5.3: too few steps; the default stays 200).
+$LD compare --task suite_sentiment --methods lora_diffusion,lora --steps 150 --seed 0 1 --jobs 2 --sampler-steps 8 \
+    --no-profile --out runs/app-default-150 --results results/app_default_150steps.json
+# Issue 14: effective rank per step and per layer on the multi-token task (seed-0 suite_struct adapters above).
+S=runs/gen/struct100
+$LD analyze effective-rank --adapters $S/lora/seed-0 $S/LD_blocks_all_12_6_1/seed-0 $S/LD_weights_6_3_1_k_1/seed-0 \
+    --examples 64 --sampler-steps 12 --per-layer --out results/analysis/effective_rank_struct_body
+# Data efficiency of the new default beside weight LoRA (300 steps: LoRA-Diffusion is still on its plateau there).
+$LD analyze data-efficiency --task sst2 --sizes 100,1000,8000 --methods lora_diffusion,lora --seeds 0 1 \
+    --steps 300 --max-eval-examples 400 --jobs 2 --quiet --out results/analysis/data_efficiency_blocks
