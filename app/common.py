@@ -50,6 +50,8 @@ class Context:
 
 
 def user_workspace(ctx: Context, user) -> Workspace:
+    if not user:  # a button pressed before the page's opening event has given the browser its id
+        raise UserError("the page is still opening: press the button again in a moment")
     return ctx.workspace.user(user)
 
 

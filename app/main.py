@@ -59,6 +59,8 @@ def session(ctx: Context, user, shared):
     return (user, *refreshed(ctx, user, shared))
 
 
+USER_STORAGE_KEY = "lora-diffusion-user"  # where the browser keeps its (encrypted) user id
+
 def browser_secret(workspace: Workspace) -> str:
     """The key the user id is encrypted with in the browser; kept in the workspace so a restart keeps users."""
     path = workspace.root / "browser_state.json"
@@ -75,7 +77,7 @@ def build(workspace: Workspace, data_dir: str | None = None, base: str | None = 
     with gr.Blocks(title="lora-diffusion workbench", delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as demo:
         gr.Markdown("# lora-diffusion workbench\nParameter-efficient fine-tuning of a masked diffusion LM, "
                     "on the CPU, offline. Every number here is measured on held-out data.\n\n" + explain.INTRO)
-        user = gr.BrowserState(None, storage_key="lora-diffusion-user", secret=browser_secret(workspace))
+        user = gr.BrowserState(None, storage_key=USER_STORAGE_KEY, secret=browser_secret(workspace))
         shared = gr.Checkbox(False, **explain.knob("Every tab", SHARED_LABEL))
         with gr.Tab("Train"):
             train = train_tab.tab(ctx, user)

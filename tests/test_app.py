@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from lora_diffusion.app import explain, lesson_tab
+from lora_diffusion.app.main import USER_STORAGE_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -187,6 +188,8 @@ def app_page(app_url, tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(app_url)
         page.wait_for_selector("text=lora-diffusion workbench", timeout=60_000)
+        # ready: the opening event has given this browser its user id (a click before it is refused)
+        page.wait_for_function(f"localStorage.getItem('{USER_STORAGE_KEY}')", timeout=60_000)
         yield page, shots
         browser.close()
 

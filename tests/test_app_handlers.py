@@ -69,6 +69,12 @@ def test_train_streams_until_the_run_is_done_and_lists_its_adapter_for_its_user_
     assert main.refreshed(ctx, "another-user-01", False)[-2] == []  # each user sees their own adapters
 
 
+def test_a_button_pressed_before_the_page_has_its_user_is_told_to_press_again(ctx):
+    # The user id comes from the page's opening event; a click can beat it (seen on the shipped base).
+    with pytest.raises(gr.Error, match="the page is still opening: press the button again"):
+        train_run(ctx, user=None)
+
+
 def test_a_user_sees_shared_adapters_only_when_asked(ctx):
     if not ctx.workspace.user(USER).adapters():
         train_run(ctx)
