@@ -186,8 +186,12 @@ def _eval_mixed(args) -> None:
     task = _eval_task(args, mixed.configs[0])
     for path, config in zip(args.adapter, mixed.configs):
         check_task_fits_adapter(task, config["task"], adapter_label(path))
-    results = evaluate_mixed(mixed.model, mixed.assign, len(mixed.configs), task,
-                             response_length=max(c["response_length"] for c in mixed.configs),
+    lengths = sorted({c["response_length"] for c in mixed.configs})
+    if len(lengths) > 1:  # one batch decodes one length, and more positions than its own change an adapter's answers
+        raise UserError(f"the adapters answer in different response lengths ({', '.join(map(str, lengths))} "
+                        "tokens): a mixed batch would score some at a length they were not trained for; "
+                        "evaluate them one at a time")
+    results = evaluate_mixed(mixed.model, mixed.assign, len(mixed.configs), task, response_length=lengths[0],
                              max_length=args.max_length or max(c["max_length"] for c in mixed.configs),
                              steps=args.steps, remasking=args.remasking, batch_size=args.batch_size, seed=args.seed,
                              truncate=args.truncate, threshold=args.threshold)

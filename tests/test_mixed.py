@@ -112,3 +112,19 @@ def test_evaluate_mixed_gives_each_adapter_the_answers_it_gives_alone(tmp_path, 
         assert result["predictions"] == alone["predictions"] and result["rouge_l"] == alone["rouge_l"]
         answers.add(tuple(p["prediction"] for p in alone["predictions"]))
     assert len(answers) == len(paths)  # the adapters answer differently: rows were not swapped unnoticed
+
+
+def test_eval_refuses_to_mix_adapters_that_answer_in_different_lengths(capsys, tmp_path, tiny_base_dir):
+    import json
+
+    from test_cli import run_cli
+
+    from lora_diffusion.adapters import CONFIG_FILE
+
+    paths = [saved(tmp_path, i, name, options) for i, (name, options) in enumerate(KINDS[:2])]
+    config = json.loads((paths[1] / CONFIG_FILE).read_text())
+    config["response_length"] = 4  # trained with longer answers than the other (2)
+    (paths[1] / CONFIG_FILE).write_text(json.dumps(config))
+    code, out, err = run_cli(capsys, "eval", "--adapter", *map(str, paths), "--base", str(tiny_base_dir),
+                             "--max-eval-examples", "2", "--steps", "2")
+    assert code != 0 and "different response lengths (2, 4 tokens)" in err
