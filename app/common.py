@@ -28,6 +28,7 @@ from . import explain
 
 BASE_ONLY = "(base model, no adapter)"
 MAX_TEXT = 2000  # characters of an instruction or input typed into a page
+MAX_LENGTH = 32  # response tokens the page decodes at most (Generate, Compare)
 log = logging.getLogger("lora_diffusion.app")
 
 

@@ -24,10 +24,9 @@ from lora_diffusion.plots import comparison_figure, curves_figure, runs_figure, 
 from lora_diffusion.workspace import ROUTER, Workspace
 
 from . import explain
-from .common import (BASE_ONLY, Context, figure_download, handler, names_given, readable_errors, short_text,
+from .common import (BASE_ONLY, MAX_LENGTH, Context, figure_download, handler, names_given, readable_errors, short_text,
                      user_workspace, whole)
 from .explain import knob
-from .generate_tab import MAX_LENGTH
 
 NOT_LISTED = "not a results file of this workbench; choose one from the list"
 MAX_RESULTS_BYTES = 5 * 2**20

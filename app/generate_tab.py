@@ -14,11 +14,10 @@ from lora_diffusion.errors import UserError
 from lora_diffusion.plots import perturbation_norm_figure
 
 from . import explain
-from .common import (BASE_ONLY, MAX_TEXT, Context, adapter_paths, figure_download, handler, number, readable_errors,
-                     short_text, user_workspace, whole)
+from .common import (BASE_ONLY, MAX_LENGTH, MAX_TEXT, Context, adapter_paths, figure_download, handler, number,
+                     readable_errors, short_text, user_workspace, whole)
 from .explain import knob
 
-MAX_LENGTH = 32  # response tokens the page decodes at most
 COLOURS = {"masked": "#d0d0d0", "new": "#ffb347", "settled": "#8fd18f"}
 LEGEND = ('<p><span style="background:#d0d0d0;padding:1px 4px">masked</span> '
           '<span style="background:#ffb347;padding:1px 4px">revealed at this step</span> '
