@@ -20,7 +20,9 @@ step-aware PEFT method plugs in there; the loss and the sampler pass it the same
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -64,6 +66,9 @@ class DiffusionLM(nn.Module):
         # The step being computed, for methods acting inside the body (forward hooks); set
         # only while the body runs.
         self.step_context: StepContext | None = None
+        # Held by `sample` for its whole run: the step context above is the model's, so two threads
+        # decoding with one model (the app serves one kept router to every request) take turns.
+        self.sampling = threading.RLock()
         # Denoiser calls the sampler made (what generation costs). Counted by `sample`, not in
         # `denoise`: a compiled training step must not see a Python counter change.
         self.sampler_calls = 0
@@ -320,6 +325,15 @@ def _check_sampler(steps, remasking, block_length, temperature, threshold=None) 
         raise UserError("a confidence threshold needs remasking='low_confidence' (random remasking has no confidence)")
 
 
+def _one_sampler_at_a_time(fn):
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        with getattr(model, "sampling", None) or contextlib.nullcontext():  # (a test's stand-in model has none)
+            return fn(model, *args, **kwargs)
+    return wrapper
+
+
+@_one_sampler_at_a_time
 def sample(model: DiffusionLM, input_ids, attention_mask, response_mask, instruction=None,
            steps: int = 64, remasking: str = "low_confidence", block_length: int | None = None,
            temperature: float = 0.0, generator=None, record: bool = False, sep_last: bool = True,

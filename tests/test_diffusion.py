@@ -303,3 +303,31 @@ def test_evaluation_counts_the_model_calls_of_generation(tiny):
     assert fixed["model_calls"] == 4 and "threshold" not in fixed
     parallel = evaluate_task(model, task, steps=4, batch_size=3, threshold=1.0)
     assert parallel["model_calls"] == fixed["response_length"] and parallel["threshold"] == 1.0
+
+
+def test_two_threads_sampling_with_one_model_each_see_their_own_step(tiny):
+    # The step context (t, positions) lives on the model while its body runs; the app serves one
+    # kept router to concurrent requests. Each sampler holds the model, so a hook inside the body
+    # never reads another request's step.
+    import threading
+    import time
+
+    model = DiffusionLM(tiny)
+    batches = {"two rows": make_batch(tiny, n=2, response_len=4), "three rows": make_batch(tiny, n=3, response_len=4)}
+    wrong = []
+
+    def inside_the_body(module, args, output):
+        rows = (output[0] if isinstance(output, tuple) else output).shape[0]
+        time.sleep(0.005)  # give the other thread its chance to start a step
+        if model.step_context.t.shape[0] != rows:
+            wrong.append(threading.current_thread().name)
+
+    hook = model.backbone.blocks()[0].register_forward_hook(inside_the_body)
+    threads = [threading.Thread(target=sample, args=(model,), kwargs={**batch, "steps": 4}, name=name)
+               for name, batch in batches.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    hook.remove()
+    assert wrong == []
