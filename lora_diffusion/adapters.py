@@ -46,6 +46,11 @@ def read_adapter_config(path) -> dict:
     return config
 
 
+def task_instruction(config: dict) -> str:
+    """The instruction of the task an adapter was trained on ('' for a task without one)."""
+    return config["task"].get("instruction") or ""
+
+
 def check_adapter_config(config, where: str = "the adapter") -> None:
     """Every field `save_adapter` writes, checked for presence and type; options through the method's config.
 

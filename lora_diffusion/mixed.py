@@ -24,7 +24,8 @@ import torch
 from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from .adapters import adapter_folder, adapter_label, base_for, check_adapter, load_model, read_adapter_config
+from .adapters import (adapter_folder, adapter_label, base_for, check_adapter, load_model, read_adapter_config,
+                       task_instruction)
 from .backbone import load_backbone
 from .data import Encoded, answer_ids, collate, encode_prompt
 from .diffusion import DiffusionLM, sample
@@ -133,7 +134,7 @@ class MixedAdapters:
         n = len(self.configs)
         length = length or max(c["response_length"] for c in self.configs)
         rows = [(text, j) for text in texts for j in range(n)]
-        prompts = [(instruction if instruction is not None else _instruction(self.configs[j]), text)
+        prompts = [(instruction if instruction is not None else task_instruction(self.configs[j]), text)
                    for text, j in rows]
         decoded = decode(self.model, prompts, length, steps, batch_size, seed,
                          before_batch=lambda idx: self.assign([rows[i][1] for i in idx]), **sampling)
@@ -202,12 +203,12 @@ def side_by_side(texts: list[str], columns: list, base=None, instruction: str | 
         raise UserError("give one or more texts and one or more columns (adapters, or the base)")
     configs = [[] if c is None else c.configs if isinstance(c, Composition) else [read_adapter_config(c)]
                for c in columns]
-    own = [_instruction(cs[0]) for c, cs in zip(columns, configs) if cs and not isinstance(c, Composition)]
-    routed = [_instruction(cs[0]) for c, cs in zip(columns, configs) if cs and isinstance(c, Composition)]
+    own = [task_instruction(cs[0]) for c, cs in zip(columns, configs) if cs and not isinstance(c, Composition)]
+    routed = [task_instruction(cs[0]) for c, cs in zip(columns, configs) if cs and isinstance(c, Composition)]
     shared = instruction if instruction is not None else next(iter(own + routed), None)
     if shared is None:
         raise UserError("type an instruction: the base model has no task of its own")
-    reads = [_instruction(cs[0]) if instruction is None and cs and not isinstance(c, Composition) else shared
+    reads = [task_instruction(cs[0]) if instruction is None and cs and not isinstance(c, Composition) else shared
              for c, cs in zip(columns, configs)]
     length = length or max((cfg["response_length"] for cs in configs for cfg in cs), default=None)
     if not length:
@@ -233,11 +234,6 @@ def side_by_side(texts: list[str], columns: list, base=None, instruction: str | 
                                           until_sep=True)):
             answers[i][k] = answer
     return answers
-
-
-def _instruction(config: dict) -> str:
-    """The instruction of an adapter's task ('' for a task without one)."""
-    return config["task"].get("instruction") or ""
 
 
 def _base_source(config: dict):

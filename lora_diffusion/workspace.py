@@ -44,7 +44,7 @@ import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
-from .adapters import CONFIG_FILE, RUN_ADAPTER, TENSORS_FILE, check_adapter
+from .adapters import CONFIG_FILE, RUN_ADAPTER, TENSORS_FILE, check_adapter, task_instruction
 from .backbone import load_backbone
 from .data import BUILTIN, SUITE_TASKS
 from .errors import UserError, quoted
@@ -369,8 +369,8 @@ class Workspace:
             raise UserError(f"adapter {name!r} is broken: {self.public(str(e))}") from None
         task = config["task"]["name"]
         if needs_task and task not in LOADABLE_TASKS:
-            raise UserError(f"adapter {name!r} was trained on {quoted(task, 60)}, a CSV file the workbench does not keep; "
-                            f"this needs adapters of one of: {', '.join(LOADABLE_TASKS)}")
+            raise UserError(f"adapter {name!r} was trained on {quoted(task, 60)}, a CSV file the workbench "
+                            f"does not keep; this needs adapters of one of: {', '.join(LOADABLE_TASKS)}")
         return path
 
     def curve(self, name) -> list[dict]:
@@ -394,7 +394,7 @@ class Workspace:
         results = _optional_json(folder.parent / RESULTS_FILE) or _optional_json(folder / RESULTS_FILE) or {}
         scored = results.get("steps")
         steps = scored if isinstance(scored, int) and not isinstance(scored, bool) and scored > 0 else length
-        return {"instruction": config["task"].get("instruction") or "", "response_length": length,
+        return {"instruction": task_instruction(config), "response_length": length,
                 "sampler_steps": min(steps, length)}
 
     def routers(self) -> dict[str, str]:
@@ -561,8 +561,8 @@ class Workspace:
         folder = self.root / "compositions"
         for spec in sorted(folder.glob("*/composition.json")) if folder.is_dir() else []:
             adapters = (_optional_json(spec) or {}).get("adapters")
-            if isinstance(adapters, list) and any(isinstance(a, str) and run in (Path(a).resolve(), *Path(a).resolve().parents)
-                                                  for a in adapters):
+            inside = lambda a: isinstance(a, str) and run in (Path(a).resolve(), *Path(a).resolve().parents)
+            if isinstance(adapters, list) and any(inside(a) for a in adapters):
                 found.append(spec.parent)
         return found
 
