@@ -125,7 +125,8 @@ def _train_seed(args, seed: int, out) -> dict:
         steps = args.steps if args.steps is not None else 300
     config = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                          weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, seed=seed,
-                         bf16=args.bf16, tf32=args.tf32, compile=args.compile, eval_every=args.eval_every if args.eval_every is not None else max(steps // 4, 1),
+                         bf16=args.bf16, tf32=args.tf32, compile=args.compile,
+                         eval_every=args.eval_every if args.eval_every is not None else max(steps // 4, 1),
                          checkpoint_every=args.checkpoint_every, device=args.device)
     backbone = load_backbone(args.base)
     method = make_method(args.method, parse_option_pairs(args.option))
@@ -220,8 +221,9 @@ def _eval_task(args, adapter_config: dict | None):
 
     if adapter_config is None or args.task not in FILE_TASKS or args.train_file or not args.eval_file:
         return _load_task(args, args.seed)
-    return load_eval_task(args.format or args.task, args.eval_file, adapter_config["task"], text_column=args.text_column,
-                          label_column=args.label_column, response_column=args.response_column,
+    return load_eval_task(args.format or args.task, args.eval_file, adapter_config["task"],
+                          text_column=args.text_column, label_column=args.label_column,
+                          response_column=args.response_column,
                           columns=args.columns, verbalizers=args.verbalizers, max_eval=args.max_eval_examples)
 
 
@@ -259,7 +261,8 @@ def cmd_compare(args) -> None:
     _distinct_seeds(args.seed)
     config = _train_config(args)
     task = _load_task(args, 0)  # one training subset for every row and seed: an equal budget
-    results = run_compare(task, specs, args.seed, config, args.out, base=args.base, lr_sweep=args.lr_sweep, validation_fraction=args.validation_fraction,
+    results = run_compare(task, specs, args.seed, config, args.out, base=args.base, lr_sweep=args.lr_sweep,
+                          validation_fraction=args.validation_fraction,
                           sampler_steps=args.sampler_steps, profile=not (args.no_profile or args.sweep_only),
                           progress=not args.quiet, log=_log, sweep_only=args.sweep_only,
                           learning_rates=_learning_rates(args), results_file=args.results, jobs=args.jobs)
@@ -627,7 +630,8 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=seed, nargs="+", default=[0],
                    help="one or more seeds; with several, each run goes to OUT/seed-N and the "
                         "summary (mean ± std) to OUT/summary.json")
-    p.add_argument("--results", type=out_file, help="also write the result (or the summary over seeds) to this JSON file")
+    p.add_argument("--results", type=out_file,
+                   help="also write the result (or the summary over seeds) to this JSON file")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU, or a CPU that supports it)")
     _gpu_args(p)
     p.add_argument("--eval-every", type=count_or_zero, help="steps between held-out checks (default: steps/4)")
@@ -691,19 +695,23 @@ def _add_compare_profile(sub) -> None:
     p.add_argument("--preset", help="methods (= table5/7/9), ranks (= table10), modules (= table11), "
                                     "regularizers, schedule, injection, phases, ablations (every row of the six "
                                     "before it, once: run it first with the same --out), stepaware")
-    p.add_argument("--rows", nargs="+", metavar="LABEL", help="only these rows of the preset, by label (as its table shows them)")
+    p.add_argument("--rows", nargs="+", metavar="LABEL",
+                   help="only these rows of the preset, by label (as its table shows them)")
     p.add_argument("--methods", help="comma-separated method names instead of a preset")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="options for --methods rows")
     p.add_argument("--seed", type=seed, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=count, default=300)
-    p.add_argument("--lr-sweep", type=multipliers, help="multipliers of each method's default lr, tried on a validation split "
-                                      "carved from the train set, e.g. 0.3,1,3")
+    p.add_argument("--lr-sweep", type=multipliers,
+                   help="multipliers of each method's default lr, tried on a validation split carved from the "
+                        "train set, e.g. 0.3,1,3")
     p.add_argument("--validation-fraction", type=open_fraction, default=0.1)
     p.add_argument("--sweep-only", action="store_true", help="stop after the lr sweep (its table, one seed)")
     p.add_argument("--sampler-steps", type=count, default=64)
     p.add_argument("--no-profile", action="store_true", help="skip the peak-memory measurement per row")
-    p.add_argument("--out", type=out_folder, required=True, help="folder: results.json, results.md, one run folder per row/seed")
-    p.add_argument("--results", type=out_file, help="also write the results JSON here (and the markdown table beside it)")
+    p.add_argument("--out", type=out_folder, required=True,
+                   help="folder: results.json, results.md, one run folder per row/seed")
+    p.add_argument("--results", type=out_file,
+                   help="also write the results JSON here (and the markdown table beside it)")
     p.add_argument("--threads", type=count)
     _run_args(p)
     p.set_defaults(func=cmd_compare)
