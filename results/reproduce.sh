@@ -137,8 +137,12 @@ $LD compare --task suite_struct --preset stepaware --rows lora --steps 300 --see
 $LD compare --task suite_struct --preset stepaware --steps 100 --seed 0 1 2 --jobs 2 \
     --lr-from results/lr_sweep_sst2.json results/stepaware_sst2_sweep.json results/stepaware_sst2_sweep_weights.json \
     results/stepaware_sst2_blocks.json --out runs/gen/struct100 --results results/stepaware_struct.json
-# Forgetting of the new default (the ablations' default row, seed 0).
-$LD analyze forgetting --adapters runs/ablations-sst2/default/seed-0 --examples 128 --out results/analysis/forgetting_blocks
+# Forgetting of the new default (the ablations' default row, seed 0) beside a weight LoRA trained
+# with the same budget and precision (fp32, seed 0).
+$LD compare --task sst2 --preset stepaware --rows lora --steps 600 --seed 0 --no-profile --max-eval-examples 200 \
+    --lr-from results/lr_sweep_sst2.json --out runs/forget-lora --results results/forgetting_lora_sst2.json
+$LD analyze forgetting --adapters runs/ablations-sst2/default/seed-0 runs/forget-lora/lora/seed-0 --examples 128 \
+    --out results/analysis/forgetting_blocks
 # Not yet run: the whole headline table in one command.
 # $LD compare --task sst2 --preset stepaware --steps 600 --seed 0 1 2 --jobs 2 --lr-from $LR \
 #     --out runs/stepaware-sst2-dev --results results/stepaware_sst2.json
