@@ -272,34 +272,49 @@ def cmd_compare(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .files import write_json
-    from .methods import parse_option_pairs, typed_options
-    from .profiling import profile_training
+    from .compare import specs_from
+    from .files import write_json, write_text
+    from .methods import parse_option_pairs
+    from .profiling import bench_table, profile_generation, profile_training
 
-    names = [m.strip() for m in args.methods.split(",")]
-    if args.option and len(names) > 1:
-        raise UserError("--option needs a single method in --methods")
+    if args.option and (args.preset or "," in args.methods):
+        raise UserError("--option needs a single method in --methods (a preset's rows carry their own)")
+    specs = specs_from(args.preset, None if args.preset else [m.strip() for m in args.methods.split(",")],
+                       parse_option_pairs(args.option), args.rows)
+    base = args.base or "shipped"
+    common = dict(base=base, device=args.device, threads=args.threads, bf16=args.bf16)
+    # generation: one batch of the same shape, one sampler step per response token
+    decoding = dict(batch_sizes=(args.batch_size,), lengths=(args.response_length,), steps=args.response_length,
+                    prompt_length=args.prompt_length, **common)
+    base_latency = profile_generation("base", **decoding)["rows"][0]["latency_s"] if args.generation else None
     rows = []
-    for name in names:
-        r = profile_training(name, typed_options(name, parse_option_pairs(args.option)), base=args.base or "shipped",
-                             batch_size=args.batch_size, prompt_length=args.prompt_length,
+    for spec in specs:
+        r = profile_training(spec.method, spec.options, batch_size=args.batch_size, prompt_length=args.prompt_length,
                              response_length=args.response_length, steps=args.steps, warmup=args.warmup,
-                             bf16=args.bf16, device=args.device, threads=args.threads, tf32=args.tf32,
-                             compile=args.compile)
+                             tf32=args.tf32, compile=args.compile, **common)
+        r["label"] = spec.label
+        if args.generation:
+            timed = profile_generation(spec.method, spec.options, **decoding)["rows"][0]
+            r["generation"] = {"latency_s": timed["latency_s"], "tokens_per_s": timed["tokens_per_s"],
+                               "base_latency_s": base_latency, "overhead": timed["latency_s"] / base_latency - 1}
         rows.append(r)
         mfu = f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
-        _log(f"{name}: {r['sec_per_step']:.4f} s/step, {r['tokens_per_s']:,.0f} tokens/s, "
+        gen = f", generation +{100 * r['generation']['overhead']:.0f}% over the base" if args.generation else ""
+        _log(f"{spec.label}: {r['sec_per_step']:.4f} s/step, {r['tokens_per_s']:,.0f} tokens/s, "
              f"{r['achieved_flops_per_s'] / 1e12:.3f} TFLOP/s{mfu}, peak {r['peak_memory_bytes'] / 2**20:.0f} MB, "
-             f"{r['trainable_parameters']:,} trainable")
+             f"{r['trainable_parameters']:,} trainable{gen}")
     reference = rows[0]
-    ratios = {r["method"]: {"step_time_ratio": reference["sec_per_step"] / r["sec_per_step"],
-                            "peak_memory_ratio": reference["peak_memory_bytes"] / r["peak_memory_bytes"]}
+    ratios = {r["label"]: {"step_time_ratio": reference["sec_per_step"] / r["sec_per_step"],
+                           "peak_memory_ratio": reference["peak_memory_bytes"] / r["peak_memory_bytes"]}
               for r in rows[1:]}
+    report = {"reference": reference["label"], "ratios_of_reference_to": ratios, "rows": rows}
     if args.out:
-        write_json(args.out, {"reference": reference["method"], "ratios_of_reference_to": ratios, "rows": rows})
-    print(json.dumps({"reference": reference["method"], "ratios_of_reference_to": ratios,
-                      "rows": [{k: r[k] for k in ("method", "sec_per_step", "tokens_per_s", "mfu", "peak_memory_bytes",
-                                                  "trainable_parameters", "device")} for r in rows]}))
+        write_json(args.out, report)
+        write_text(Path(args.out).with_suffix(".md"), bench_table(report))
+    print(json.dumps({"reference": reference["label"], "ratios_of_reference_to": ratios,
+                      "rows": [{k: r[k] for k in ("label", "method", "sec_per_step", "tokens_per_s", "mfu",
+                                                  "peak_memory_bytes", "trainable_parameters", "device")}
+                               for r in rows]}))
 
 
 def cmd_report(args) -> None:
@@ -722,6 +737,10 @@ def _add_compare_profile(sub) -> None:
                    help="comma-separated; ratios are given relative to the first")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="options (with a single method)")
     _base_arg(p, "base model folder (default: the shipped base)")
+    p.add_argument("--preset", help="the rows of a compare preset instead of --methods (e.g. stepaware)")
+    p.add_argument("--rows", nargs="+", metavar="LABEL", help="only these rows of the preset, by label")
+    p.add_argument("--generation", action="store_true",
+                   help="also time the sampler on a batch of the same shape, against the base alone")
     p.add_argument("--batch-size", type=count, default=16)
     p.add_argument("--prompt-length", type=count, default=48)
     p.add_argument("--response-length", type=count, default=16)

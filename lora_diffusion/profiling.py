@@ -282,3 +282,26 @@ def profile_generation(method: str = "base", options: dict | None = None, merged
             "isolated": isolated}
     return {"method": method, "options": options or {}, "merged": merged, "steps": steps,
             "prompt_length": prompt_length, **_run_child(_generation_profile, spec)}
+
+
+def bench_table(report: dict) -> str:
+    """The `bench` report as a markdown table, one row per method or preset row."""
+    rows = report["rows"]
+    first = rows[0]
+    gen = all("generation" in r for r in rows)
+    lines = [f"Training step on one synthetic batch ({first['batch_size']} x {first['sequence_length']} tokens, "
+             f"{first['response_length']} of them the response; median of {first['steps']} timed steps after "
+             f"{first['warmup']}), {first['device']}, {first['threads']} threads, {first['dtype']}."
+             + (" Generation: the sampler on a batch of the same shape, one step per response token, "
+                "against the base alone." if gen else ""), "",
+             "| row | trainable params | adapter bytes | s/step | train tokens/s | peak memory (MB) |"
+             + (" generation tokens/s | generation overhead |" if gen else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if gen else "")]
+    for r in rows:
+        line = (f"| {r.get('label', r['method'])} | {r['trainable_parameters']:,} | {r['adapter_bytes']:,} | "
+                f"{r['sec_per_step']:.3f} | {r['tokens_per_s']:,.0f} | {r['peak_memory_bytes'] / 2**20:,.0f} |")
+        if gen:
+            g = r["generation"]
+            line += f" {g['tokens_per_s']:,.0f} | {100 * g['overhead']:+.0f}% |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"

@@ -52,6 +52,28 @@ def test_bench_reports_ratios_throughput_and_flops_on_the_same_batch(capsys, tmp
     assert written["full"]["flops_per_step"] > written["lora_diffusion"]["flops_per_step"]
 
 
+def test_bench_times_a_presets_rows_and_their_generation_against_the_base(capsys, tmp_path, tiny_base_dir):
+    code, stdout, err = run_cli(capsys, "bench", "--base", str(tiny_base_dir), "--preset", "stepaware",
+                                "--rows", "lora", "LD blocks all 12/6/1", "--generation", "--batch-size", "4",
+                                "--prompt-length", "12", "--response-length", "4", "--steps", "2", "--warmup", "1",
+                                "--out", str(tmp_path / "bench.json"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["label"]: r for r in report["rows"]}
+    assert list(rows) == ["lora", "LD blocks all 12/6/1"] and report["reference"] == "lora"
+    assert rows["LD blocks all 12/6/1"]["options"]["ranks"] == [12, 6, 1]
+    base_latency = rows["lora"]["generation"]["base_latency_s"]
+    for r in rows.values():  # one timing of the base, every row against it
+        g = r["generation"]
+        assert g["base_latency_s"] == base_latency and g["overhead"] == g["latency_s"] / base_latency - 1
+        assert g["tokens_per_s"] == 4 * 4 / g["latency_s"]
+    table = (tmp_path / "bench.md").read_text()
+    assert "| LD blocks all 12/6/1 |" in table and "generation overhead" in table
+    code, _, err = run_cli(capsys, "bench", "--base", str(tiny_base_dir), "--preset", "stepaware",
+                           "--option", "r=4")
+    assert code != 0 and "--option needs a single method" in err
+
+
 def test_bench_is_still_profile_and_knows_the_peak_of_the_lent_gpus():
     from lora_diffusion.cli import build_parser, cmd_bench
     from lora_diffusion.profiling import peak_flops
