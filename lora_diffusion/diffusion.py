@@ -68,6 +68,7 @@ class DiffusionLM(nn.Module):
         self.step_context: StepContext | None = None
         # Held by `sample` for its whole run: the step context above is the model's, so two threads
         # decoding with one model (the app serves one kept router to every request) take turns.
+        # (A lock cannot be pickled: the model is saved as tensors, never pickled or deep-copied.)
         self.sampling = threading.RLock()
         # Denoiser calls the sampler made (what generation costs). Counted by `sample`, not in
         # `denoise`: a compiled training step must not see a Python counter change.
@@ -328,7 +329,7 @@ def _check_sampler(steps, remasking, block_length, temperature, threshold=None) 
 def _one_sampler_at_a_time(fn):
     @functools.wraps(fn)
     def wrapper(model, *args, **kwargs):
-        with getattr(model, "sampling", None) or contextlib.nullcontext():  # (a test's stand-in model has none)
+        with model.sampling:
             return fn(model, *args, **kwargs)
     return wrapper
 

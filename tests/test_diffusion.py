@@ -1,6 +1,7 @@
 """The forward process, the loss and the sampler (diffusion.py)."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -233,6 +234,7 @@ class SurestOfSep(nn.Module):
         self.backbone = backbone
         self.response_mask = response_mask
         self.sampler_calls = 0
+        self.sampling = threading.RLock()  # what `sample` holds while it runs
 
     def denoise(self, input_ids, attention_mask, t, instruction=None, positions=None):
         first = self.response_mask.float().argmax(1)  # column of each row's first response position
@@ -309,25 +311,31 @@ def test_two_threads_sampling_with_one_model_each_see_their_own_step(tiny):
     # The step context (t, positions) lives on the model while its body runs; the app serves one
     # kept router to concurrent requests. Each sampler holds the model, so a hook inside the body
     # never reads another request's step.
-    import threading
     import time
 
     model = DiffusionLM(tiny)
     batches = {"two rows": make_batch(tiny, n=2, response_len=4), "three rows": make_batch(tiny, n=3, response_len=4)}
-    wrong = []
+    wrong, errors, tokens = [], [], {}
 
     def inside_the_body(module, args, output):
         rows = (output[0] if isinstance(output, tuple) else output).shape[0]
         time.sleep(0.005)  # give the other thread its chance to start a step
-        if model.step_context.t.shape[0] != rows:
+        context = model.step_context
+        if context is None or context.t.shape[0] != rows:
             wrong.append(threading.current_thread().name)
 
+    def run(name):
+        try:
+            tokens[name] = sample(model, **batches[name], steps=4)[0]
+        except Exception as e:  # a thread's exception would not fail the test by itself
+            errors.append(repr(e))
+
     hook = model.backbone.blocks()[0].register_forward_hook(inside_the_body)
-    threads = [threading.Thread(target=sample, args=(model,), kwargs={**batch, "steps": 4}, name=name)
-               for name, batch in batches.items()]
+    threads = [threading.Thread(target=run, args=(name,), name=name) for name in batches]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     hook.remove()
-    assert wrong == []
+    assert wrong == [] and errors == []
+    assert {name: t.shape[0] for name, t in tokens.items()} == {"two rows": 2, "three rows": 3}
