@@ -172,12 +172,21 @@ def cmd_eval(args) -> None:
 
 def _eval_mixed(args) -> None:
     """Several adapters scored on one task in mixed batches (each row its own adapter)."""
-    from .adapters import adapter_label
+    from .adapters import adapter_label, read_adapter_config
     from .data import check_task_fits_adapter
     from .evaluate import evaluate_mixed
     from .files import write_json
     from .mixed import MixedAdapters
 
+    configs = [read_adapter_config(path) for path in args.adapter]
+    # One batch decodes one response length and encodes prompts at one length: an adapter scored
+    # at another than its own would not score as it does alone.
+    for key, what in (("response_length", "response lengths"), ("max_length", "prompt lengths (max_length)")):
+        values = sorted({c[key] for c in configs})
+        if len(values) > 1 and not (key == "max_length" and args.max_length):
+            raise UserError(f"the adapters were trained with different {what} ({', '.join(map(str, values))} "
+                            "tokens): a mixed batch would score some at a length they were not trained for; "
+                            "evaluate them one at a time")
     mixed = MixedAdapters(args.adapter, base=args.base)
     if args.task is None:
         names = {_adapter_task_name(c) for c in mixed.configs}
@@ -187,13 +196,9 @@ def _eval_mixed(args) -> None:
     task = _eval_task(args, mixed.configs[0])
     for path, config in zip(args.adapter, mixed.configs):
         check_task_fits_adapter(task, config["task"], adapter_label(path))
-    lengths = sorted({c["response_length"] for c in mixed.configs})
-    if len(lengths) > 1:  # one batch decodes one length, and more positions than its own change an adapter's answers
-        raise UserError(f"the adapters answer in different response lengths ({', '.join(map(str, lengths))} "
-                        "tokens): a mixed batch would score some at a length they were not trained for; "
-                        "evaluate them one at a time")
-    results = evaluate_mixed(mixed.model, mixed.assign, len(mixed.configs), task, response_length=lengths[0],
-                             max_length=args.max_length or max(c["max_length"] for c in mixed.configs),
+    results = evaluate_mixed(mixed.model, mixed.assign, len(mixed.configs), task,
+                             response_length=configs[0]["response_length"],
+                             max_length=args.max_length or configs[0]["max_length"],
                              steps=args.steps, remasking=args.remasking, batch_size=args.batch_size, seed=args.seed,
                              truncate=args.truncate, threshold=args.threshold)
     for result, path, config in zip(results, args.adapter, mixed.configs):
@@ -228,7 +233,7 @@ def _eval_task(args, adapter_config: dict | None):
 
 
 def cmd_sample(args) -> None:
-    from .adapters import load_model
+    from .adapters import load_model, task_instruction
     from .mixed import MixedAdapters, decode
 
     _threads(args.threads)
@@ -243,7 +248,7 @@ def cmd_sample(args) -> None:
                 print(f"{label}: {text}")
         return
     model, _, config = load_model(args.adapter[0] if args.adapter else None, base=args.base)
-    instruction = args.instruction if args.instruction is not None else (config and config["task"]["instruction"])
+    instruction = args.instruction if args.instruction is not None else (config and task_instruction(config))
     length = args.length or (config["response_length"] if config else 32)
     # the n samples in one batch, as the mixed path decodes them
     for text in decode(model, [(instruction or "", args.prompt)] * args.n, length, args.steps,
@@ -274,15 +279,16 @@ def cmd_compare(args) -> None:
 def cmd_bench(args) -> None:
     from .compare import specs_from
     from .files import write_json, write_text
-    from .methods import parse_option_pairs
+    from .methods import make_method, parse_option_pairs
     from .profiling import bench_table, profile_generation, profile_training
 
-    if args.option and (args.preset or "," in args.methods):
+    if args.preset and args.methods:
+        raise UserError("give --preset or --methods, not both")
+    methods = [m.strip() for m in (args.methods or "lora_diffusion,lora,full").split(",")]
+    if args.option and (args.preset or len(methods) > 1):
         raise UserError("--option needs a single method in --methods (a preset's rows carry their own)")
-    specs = specs_from(args.preset, None if args.preset else [m.strip() for m in args.methods.split(",")],
-                       parse_option_pairs(args.option), args.rows)
-    base = args.base or "shipped"
-    common = dict(base=base, device=args.device, threads=args.threads, bf16=args.bf16)
+    specs = specs_from(args.preset, None if args.preset else methods, parse_option_pairs(args.option), args.rows)
+    common = dict(base=args.base or "shipped", device=args.device, threads=args.threads, bf16=args.bf16)
     # generation: one batch of the same shape, one sampler step per response token
     decoding = dict(batch_sizes=(args.batch_size,), lengths=(args.response_length,), steps=args.response_length,
                     prompt_length=args.prompt_length, **common)
@@ -293,13 +299,15 @@ def cmd_bench(args) -> None:
                              response_length=args.response_length, steps=args.steps, warmup=args.warmup,
                              tf32=args.tf32, compile=args.compile, **common)
         r["label"] = spec.label
-        if args.generation:
-            timed = profile_generation(spec.method, spec.options, **decoding)["rows"][0]
+        if args.generation:  # as `load_model` serves the adapter: merged where the method merges
+            merged = make_method(spec.method, spec.options).can_merge
+            timed = profile_generation(spec.method, spec.options, merged=merged, **decoding)["rows"][0]
             r["generation"] = {"latency_s": timed["latency_s"], "tokens_per_s": timed["tokens_per_s"],
-                               "base_latency_s": base_latency, "overhead": timed["latency_s"] / base_latency - 1}
+                               "merged": merged, "base_latency_s": base_latency,
+                               "overhead": timed["latency_s"] / base_latency - 1}
         rows.append(r)
         mfu = f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
-        gen = f", generation +{100 * r['generation']['overhead']:.0f}% over the base" if args.generation else ""
+        gen = f", generation {100 * r['generation']['overhead']:+.0f}% against the base" if args.generation else ""
         _log(f"{spec.label}: {r['sec_per_step']:.4f} s/step, {r['tokens_per_s']:,.0f} tokens/s, "
              f"{r['achieved_flops_per_s'] / 1e12:.3f} TFLOP/s{mfu}, peak {r['peak_memory_bytes'] / 2**20:.0f} MB, "
              f"{r['trainable_parameters']:,} trainable{gen}")
@@ -311,10 +319,9 @@ def cmd_bench(args) -> None:
     if args.out:
         write_json(args.out, report)
         write_text(Path(args.out).with_suffix(".md"), bench_table(report))
-    print(json.dumps({"reference": reference["label"], "ratios_of_reference_to": ratios,
-                      "rows": [{k: r[k] for k in ("label", "method", "sec_per_step", "tokens_per_s", "mfu",
-                                                  "peak_memory_bytes", "trainable_parameters", "device")}
-                               for r in rows]}))
+    shown = ("label", "method", "sec_per_step", "tokens_per_s", "mfu", "peak_memory_bytes", "trainable_parameters",
+             "device", "generation")
+    print(json.dumps({**report, "rows": [{k: r[k] for k in shown if k in r} for r in rows]}))
 
 
 def cmd_report(args) -> None:
@@ -733,8 +740,8 @@ def _add_compare_profile(sub) -> None:
 
     p = sub.add_parser("bench", aliases=["profile"],
                        help="per method on one synthetic batch: step time, tokens/s, peak memory, FLOPs and MFU")
-    p.add_argument("--methods", default="lora_diffusion,lora,full",
-                   help="comma-separated; ratios are given relative to the first")
+    p.add_argument("--methods", help="comma-separated (default: lora_diffusion,lora,full); ratios are given "
+                                     "relative to the first")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="options (with a single method)")
     _base_arg(p, "base model folder (default: the shipped base)")
     p.add_argument("--preset", help="the rows of a compare preset instead of --methods (e.g. stepaware)")

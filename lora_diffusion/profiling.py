@@ -293,7 +293,8 @@ def bench_table(report: dict) -> str:
              f"{first['response_length']} of them the response; median of {first['steps']} timed steps after "
              f"{first['warmup']}), {first['device']}, {first['threads']} threads, {first['dtype']}."
              + (" Generation: the sampler on a batch of the same shape, one step per response token, "
-                "against the base alone." if gen else ""), "",
+                "against the base alone; a method that merges (weight LoRA) merged, as it is served." if gen else ""),
+             "",
              "| row | trainable params | adapter bytes | s/step | train tokens/s | peak memory (MB) |"
              + (" generation tokens/s | generation overhead |" if gen else ""),
              "|---|---|---|---|---|---|" + ("---|---|" if gen else "")]

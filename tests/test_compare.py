@@ -62,6 +62,8 @@ def test_bench_times_a_presets_rows_and_their_generation_against_the_base(capsys
     rows = {r["label"]: r for r in report["rows"]}
     assert list(rows) == ["lora", "LD blocks all 12/6/1"] and report["reference"] == "lora"
     assert rows["LD blocks all 12/6/1"]["options"]["ranks"] == [12, 6, 1]
+    # as served: weight LoRA merged into the base, LoRA-Diffusion beside it
+    assert rows["lora"]["generation"]["merged"] and not rows["LD blocks all 12/6/1"]["generation"]["merged"]
     base_latency = rows["lora"]["generation"]["base_latency_s"]
     for r in rows.values():  # one timing of the base, every row against it
         g = r["generation"]

@@ -114,7 +114,7 @@ def test_evaluate_mixed_gives_each_adapter_the_answers_it_gives_alone(tmp_path, 
     assert len(answers) == len(paths)  # the adapters answer differently: rows were not swapped unnoticed
 
 
-def test_eval_refuses_to_mix_adapters_that_answer_in_different_lengths(capsys, tmp_path, tiny_base_dir):
+def test_eval_refuses_to_mix_adapters_trained_at_different_lengths(capsys, tmp_path, tiny_base_dir):
     import json
 
     from test_cli import run_cli
@@ -128,3 +128,8 @@ def test_eval_refuses_to_mix_adapters_that_answer_in_different_lengths(capsys, t
     code, out, err = run_cli(capsys, "eval", "--adapter", *map(str, paths), "--base", str(tiny_base_dir),
                              "--max-eval-examples", "2", "--steps", "2")
     assert code != 0 and "different response lengths (2, 4 tokens)" in err
+    config["response_length"], config["max_length"] = 2, 64  # prompts encoded at another length
+    (paths[1] / CONFIG_FILE).write_text(json.dumps(config))
+    code, out, err = run_cli(capsys, "eval", "--adapter", *map(str, paths), "--base", str(tiny_base_dir),
+                             "--max-eval-examples", "2", "--steps", "2")
+    assert code != 0 and "different prompt lengths (max_length) (64, 128 tokens)" in err
