@@ -28,7 +28,7 @@ from . import explain
 
 BASE_ONLY = "(base model, no adapter)"
 MAX_TEXT = 2000  # characters of an instruction or input typed into a page
-MAX_LENGTH = 32  # response tokens the page decodes at most (Generate, Compare)
+MAX_LENGTH = 32  # response tokens a user may ask the Generate and Compare tabs for
 log = logging.getLogger("lora_diffusion.app")
 
 
@@ -52,7 +52,8 @@ class Context:
 
 def user_workspace(ctx: Context, user) -> Workspace:
     if not user:  # a button pressed before the page's opening event has given the browser its id
-        raise UserError("the page is still opening: press the button again in a moment")
+        raise UserError("the page has not finished opening (no user id yet): press the button again in a moment, "
+                        "or reload the page if this persists")
     return ctx.workspace.user(user)
 
 

@@ -30,6 +30,7 @@ from . import analyse_tab, compare_tab, explain, generate_tab, lesson_tab, train
 from .common import (BASE_ONLY, Context, adapter_lists, broken_note, handler, readable_errors,  # noqa: E402
                      user_workspace)
 
+USER_STORAGE_KEY = "lora-diffusion-user"  # where the browser keeps its (encrypted) user id
 CACHE_SECONDS = 3600  # uploads (and gradio's copies of downloads) are removed after an hour, checked hourly
 SHARED_LABEL = "also show the shared adapters (read-only, from the workspace's shared/ folder)"
 # A refusal is shown as its message (a toast): gradio's "Error" badge over the outputs, which would hide what
@@ -58,8 +59,6 @@ def session(ctx: Context, user, shared):
         user = secrets.token_hex(16)
     return (user, *refreshed(ctx, user, shared))
 
-
-USER_STORAGE_KEY = "lora-diffusion-user"  # where the browser keeps its (encrypted) user id
 
 def browser_secret(workspace: Workspace) -> str:
     """The key the user id is encrypted with in the browser; kept in the workspace so a restart keeps users."""

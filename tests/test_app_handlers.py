@@ -71,7 +71,7 @@ def test_train_streams_until_the_run_is_done_and_lists_its_adapter_for_its_user_
 
 def test_a_button_pressed_before_the_page_has_its_user_is_told_to_press_again(ctx):
     # The user id comes from the page's opening event; a click can beat it (seen on the shipped base).
-    with pytest.raises(gr.Error, match="the page is still opening: press the button again"):
+    with pytest.raises(gr.Error, match="the page has not finished opening"):
         train_run(ctx, user=None)
 
 
