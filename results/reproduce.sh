@@ -178,3 +178,6 @@ $LD analyze effective-rank --adapters $S/lora/seed-0 $S/LD_blocks_all_12_6_1/see
 # Data efficiency of the new default beside weight LoRA (300 steps: LoRA-Diffusion is still on its plateau there).
 $LD analyze data-efficiency --task sst2 --sizes 100,1000,8000 --methods lora_diffusion,lora --seeds 0 1 \
     --steps 300 --max-eval-examples 400 --jobs 2 --quiet --out results/analysis/data_efficiency_blocks
+# ... and at 600 steps, where it has left the plateau.
+$LD analyze data-efficiency --task sst2 --sizes 100,1000,8000 --methods lora_diffusion,lora --seeds 0 1 \
+    --steps 600 --max-eval-examples 400 --jobs 2 --quiet --out results/analysis/data_efficiency_blocks_600
