@@ -126,6 +126,10 @@ $LD compare $C --rows lora --lr-sweep 0.3,1 --jobs 2 --results results/stepaware
 # Is it capacity? LoRA-Diffusion's default size (64/32/8, k = 2: 5x weight LoRA's parameters) on AG News.
 $LD compare --task agnews --methods lora_diffusion --steps 600 --seed 0 1 --jobs 2 --max-eval-examples 1000 \
     --no-profile --out runs/agnews-ld-default --results results/stepaware_agnews_ld_default.json
+# Is it the split by phase? The same 12/6/1 budget as one shared module set of rank 19 (2 seeds).
+$LD compare --task agnews --methods lora_diffusion --option injection=blocks --option blocks_positions=all \
+    --option ranks=12,6,1 --option phases=shared --steps 600 --seed 0 1 --jobs 2 --max-eval-examples 1000 \
+    --no-profile --out runs/agnews-shared --results results/stepaware_agnews_shared.json
 # Effective rank per step and per layer for the new default's site, on AG News topic (seed-0
 # adapters of the command above; 2-token answers: 2 sampler steps).
 $LD analyze effective-rank --adapters runs/stepaware-agnews/lora/seed-0 runs/stepaware-agnews/LD_blocks_all_12_6_1/seed-0 \
