@@ -163,6 +163,8 @@ done
 $LD analyze mixed-batch --adapter-counts 8,32 --threads 2 --out results/analysis/mixed_batch
 # Issue 15: the bench on this CPU (alone on the machine).
 $LD bench --methods lora_diffusion,lora,full --batch-size 16 --threads 2 --out results/bench_cpu.json
+# Issue 14: every stepaware row's training step, memory and generation overhead in one run (alone on the machine).
+$LD bench --preset stepaware --generation --batch-size 16 --threads 2 --out results/bench_stepaware_cpu.json
 
 # Issue 14: the paper's ablations at the blocks default, one seed, each row at its site's
 # default rate: every row of the six presets once (20 runs; 2 at a time), then each preset's
