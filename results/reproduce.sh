@@ -141,6 +141,11 @@ $LD compare --task suite_struct --preset stepaware --rows lora --steps 300 --see
 $LD compare --task suite_struct --preset stepaware --steps 100 --seed 0 1 2 --jobs 2 \
     --lr-from results/lr_sweep_sst2.json results/stepaware_sst2_sweep.json results/stepaware_sst2_sweep_weights.json \
     results/stepaware_sst2_blocks.json --out runs/gen/struct100 --results results/stepaware_struct.json
+# ... and three rows at 300 steps (do the body sites catch up?), 2 seeds.
+$LD compare --task suite_struct --preset stepaware --rows lora "LD blocks all 12/6/1" "LD weights 6/3/1 k=1" \
+    --steps 300 --seed 0 1 --jobs 2 --no-profile \
+    --lr-from results/lr_sweep_sst2.json results/stepaware_sst2_sweep.json results/stepaware_sst2_sweep_weights.json \
+    results/stepaware_sst2_blocks.json --out runs/gen/struct300 --results results/stepaware_struct_300steps.json
 # Forgetting of the new default (the ablations' default row, seed 0) beside a weight LoRA trained
 # with the same budget and precision (fp32, seed 0).
 $LD compare --task sst2 --preset stepaware --rows lora --steps 600 --seed 0 --no-profile --max-eval-examples 200 \
