@@ -561,8 +561,8 @@ class Workspace:
         folder = self.root / "compositions"
         for spec in sorted(folder.glob("*/composition.json")) if folder.is_dir() else []:
             adapters = (_optional_json(spec) or {}).get("adapters")
-            inside = lambda a: isinstance(a, str) and run in (Path(a).resolve(), *Path(a).resolve().parents)
-            if isinstance(adapters, list) and any(inside(a) for a in adapters):
+            if isinstance(adapters, list) and any(isinstance(a, str) and Path(a).resolve().is_relative_to(run)
+                                                  for a in adapters):
                 found.append(spec.parent)
         return found
 
