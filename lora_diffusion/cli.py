@@ -189,19 +189,19 @@ def _eval_mixed(args) -> None:
                             "evaluate them one at a time")
     mixed = MixedAdapters(args.adapter, base=args.base)
     if args.task is None:
-        names = {_adapter_task_name(c) for c in mixed.configs}
+        names = {_adapter_task_name(c) for c in configs}
         if len(names) > 1:
             raise UserError(f"the adapters were trained on different tasks ({', '.join(sorted(names))}): give --task")
         args.task = names.pop()
-    task = _eval_task(args, mixed.configs[0])
-    for path, config in zip(args.adapter, mixed.configs):
+    task = _eval_task(args, configs[0])
+    for path, config in zip(args.adapter, configs):
         check_task_fits_adapter(task, config["task"], adapter_label(path))
-    results = evaluate_mixed(mixed.model, mixed.assign, len(mixed.configs), task,
+    results = evaluate_mixed(mixed.model, mixed.assign, len(configs), task,
                              response_length=configs[0]["response_length"],
                              max_length=args.max_length or configs[0]["max_length"],
                              steps=args.steps, remasking=args.remasking, batch_size=args.batch_size, seed=args.seed,
                              truncate=args.truncate, threshold=args.threshold)
-    for result, path, config in zip(results, args.adapter, mixed.configs):
+    for result, path, config in zip(results, args.adapter, configs):
         result.update(method=config["method"], adapter=path)
     report = {"mixed_batch": True, "results": results}
     if args.out:
@@ -279,7 +279,7 @@ def cmd_compare(args) -> None:
 def cmd_bench(args) -> None:
     from .compare import specs_from
     from .files import write_json, write_text
-    from .methods import make_method, parse_option_pairs
+    from .methods import method_class, parse_option_pairs
     from .profiling import bench_table, profile_generation, profile_training
 
     if args.preset and args.methods:
@@ -300,7 +300,7 @@ def cmd_bench(args) -> None:
                              tf32=args.tf32, compile=args.compile, **common)
         r["label"] = spec.label
         if args.generation:  # as `load_model` serves the adapter: merged where the method merges
-            merged = make_method(spec.method, spec.options).can_merge
+            merged = method_class(spec.method).can_merge
             timed = profile_generation(spec.method, spec.options, merged=merged, **decoding)["rows"][0]
             r["generation"] = {"latency_s": timed["latency_s"], "tokens_per_s": timed["tokens_per_s"],
                                "merged": merged, "base_latency_s": base_latency,
