@@ -3,7 +3,8 @@
 The frozen body runs once for the whole batch; each adapter acts on its own rows only:
 
 * LoRA-Diffusion adapters (`final` or `blocks`) through a `Composition` whose rows are
-  assigned (each adapter's modules gather its rows, then scatter their delta back);
+  assigned (adapters of one shape stacked, each row gathering its own adapter's weights:
+  `methods.lora_diffusion.StackedAdapters`);
 * weight LoRA adapters through peft's mixed-batch inference: the adapters are loaded side
   by side into one peft model under their own names, and every LoRA layer is called with
   `adapter_names` (one name per row, "__base__" for a row that is not theirs).

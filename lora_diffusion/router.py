@@ -32,7 +32,7 @@ from .errors import UserError
 from .files import load_tensors, read_json, save_tensors, write_json
 from .methods import Method, MethodConfig, stored_method
 from .methods.base import freeze
-from .methods.lora_diffusion import LoRADiffusion, block_output_hook, encode_instruction
+from .methods.lora_diffusion import LoRADiffusion, StackedAdapters, block_output_hook, encode_instruction
 from .training import TrainConfig, train
 
 COMPOSITION_FORMAT = "lora-diffusion-composition"
@@ -70,7 +70,8 @@ class Composition:
         # (No hook where no adapter acts: a step hook's output is read as the model's delta_t.)
         final = {j: m.final_delta for j, m in enumerate(methods) if m.config.injection == "final"}
         blocks = [j for j, m in enumerate(methods) if m.config.injection == "blocks"]
-        self.hooks = [model.add_step_hook(lambda h, context: self._mix(final, h, context))] if final else []
+        self.stacks: list[tuple[list[int], StackedAdapters]] = []  # a mixed batch's, built on first use
+        self.hooks = [model.add_step_hook(lambda h, context: self._mix(final, h, context, 0))] if final else []
         self.grad_through_body = model.grad_through_body
         if blocks:
             model.grad_through_body = True  # the router's weights act inside the body too
@@ -149,23 +150,37 @@ class Composition:
     def _block_mixer(self, site: int, blocks: list[int]):
         """h -> the mixture after block `site` of the `blocks` adapters (indices into self.methods)."""
         acting = {j: functools.partial(self.methods[j].block_delta, site) for j in blocks}
-        return lambda h: self._mix(acting, h, self.model.step_context)
+        return lambda h: self._mix(acting, h, self.model.step_context, site)
 
-    def _mix(self, acting: dict, h, context: StepContext):
-        """sum_j w_j delta_j over the adapters `acting` at this site (j -> delta_of(h, context))."""
+    def _mix(self, acting: dict, h, context: StepContext, site: int):
+        """sum_j w_j delta_j over the adapters `acting` at this site (j -> delta_of(h, context);
+        `site`: the index of the site among its adapters' own)."""
         if context is None:
             raise UserError("a composition acts at a denoising step: run the model through DiffusionLM")
         if self.rows is not None:
-            return self._each_row_its_adapter(acting, h, context)
+            return self._each_row_its_adapter(acting, h, context, site)
         w = self.weights(context.instruction).to(h.dtype)
         return sum(w[:, j, None, None] * delta_of(h, context).to(h.dtype) for j, delta_of in acting.items())
 
-    def _each_row_its_adapter(self, acting: dict, h, context: StepContext):
-        """A mixed batch: each adapter's modules run on its own rows only (gathered, then
-        scattered back), so the batch costs one adapter's modules, however many it mixes."""
+    def _each_row_its_adapter(self, acting: dict, h, context: StepContext, site: int):
+        """A mixed batch: each row's delta from its own adapter alone. Adapters of one shape share a
+        stack (one batched pass for all their rows); until they are calibrated (their first batch),
+        each adapter's modules run on its own rows (gathered, then scattered back)."""
         rows = self.rows.to(h.device)
         if rows.shape[0] != h.shape[0]:
             raise UserError(f"the batch has {h.shape[0]} rows but {rows.shape[0]} were assigned adapters")
+        if not self.stacks or self.stacks[0][1].device != h.device:  # none yet, or the model moved
+            self.stacks = self._stack()
+        if self.stacks:
+            delta = torch.zeros_like(h)
+            for members, stack in self.stacks:
+                if members[0] in acting:  # a stack's adapters all act at the same sites
+                    slot = torch.full_like(rows, len(members))  # rows of other adapters: the zero slot
+                    for i, j in enumerate(members):
+                        slot[rows == j] = i
+                    if bool((slot < len(members)).any()):
+                        delta = delta + stack.delta(site, h, context, slot).to(h.dtype)
+            return delta
         delta = torch.zeros_like(h)
         for j, delta_of in acting.items():
             mine = (rows == j).nonzero().squeeze(1)
@@ -173,6 +188,16 @@ class Composition:
                 own = StepContext(*(None if x is None else x[mine] for x in context))
                 delta[mine] = delta_of(h[mine], own).to(h.dtype)
         return delta
+
+    def _stack(self) -> list:
+        """[(adapter indices, their StackedAdapters)], one per shape; [] while any is uncalibrated."""
+        shapes: dict[tuple, list[int]] = {}
+        for j, method in enumerate(self.methods):
+            shapes.setdefault(StackedAdapters.shape(method), []).append(j)
+        groups = list(shapes.values())
+        if not all(StackedAdapters.can_stack([self.methods[j] for j in members]) for members in groups):
+            return []
+        return [(members, StackedAdapters([self.methods[j] for j in members])) for members in groups]
 
     def use(self, weights=None) -> None:
         """Fixed weights (a list of M numbers, e.g. one-hot or uniform), or None for the router."""

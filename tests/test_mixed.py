@@ -45,6 +45,58 @@ def test_each_row_of_a_mixed_batch_gets_its_own_adapters_logits(tmp_path, tiny_b
     assert not torch.allclose(alone[0], alone[1]) and not torch.allclose(alone[2], base, atol=1e-4)
 
 
+SHAPES = [{"injection": "blocks", "ranks": [4, 2, 1]},  # two of each shape: they share a stack
+          {"injection": "blocks", "ranks": [4, 2, 1]},
+          {"injection": "blocks", "ranks": [3, 2, 2], "k": 1, "blocks_positions": "denoised"},
+          {"injection": "blocks", "ranks": [3, 2, 2], "k": 1, "blocks_positions": "denoised"},
+          {"injection": "blocks", "ranks": [2, 2, 1], "phases": "shared", "condition": False},
+          {"injection": "final", "ranks": [4, 2, 1]}, {"injection": "final", "ranks": [4, 2, 1]}]
+
+
+def test_a_mixed_batch_of_lora_diffusion_adapters_runs_one_stack_per_shape(tmp_path, tiny_base_dir, monkeypatch):
+    from lora_diffusion.methods.lora_diffusion import LoRADiffusion
+
+    paths = [saved(tmp_path, i, "lora_diffusion", options) for i, options in enumerate(SHAPES)]
+    mixed = MixedAdapters(paths, base=str(tiny_base_dir))
+    rows = [0, 1, 2, 3, 4, 5, 6, -1, 1, 5, 3]
+    batch = tiny_batch(tiny_backbone(seed=0), n=len(rows), padded=True)
+    t = torch.linspace(0.05, 0.95, len(rows))  # rows in every phase, as in training
+    mixed.assign(rows)
+    for name in ("final_delta", "block_delta"):  # the stacks serve every row: no adapter's own modules run
+        monkeypatch.setattr(LoRADiffusion, name, lambda *a, **k: pytest.fail("an adapter ran its own modules"))
+    got = logits(mixed.model, batch, t)
+    assert [members for members, _ in mixed.composition.stacks] == [[0, 1], [2, 3], [4], [5, 6]]
+    monkeypatch.undo()
+    alone = [logits(load_adapter(p, base=str(tiny_base_dir), merge=False)[0], batch, t) for p in paths]
+    base = logits(DiffusionLM(tiny_backbone(seed=0)).eval(), batch, t)
+    starts = batch["response_mask"].sum(1).cumsum(0).tolist()  # logits come flat over each row's response
+    for i, (r, end) in enumerate(zip(rows, starts)):
+        start = starts[i - 1] if i else 0
+        want = base if r == -1 else alone[r]
+        torch.testing.assert_close(got[start:end], want[start:end], atol=1e-5, rtol=1e-4)
+    assert all(not torch.allclose(alone[0], other, atol=1e-4) for other in alone[1:] + [base])
+
+
+def test_uncalibrated_adapters_are_mixed_one_by_one_until_their_first_batch_calibrates_them(tmp_path, tiny_base_dir):
+    model = DiffusionLM(tiny_backbone(seed=0))
+    paths = []
+    for i in range(2):
+        method = make_method("lora_diffusion", {"injection": "blocks", "ranks": [4, 2, 1]})
+        method.attach(model)
+        perturb(method, seed=i + 1)
+        save(tmp_path / f"fresh{i}", model, method)  # saved before any batch: not calibrated
+        method.detach()
+        paths.append(tmp_path / f"fresh{i}")
+    mixed = MixedAdapters(paths, base=str(tiny_base_dir))
+    mixed.assign([0, 1, 1, 0])
+    batch = tiny_batch(tiny_backbone(seed=0), n=4)
+    first = logits(mixed.model, batch)  # the loop: each adapter calibrates on its own rows
+    assert mixed.composition.stacks == []
+    second = logits(mixed.model, batch)  # now stacked, and the same
+    assert len(mixed.composition.stacks) == 1
+    torch.testing.assert_close(second, first, atol=1e-5, rtol=1e-4)
+
+
 def test_a_mixed_batch_refuses_other_methods_unassigned_rows_and_bad_indices(tmp_path, tiny_base_dir):
     lora = saved(tmp_path, 0, "lora", {"r": 2})
     bitfit = saved(tmp_path, 1, "bitfit", {})

@@ -2,9 +2,9 @@
 
 For each method (LoRA-Diffusion and weight LoRA), a batch of `batch_size` rows is decoded
 (a) with one adapter loaded as usual, unmerged, and (b) by `MixedAdapters` with the rows
-assigned round-robin to M adapters of that method (LoRA-Diffusion: each adapter's modules
-gather its rows; weight LoRA: peft's mixed-batch `adapter_names`). The frozen body runs
-once for the batch either way; (b) adds a loop over the adapters. Throughput is response
+assigned round-robin to M adapters of that method (LoRA-Diffusion: the adapters' weights
+stacked, each row gathering its own; weight LoRA: peft's mixed-batch `adapter_names`). The
+frozen body runs once for the batch either way. Throughput is response
 tokens per second (median over repeats, after a warm-up call that also calibrates
 LoRA-Diffusion's modules). The adapters are freshly initialised, with the up / B
 matrices made non-zero: the cost does not depend on what they learnt. They are saved and
