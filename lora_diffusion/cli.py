@@ -125,7 +125,7 @@ def _train_seed(args, seed: int, out) -> dict:
         steps = args.steps if args.steps is not None else 300
     config = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                          weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, seed=seed,
-                         bf16=args.bf16, tf32=args.tf32, compile=args.compile,
+                         bf16=args.bf16, tf32=args.tf32, compile=args.compile, cache_base=args.cache_base,
                          eval_every=args.eval_every if args.eval_every is not None else max(steps // 4, 1),
                          checkpoint_every=args.checkpoint_every, device=args.device)
     backbone = load_backbone(args.base)
@@ -659,6 +659,10 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-every", type=count_or_zero, help="steps between held-out checks (default: steps/4)")
     p.add_argument("--checkpoint-every", type=count_or_zero, default=100)
     p.add_argument("--sampler-steps", type=count, default=64, help="denoising steps T at evaluation")
+    p.add_argument("--cache-base", action="store_true",
+                   help="lora_diffusion with injection=final: keep the frozen base's last states of each noised "
+                        "example and run the base only for new ones (states without dropout; pays when examples "
+                        "repeat, e.g. several epochs over a small set)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=count)
     p.set_defaults(func=cmd_train)
@@ -716,7 +720,8 @@ def _add_compare_profile(sub) -> None:
     _task_args(p)
     p.add_argument("--preset", help="methods (= table5/7/9), ranks (= table10), modules (= table11), "
                                     "regularizers, schedule, injection, phases, ablations (every row of the six "
-                                    "before it, once: run it first with the same --out), stepaware")
+                                    "before it, once: run it first with the same --out), stepaware, cache (LoRA-"
+                                    "Diffusion final with and without --cache-base, beside weight LoRA)")
     p.add_argument("--rows", nargs="+", metavar="LABEL",
                    help="only these rows of the preset, by label (as its table shows them)")
     p.add_argument("--methods", help="comma-separated method names instead of a preset")

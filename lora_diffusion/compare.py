@@ -36,12 +36,14 @@ from .training import TrainConfig
 
 @dataclass
 class Spec:
-    """One row of a comparison: a method with its options (and, optionally, a fixed lr)."""
+    """One row of a comparison: a method with its options (and, optionally, a fixed lr and
+    training settings of its own: TrainConfig fields, e.g. {"cache_base": True})."""
 
     label: str
     method: str
     options: dict = field(default_factory=dict)
     lr: float | None = None
+    train: dict = field(default_factory=dict)
 
 
 def _ld(label, **options):
@@ -88,6 +90,11 @@ PRESETS: dict[str, list[Spec]] = {
                   _ld("LD blocks 12/6/1", injection="blocks", blocks_positions="denoised", ranks=(12, 6, 1)),
                   _ld("LD blocks all 12/6/1", injection="blocks", blocks_positions="all", ranks=(12, 6, 1)),
                   _ld("LD weights 6/3/1 k=1", injection="weights", targets="attention", k=1, ranks=(6, 3, 1))],
+    # The frozen base computed once (`--cache-base`, base_cache.py): LoRA-Diffusion `final`
+    # trained with and without the cache, beside weight LoRA, in one run.
+    "cache": [Spec("lora", "lora"), _ld("lora_diffusion", injection="final"),
+              Spec("lora_diffusion cached", "lora_diffusion", typed_options("lora_diffusion", {"injection": "final"}),
+                   train={"cache_base": True})],
 }
 ABLATIONS = ("ranks", "modules", "regularizers", "schedule", "injection", "phases")
 
@@ -229,6 +236,8 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config: TrainCo
     for spec in specs:
         row = {"label": spec.label, "method": spec.method, "options": spec.options,
                "config": method_config(spec.method, spec.options).to_dict()}
+        if spec.train:
+            row["train_settings"] = spec.train
         row["lr"] = spec.lr or _carried_lr(spec, learning_rates.get(spec.label)) or _default_lr(spec)
         if spec in to_sweep:
             row["sweep"] = _sweep(runner, spec, lr_sweep, val_task, seeds[0], out_dir)
@@ -321,12 +330,13 @@ class _Runner:
                   "task": task.name, "n_train": len(task.train), "n_eval": len(task.eval), "seed": seed, "lr": lr,
                   "steps": self.config.steps, "batch_size": self.config.batch_size,
                   "grad_accum": self.config.grad_accum, "bf16": self.config.bf16,
-                  "sampler_steps": self.sampler_steps}
+                  "sampler_steps": self.sampler_steps,
+                  "cache_base": spec.train.get("cache_base", self.config.cache_base)}
         found = {"method": result.get("method"), "task": result.get("task"), "n_train": result.get("n_train"),
                  "n_eval": result.get("n_eval"), "grad_accum": trained.get("grad_accum"),
                  "bf16": trained.get("bf16"), "sampler_steps": result.get("steps"),
                  "seed": trained.get("seed"), "lr": trained.get("lr"), "steps": trained.get("steps"),
-                 "batch_size": trained.get("batch_size"),
+                 "batch_size": trained.get("batch_size"), "cache_base": trained.get("cache_base"),
                  "options": _resolved(result.get("method"), result.get("options"))}
         differ = [k for k in wanted if found[k] is not None and found[k] != wanted[k]]
         if differ:
@@ -386,7 +396,7 @@ def _train_one(spec: Spec, seed: int, lr: float, task: Task, folder: Path, confi
     """One row's run for one seed, from a fresh copy of the base: (its result, seconds)."""
     if threads:
         torch.set_num_threads(threads)
-    cfg = TrainConfig(**{**asdict(config), "seed": seed, "lr": lr})
+    cfg = TrainConfig(**{**asdict(config), **spec.train, "seed": seed, "lr": lr})
     began = time.time()
     result = fine_tune(load_backbone(base), task, make_method(spec.method, spec.options), cfg,
                        out_dir=folder, sampler_steps=sampler_steps, progress=progress)

@@ -73,6 +73,9 @@ class DiffusionLM(nn.Module):
         # Denoiser calls the sampler made (what generation costs). Counted by `sample`, not in
         # `denoise`: a compiled training step must not see a Python counter change.
         self.sampler_calls = 0
+        # A `base_cache.BaseStateCache` that serves the frozen body's last states while training a
+        # method that reads only those (`train --cache-base`); None: the body runs at every step.
+        self.base_cache = None
 
     def add_step_hook(self, hook: StepHook) -> RemovableHandle:
         """Add `hook(h [B,L,d], context) -> delta [B,L,d]` to every step; `.remove()` the handle to undo."""
@@ -95,8 +98,11 @@ class DiffusionLM(nn.Module):
         grad_ctx = contextlib.nullcontext() if self._body_needs_grad() else torch.no_grad()
         context = self.step_context = StepContext(t, instruction, positions, attention_mask)
         try:
-            with grad_ctx:
-                h = self.backbone.hidden_states(input_ids, attention_mask)
+            if self.base_cache is not None and self.training and positions is not None and not self._body_needs_grad():
+                h = self.base_cache(self.backbone, input_ids, attention_mask, positions)
+            else:
+                with grad_ctx:
+                    h = self.backbone.hidden_states(input_ids, attention_mask)
         finally:
             self.step_context = None  # a later call of the body alone must not see this step's t
         delta = None

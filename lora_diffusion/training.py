@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .base_cache import BaseStateCache
 from .bounds import MAX_LR, MAX_SEED
 from .diffusion import DiffusionLM, diffusion_loss
 from .distributed import Processes, is_main, micro_batches_per_step, my_micro_batches, world_size
@@ -50,6 +51,7 @@ class TrainConfig:
     bf16: bool = False           # bf16 autocast (GPU, and CPUs that support it)
     tf32: bool = False           # TF32 matmuls on an NVIDIA GPU (Ampere or later)
     compile: bool = False        # torch.compile the step's forward (the first steps compile)
+    cache_base: bool = False     # keep the frozen base's last states per input (base_cache.py)
     eval_every: int = 0          # 0: evaluate only at the end
     checkpoint_every: int = 100  # 0: no checkpoints
     log_every: int = 10
@@ -68,6 +70,9 @@ class TrainConfig:
         _check_number("weight_decay", self.weight_decay, "a finite number >= 0", lambda x: x >= 0)
         _check_number("clip", self.clip, "a finite number >= 0 (0 = off)", lambda x: x >= 0)
         check_device(self.device)
+        if self.cache_base and self.compile:
+            raise UserError("--cache-base and --compile do not go together: a compiled step cannot look up "
+                            "the cache (pick one)")
 
 
 def _check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> None:
@@ -287,7 +292,7 @@ def save_checkpoint(folder: Path, method: Method, optimizer, config: TrainConfig
 
 # What decides a run's result: resuming with another value would silently make a different run.
 RESUME_MUST_MATCH = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup", "clip", "seed", "bf16",
-                     "tf32")
+                     "tf32", "cache_base")
 
 
 def load_checkpoint(folder: Path, method: Method, optimizer, config: TrainConfig | None = None,
@@ -426,6 +431,10 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     if micro_batches_per_step(config.grad_accum) > 101:  # step_generator's seeds would repeat
         raise UserError(f"at most 101 micro-batches per step (--grad-accum x processes), not "
                         f"{micro_batches_per_step(config.grad_accum)}: raise --batch-size instead")
+    if config.cache_base and not method.reads_final_states_only:
+        raise UserError(f"--cache-base needs a method that reads only the base's last hidden states "
+                        f"(lora_diffusion with injection=final); {method.name} with these options acts inside "
+                        "the base, so its states change as it trains")
     processes = Processes(config.device)
     device = processes.device or pick_device(config.device)
     use_tf32(device, config.tf32)
@@ -448,6 +457,7 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     if config.compile:  # batches change length: compile for dynamic shapes from the start
         objective = torch.compile(objective, dynamic=True)
     evaluate = evaluate if is_main() else None
+    cache = model.base_cache = BaseStateCache() if config.cache_base else None
     model.train()
     stopped = False
     # In a log file (not a terminal) a bar line every 10 s is enough.
@@ -473,6 +483,7 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
             bar.set_postfix(loss=f"{stats['loss']:.3f}")
             _after_step(config, state, optimizer, run, model, method, evaluate)
     model.eval()
+    model.base_cache = None  # its states served this run's steps only
     if start < config.steps:  # else it was finished before: a restart only reports it
         final_evaluate = None if stopped and not evaluate_if_stopped else evaluate
         _finish(config, state, optimizer, run, model, method, final_evaluate, stopped)
@@ -481,6 +492,8 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
                "global_batch": config.batch_size * micro_batches_per_step(config.grad_accum),
                "train_seconds": state.seconds,
                **summarize(run.records(), state.window)}
+    if cache is not None:
+        summary["base_cache"] = cache.summary()
     if state.final_eval is not None:
         summary["eval"] = state.final_eval
     return summary

@@ -229,6 +229,9 @@ class Method:
     # Merging folds the method into the base weights for inference; only methods that
     # change weights linearly (weight LoRA, DoRA) can do it.
     can_merge: ClassVar[bool] = False
+    # Whether the method reads only the frozen base's last hidden states (nothing of it acts
+    # inside the body): then a training run may cache those states (`train --cache-base`).
+    reads_final_states_only: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.Config()

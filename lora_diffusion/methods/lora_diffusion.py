@@ -465,6 +465,10 @@ class LoRADiffusion(Method):
     # (`merged_for`), and final/blocks perturb h nonlinearly.
     can_merge = False
 
+    @property
+    def reads_final_states_only(self) -> bool:
+        return self.config.injection == "final"
+
     def attach(self, model) -> None:
         self.add_modules(model)
         injection = self.config.injection
