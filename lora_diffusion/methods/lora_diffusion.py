@@ -388,28 +388,29 @@ class StackedAdapters:
         statistics, phases = self.sites[site]
         t, instruction, positions, _ = context
         t = t.to(h.device).float()
-        e = TimeEmbedding.features(t, self.config.time_dim).to(h.dtype)[:, None]  # [B, 1, d_t]
+        dtype = self.time[0][0].dtype  # the adapters' (h is cast to it, as nn.Linear would need)
+        e = TimeEmbedding.features(t, self.config.time_dim).to(dtype)[:, None]  # [B, 1, d_t]
         for i, (w, b) in enumerate(self.time):
             e = torch.baddbmm(b[slot][:, None], e, w[slot])
             e = F.silu(e) if i == 0 else e
         c = None
         if self.config.condition and instruction is not None:
-            c = encode_instruction(self.backbone, instruction).to(h.dtype)[:, None]  # [B, 1, d_c]
+            c = encode_instruction(self.backbone, instruction).to(dtype)[:, None]  # [B, 1, d_c]
         read = positions is not None and "context_mean" in statistics
         mean, std = statistics["h_mean"][slot][:, None], statistics["h_std"][slot][:, None]
         if read:  # the context positions standardised with their own statistics
             mark = positions.unsqueeze(-1)
             mean = torch.where(mark, mean, statistics["context_mean"][slot][:, None])
             std = torch.where(mark, std, statistics["context_std"][slot][:, None])
-        x = (h - mean.to(h.dtype)) / std.to(h.dtype)
+        x = ((h - mean.to(h.dtype)) / std.to(h.dtype)).to(dtype)
         phase = phase_of(t) if self.config.phases == "separate" else torch.zeros_like(t, dtype=torch.long)
 
         def part(p, rows):
             m, own = phases[p], _take(slot, rows)
             if rows is None:
                 rows = slice(None)
-            z = torch.bmm(x[rows], m["down_h"][own]) + torch.baddbmm(m["down_b"][own][:, None], e[rows], m["down_e"][own])
-            z = F.relu(z)
+            by_time = torch.baddbmm(m["down_b"][own][:, None], e[rows], m["down_e"][own])  # B_e e(t) + b
+            z = F.relu(torch.bmm(x[rows], m["down_h"][own]) + by_time)
             if c is not None:
                 z = z * (1 + torch.baddbmm(m["gate_b"][own][:, None], c[rows], m["gate"][own]))
             return self.scales[p] * torch.bmm(z, m["up"][own])
