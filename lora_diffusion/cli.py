@@ -126,6 +126,7 @@ def _train_seed(args, seed: int, out) -> dict:
     config = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                          weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, seed=seed,
                          bf16=args.bf16, tf32=args.tf32, compile=args.compile, cache_base=args.cache_base,
+                         cache_base_mb=args.cache_base_mb,
                          eval_every=args.eval_every if args.eval_every is not None else max(steps // 4, 1),
                          checkpoint_every=args.checkpoint_every, device=args.device)
     backbone = load_backbone(args.base)
@@ -663,6 +664,9 @@ def _add_train(sub) -> None:
                    help="lora_diffusion with injection=final: keep the frozen base's last states of each noised "
                         "example and run the base only for new ones (states without dropout; pays when examples "
                         "repeat, e.g. several epochs over a small set)")
+    p.add_argument("--cache-base-mb", type=non_negative, default=2048,
+                   help="with --cache-base: keep at most this many MB of states (0: keep none, so the base runs "
+                        "every step as without the cache, but without dropout)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=count)
     p.set_defaults(func=cmd_train)

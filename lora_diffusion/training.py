@@ -52,6 +52,7 @@ class TrainConfig:
     tf32: bool = False           # TF32 matmuls on an NVIDIA GPU (Ampere or later)
     compile: bool = False        # torch.compile the step's forward (the first steps compile)
     cache_base: bool = False     # keep the frozen base's last states per input (base_cache.py)
+    cache_base_mb: float = 2048  # at most this much of them (0: keep none, run the base without dropout)
     eval_every: int = 0          # 0: evaluate only at the end
     checkpoint_every: int = 100  # 0: no checkpoints
     log_every: int = 10
@@ -69,6 +70,7 @@ class TrainConfig:
         _check_number("warmup", self.warmup, "a finite number from 0 to 1", lambda x: 0 <= x <= 1)
         _check_number("weight_decay", self.weight_decay, "a finite number >= 0", lambda x: x >= 0)
         _check_number("clip", self.clip, "a finite number >= 0 (0 = off)", lambda x: x >= 0)
+        _check_number("cache_base_mb", self.cache_base_mb, "a finite number of MB >= 0", lambda x: x >= 0)
         check_device(self.device)
         if self.cache_base and self.compile:
             raise UserError("--cache-base and --compile do not go together: a compiled step cannot look up "
@@ -457,7 +459,7 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     if config.compile:  # batches change length: compile for dynamic shapes from the start
         objective = torch.compile(objective, dynamic=True)
     evaluate = evaluate if is_main() else None
-    cache = model.base_cache = BaseStateCache() if config.cache_base else None
+    cache = model.base_cache = BaseStateCache(config.cache_base_mb) if config.cache_base else None
     model.train()
     stopped = False
     # In a log file (not a terminal) a bar line every 10 s is enough.

@@ -164,8 +164,34 @@ for row in lora LD_weights_6_3_1_k_1; do
             --out results/parallel_decoding/sst2_${name}_threshold_$p.json
     done
 done
+# ... and on the generation task (suite_struct, the 300-step seed-0 adapters above; answers up to 12
+# tokens): the fixed sampler at T = 12 (one call per position) down to 1, and the threshold decoder.
+for spec in "struct_lora lora" "struct_ld_blocks_all_12_6_1 LD_blocks_all_12_6_1"; do
+    set -- $spec
+    for T in 12 6 4 3 2 1; do
+        $LD eval --adapter runs/gen/struct300/$2/seed-0 --steps $T --out results/parallel_decoding/$1_fixed_T$T.json
+    done
+    for p in 0.5 0.7 0.9; do
+        $LD eval --adapter runs/gen/struct300/$2/seed-0 --threshold $p --out results/parallel_decoding/$1_threshold_$p.json
+    done
+done
+# ... and on AG News topic (the seed-0 adapters of runs/stepaware-agnews; the fixed sampler's
+# scores are those runs' own results.json: the same 1,000 test examples at T = 64).
+for spec in "agnews_lora lora" "agnews_ld_blocks_all_12_6_1 LD_blocks_all_12_6_1"; do
+    set -- $spec
+    $LD eval --adapter runs/stepaware-agnews/$2/seed-0 --max-eval-examples 1000 --threshold 0.5 \
+        --out results/parallel_decoding/$1_threshold_0.5.json
+done
 # Issue 15: many LoRA-Diffusion adapters in one batch (alone on the machine: it times things).
 $LD analyze mixed-batch --adapter-counts 8,32 --threads 2 --out results/analysis/mixed_batch
+# Issue 15: the frozen base computed once (--cache-base) for LoRA-Diffusion final, beside the uncached
+# row and weight LoRA, on 1,000 SST-2 training examples (each seen ~10 times), alone on the machine.
+$LD compare --task sst2 --preset cache --steps 600 --seed 0 1 2 --max-train-examples 1000 --no-profile \
+    --threads 2 --out runs/cache-sst2 --results results/base_cache_sst2.json
+# ... and the control: the cache on but keeping nothing (the base runs every step, without dropout).
+$LD train --task sst2 --max-train-examples 1000 --method lora_diffusion --option injection=final --cache-base \
+    --cache-base-mb 0 --steps 600 --seed 0 1 2 --eval-every 0 --threads 1 --out runs/cache-sst2-nokeep \
+    --results results/base_cache_sst2_nokeep.json
 # Issue 15: the bench on this CPU (alone on the machine).
 $LD bench --methods lora_diffusion,lora,full --batch-size 16 --threads 2 --out results/bench_cpu.json
 # Issue 14: every stepaware row's training step, memory and generation overhead in one run (alone on the machine).
