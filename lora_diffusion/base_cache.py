@@ -19,11 +19,15 @@ states, and a miss runs the body as usual).
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 
 class BaseStateCache:
     """The base's last hidden states [n, d] at the read positions of each input seen, kept by input."""
+
+    KEY_BYTES = 16  # each input is kept under a 16-byte digest of itself, counted in the cap
 
     def __init__(self, max_mb: float = 2048.0):
         self.max_bytes = int(max_mb * 2 ** 20)
@@ -31,16 +35,17 @@ class BaseStateCache:
         self.bytes = 0
         self.hits = self.misses = 0
 
-    @staticmethod
-    def key(input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> bytes:
-        """An input as the body sees it: its real tokens (not the batch's padding) and where it is read."""
-        real = attention_mask.bool()
-        return (input_ids[real].cpu().numpy().tobytes() + b"|" +
-                positions[real].cpu().numpy().astype("bool").tobytes())
+    @classmethod
+    def keys(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> list[bytes]:
+        """Each row as the body sees it: its real tokens and where it is read, not the batch's padding
+        (`collate` pads on the right, so the real tokens of a row are the same however long its batch)."""
+        ids, real, read = (x.cpu().numpy() for x in (input_ids, attention_mask.bool(), positions.bool()))
+        return [hashlib.blake2b(row[mask].tobytes() + b"|" + where[mask].tobytes(), digest_size=cls.KEY_BYTES).digest()
+                for row, mask, where in zip(ids, real, read)]
 
     def __call__(self, backbone, input_ids, attention_mask, positions) -> torch.Tensor:
-        """h [B, L, d]: the body's last hidden states at `positions` (cached or computed now), zero elsewhere."""
-        keys = [self.key(*row) for row in zip(input_ids, attention_mask, positions)]
+        """h [B, L, d]: the body's last hidden states at `positions` (kept, or computed now), zero elsewhere."""
+        keys = self.keys(input_ids, attention_mask, positions)
         missing = [i for i, k in enumerate(keys) if k not in self.states]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
@@ -55,17 +60,17 @@ class BaseStateCache:
             finally:
                 backbone.mlm.train(was_training)
             for j, i in enumerate(missing):
-                fresh[i] = h[j][positions[i]].clone()
-                if keys[i] not in self.states and self.bytes + fresh[i].nbytes <= self.max_bytes:
+                fresh[i] = h[j][positions[i]]  # boolean indexing copies: the batch's h is not kept alive
+                if keys[i] not in self.states and self.bytes + self._size(fresh[i]) <= self.max_bytes:
                     self.states[keys[i]] = fresh[i]
-                    self.bytes += fresh[i].nbytes
-            dtype = h.dtype
-        else:
-            dtype = self.states[keys[0]].dtype
-        out = torch.zeros(*input_ids.shape, backbone.hidden_size, dtype=dtype, device=input_ids.device)
-        for i, k in enumerate(keys):
-            out[i][positions[i]] = fresh[i] if i in fresh else self.states[k].to(dtype)
+                    self.bytes += self._size(fresh[i])
+        states = [fresh[i] if i in fresh else self.states[k] for i, k in enumerate(keys)]
+        out = torch.zeros(*input_ids.shape, backbone.hidden_size, dtype=states[0].dtype, device=input_ids.device)
+        out[positions] = torch.cat(states).to(out.dtype)  # row by row, as boolean indexing reads them
         return out
+
+    def _size(self, state: torch.Tensor) -> int:
+        return state.nbytes + self.KEY_BYTES
 
     def summary(self) -> dict:
         """What the cache did, for the run's results."""

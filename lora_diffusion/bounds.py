@@ -9,3 +9,4 @@ MAX_LR = 10.0               # beyond ~1e38 AdamW's float32 state overflows
 MAX_TEMPERATURE = 100.0     # beyond, the sampler's scaled logits overflow
 MAX_EPOCHS = 10_000
 MAX_SEED = 2**31 - 1
+CACHE_MB = 2048             # the default cap of train --cache-base (a default, not a bound: shared likewise)

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .bounds import MAX_EPOCHS, MAX_LR, MAX_SEED, MAX_TEMPERATURE
+from .bounds import CACHE_MB, MAX_EPOCHS, MAX_LR, MAX_SEED, MAX_TEMPERATURE
 from .errors import UserError
 from .distributed import is_main, micro_batches_per_step, world_size
 from .paths import TRUST_REMOTE_CODE
@@ -664,7 +664,7 @@ def _add_train(sub) -> None:
                    help="lora_diffusion with injection=final: keep the frozen base's last states of each noised "
                         "example and run the base only for new ones (states without dropout; pays when examples "
                         "repeat, e.g. several epochs over a small set)")
-    p.add_argument("--cache-base-mb", type=non_negative, default=2048,
+    p.add_argument("--cache-base-mb", type=non_negative, default=CACHE_MB,
                    help="with --cache-base: keep at most this many MB of states (0: keep none, so the base runs "
                         "every step as without the cache, but without dropout)")
     p.add_argument("--device", default="auto")

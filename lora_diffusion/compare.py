@@ -16,7 +16,7 @@ import multiprocessing
 import random
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,13 +37,13 @@ from .training import TrainConfig
 @dataclass
 class Spec:
     """One row of a comparison: a method with its options (and, optionally, a fixed lr and
-    training settings of its own: TrainConfig fields, e.g. {"cache_base": True})."""
+    training settings of its own: TrainConfig fields over the comparison's, e.g. {"cache_base": True})."""
 
     label: str
     method: str
     options: dict = field(default_factory=dict)
     lr: float | None = None
-    train: dict = field(default_factory=dict)
+    train_settings: dict = field(default_factory=dict)
 
 
 def _ld(label, **options):
@@ -93,8 +93,7 @@ PRESETS: dict[str, list[Spec]] = {
     # The frozen base computed once (`--cache-base`, base_cache.py): LoRA-Diffusion `final`
     # trained with and without the cache, beside weight LoRA, in one run.
     "cache": [Spec("lora", "lora"), _ld("lora_diffusion", injection="final"),
-              Spec("lora_diffusion cached", "lora_diffusion", typed_options("lora_diffusion", {"injection": "final"}),
-                   train={"cache_base": True})],
+              replace(_ld("lora_diffusion cached", injection="final"), train_settings={"cache_base": True})],
 }
 ABLATIONS = ("ranks", "modules", "regularizers", "schedule", "injection", "phases")
 
@@ -236,8 +235,8 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config: TrainCo
     for spec in specs:
         row = {"label": spec.label, "method": spec.method, "options": spec.options,
                "config": method_config(spec.method, spec.options).to_dict()}
-        if spec.train:
-            row["train_settings"] = spec.train
+        if spec.train_settings:
+            row["train_settings"] = spec.train_settings
         row["lr"] = spec.lr or _carried_lr(spec, learning_rates.get(spec.label)) or _default_lr(spec)
         if spec in to_sweep:
             row["sweep"] = _sweep(runner, spec, lr_sweep, val_task, seeds[0], out_dir)
@@ -255,7 +254,8 @@ def run_compare(task: Task, specs: list[Spec], seeds: list[int], config: TrainCo
     for spec, row in rows:
         runs = [runner.run(spec, seed, row["lr"], task, seed_folder(out_dir, spec, seed)) for seed in seeds]
         row.update(_summarise(runs))
-        if profile and is_main():  # a measurement of one process
+        if profile and is_main() and not spec.train_settings:  # a measurement of one process, of the
+            # method alone (a profile knows no training settings: it would time another row's step)
             row["profile"] = _profile_row(spec, task, runs[0], config, base)
         results["rows"].append(row)
         _relative_to_full(results["rows"])
@@ -283,6 +283,11 @@ def _check_request(specs: list[Spec], lr_sweep, sweep_only: bool, learning_rates
         method_config(spec.method, spec.options)  # a bad option fails here
         if spec.lr is None and spec.label in learning_rates:
             _carried_lr(spec, learning_rates[spec.label])  # and a rate chosen for other options
+
+
+def config_for(spec: Spec, config: TrainConfig) -> TrainConfig:
+    """The comparison's training settings with the row's own over them."""
+    return replace(config, **spec.train_settings)
 
 
 def seed_folder(out_dir: Path, spec: Spec, seed: int) -> Path:
@@ -326,12 +331,12 @@ class _Runner:
             return None
         result = read_json(folder / "results.json")
         trained = result.get("config") or {}
+        config = config_for(spec, self.config)
         wanted = {"method": spec.method, "options": method_config(spec.method, spec.options).to_dict(),
                   "task": task.name, "n_train": len(task.train), "n_eval": len(task.eval), "seed": seed, "lr": lr,
-                  "steps": self.config.steps, "batch_size": self.config.batch_size,
-                  "grad_accum": self.config.grad_accum, "bf16": self.config.bf16,
-                  "sampler_steps": self.sampler_steps,
-                  "cache_base": spec.train.get("cache_base", self.config.cache_base)}
+                  "steps": config.steps, "batch_size": config.batch_size,
+                  "grad_accum": config.grad_accum, "bf16": config.bf16,
+                  "sampler_steps": self.sampler_steps, "cache_base": config.cache_base}
         found = {"method": result.get("method"), "task": result.get("task"), "n_train": result.get("n_train"),
                  "n_eval": result.get("n_eval"), "grad_accum": trained.get("grad_accum"),
                  "bf16": trained.get("bf16"), "sampler_steps": result.get("steps"),
@@ -396,7 +401,7 @@ def _train_one(spec: Spec, seed: int, lr: float, task: Task, folder: Path, confi
     """One row's run for one seed, from a fresh copy of the base: (its result, seconds)."""
     if threads:
         torch.set_num_threads(threads)
-    cfg = TrainConfig(**{**asdict(config), **spec.train, "seed": seed, "lr": lr})
+    cfg = replace(config_for(spec, config), seed=seed, lr=lr)
     began = time.time()
     result = fine_tune(load_backbone(base), task, make_method(spec.method, spec.options), cfg,
                        out_dir=folder, sampler_steps=sampler_steps, progress=progress)

@@ -92,13 +92,15 @@ class DiffusionLM(nn.Module):
 
         `positions` is a bool mask [B, L]; logits come back flattened to [N, V] for the
         True entries (the LM head is the costly part, so it only runs where needed).
+        A training step served by `base_cache` has h only there (zero elsewhere).
         """
         # A frozen body needs no graph: a method acting after it trains without a
         # backward pass through the base (the `final` injection point).
-        grad_ctx = contextlib.nullcontext() if self._body_needs_grad() else torch.no_grad()
+        body_needs_grad = self._body_needs_grad()
+        grad_ctx = contextlib.nullcontext() if body_needs_grad else torch.no_grad()
         context = self.step_context = StepContext(t, instruction, positions, attention_mask)
         try:
-            if self.base_cache is not None and self.training and positions is not None and not self._body_needs_grad():
+            if self.base_cache is not None and self.training and positions is not None and not body_needs_grad:
                 h = self.base_cache(self.backbone, input_ids, attention_mask, positions)
             else:
                 with grad_ctx:

@@ -175,11 +175,11 @@ class Composition:
             delta = torch.zeros_like(h)
             for members, stack in self.stacks:
                 if members[0] in acting:  # a stack's adapters all act at the same sites
-                    slot = torch.full_like(rows, len(members))  # rows of other adapters: the zero slot
-                    for i, j in enumerate(members):
-                        slot[rows == j] = i
-                    if bool((slot < len(members)).any()):
-                        delta = delta + stack.delta(site, h, context, slot).to(h.dtype)
+                    # each adapter's place in its stack; any other adapter's rows (and -1, the base's,
+                    # which indexes the last entry) go to the zero slot
+                    place = torch.full((len(self.methods) + 1,), len(members), device=rows.device)
+                    place[members] = torch.arange(len(members), device=rows.device)
+                    delta = delta + stack.delta(site, h, context, place[rows]).to(h.dtype)
             return delta
         delta = torch.zeros_like(h)
         for j, delta_of in acting.items():
@@ -202,6 +202,7 @@ class Composition:
     def use(self, weights=None) -> None:
         """Fixed weights (a list of M numbers, e.g. one-hot or uniform), or None for the router."""
         self.rows = None
+        self.stacks = []  # a mixed batch's copies: rebuilt from the adapters when one comes again
         self.fixed = None if weights is None else torch.tensor(weights, dtype=torch.float32)
 
     def assign(self, rows) -> None:

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .base_cache import BaseStateCache
-from .bounds import MAX_LR, MAX_SEED
+from .bounds import CACHE_MB, MAX_LR, MAX_SEED
 from .diffusion import DiffusionLM, diffusion_loss
 from .distributed import Processes, is_main, micro_batches_per_step, my_micro_batches, world_size
 from .errors import UserError, cut
@@ -52,7 +52,7 @@ class TrainConfig:
     tf32: bool = False           # TF32 matmuls on an NVIDIA GPU (Ampere or later)
     compile: bool = False        # torch.compile the step's forward (the first steps compile)
     cache_base: bool = False     # keep the frozen base's last states per input (base_cache.py)
-    cache_base_mb: float = 2048  # at most this much of them (0: keep none, run the base without dropout)
+    cache_base_mb: float = CACHE_MB  # at most this much of them (0: keep none: the base runs, without dropout)
     eval_every: int = 0          # 0: evaluate only at the end
     checkpoint_every: int = 100  # 0: no checkpoints
     log_every: int = 10
@@ -71,6 +71,8 @@ class TrainConfig:
         _check_number("weight_decay", self.weight_decay, "a finite number >= 0", lambda x: x >= 0)
         _check_number("clip", self.clip, "a finite number >= 0 (0 = off)", lambda x: x >= 0)
         _check_number("cache_base_mb", self.cache_base_mb, "a finite number of MB >= 0", lambda x: x >= 0)
+        if self.cache_base_mb != CACHE_MB and not self.cache_base:
+            raise UserError("--cache-base-mb sizes the cache of --cache-base: give both, or neither")
         check_device(self.device)
         if self.cache_base and self.compile:
             raise UserError("--cache-base and --compile do not go together: a compiled step cannot look up "
@@ -459,12 +461,13 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     if config.compile:  # batches change length: compile for dynamic shapes from the start
         objective = torch.compile(objective, dynamic=True)
     evaluate = evaluate if is_main() else None
-    cache = model.base_cache = BaseStateCache(config.cache_base_mb) if config.cache_base else None
+    cache = BaseStateCache(config.cache_base_mb) if config.cache_base else None
     model.train()
     stopped = False
     # In a log file (not a terminal) a bar line every 10 s is enough.
-    with tqdm(total=config.steps, initial=start, disable=not progress or not is_main(), desc="train", unit="step",
-              mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:  # closed before an error is shown
+    with _serving(model, cache), tqdm(total=config.steps, initial=start, disable=not progress or not is_main(),
+                                      desc="train", unit="step",  # the bar is closed before an error is shown
+                                      mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:
         for step in range(start, config.steps):
             if should_stop is not None and should_stop():
                 stopped = True
@@ -485,7 +488,6 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
             bar.set_postfix(loss=f"{stats['loss']:.3f}")
             _after_step(config, state, optimizer, run, model, method, evaluate)
     model.eval()
-    model.base_cache = None  # its states served this run's steps only
     if start < config.steps:  # else it was finished before: a restart only reports it
         final_evaluate = None if stopped and not evaluate_if_stopped else evaluate
         _finish(config, state, optimizer, run, model, method, final_evaluate, stopped)
@@ -494,11 +496,21 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
                "global_batch": config.batch_size * micro_batches_per_step(config.grad_accum),
                "train_seconds": state.seconds,
                **summarize(run.records(), state.window)}
-    if cache is not None:
+    if cache is not None:  # this process's, over the steps since `resumed_from_step`
         summary["base_cache"] = cache.summary()
     if state.final_eval is not None:
         summary["eval"] = state.final_eval
     return summary
+
+
+@contextlib.contextmanager
+def _serving(model: DiffusionLM, cache: BaseStateCache | None):
+    """The cache serves this run's training steps only; it is dropped however the loop ends."""
+    model.base_cache = cache
+    try:
+        yield
+    finally:
+        model.base_cache = None
 
 
 def _to(batch: dict, device) -> dict:

@@ -82,8 +82,34 @@ def test_a_method_acting_inside_the_base_is_refused_the_cache(name, options):
     method.attach(model)
     with pytest.raises(UserError, match="--cache-base needs a method that reads only the base's last hidden"):
         train(model, method, lambda step, micro: {}, TrainConfig(steps=1, cache_base=True), progress=False)
+
+
+def test_the_cache_settings_that_cannot_work_are_refused():
     with pytest.raises(UserError, match="--cache-base and --compile do not go together"):
         TrainConfig(cache_base=True, compile=True)
+    with pytest.raises(UserError, match="--cache-base-mb sizes the cache of --cache-base"):
+        TrainConfig(cache_base_mb=10)
+    with pytest.raises(UserError, match="--cache-base-mb must be a finite number of MB >= 0"):
+        TrainConfig(cache_base=True, cache_base_mb=-1)
+
+
+def test_with_dropout_the_cache_keeps_the_bases_own_states_and_leaves_training_mode_on():
+    backbone = tiny_backbone(seed=0)
+    backbone.mlm.config.hidden_dropout_prob = 0.5
+    for module in backbone.mlm.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    model = DiffusionLM(backbone)
+    method = make_method("lora_diffusion", FINAL)
+    method.attach(model)
+    batch = tiny_batch(backbone, n=3)
+    model.eval()
+    want = logits(model, batch)  # no dropout
+    model.train()
+    assert not torch.allclose(logits(model, batch), want, atol=1e-3)  # dropout is on: the body's draws differ
+    model.base_cache = BaseStateCache()
+    torch.testing.assert_close(logits(model, batch), want, atol=1e-5, rtol=1e-4)
+    assert backbone.mlm.training  # the cache ran the body in eval mode and put training mode back
 
 
 def test_a_full_cache_stops_keeping_states_and_the_body_serves_the_rest():
@@ -113,3 +139,24 @@ def test_train_cli_with_cache_base_reports_what_the_cache_did(capsys, tmp_path, 
     assert result["train"]["base_cache"]["hits"] + result["train"]["base_cache"]["misses"] == 6 * 4
     code, _, err = run_cli(capsys, *args[:-2], "--option", "injection=blocks", "--cache-base")
     assert code != 0 and "--cache-base needs a method that reads only" in err
+
+
+def test_compares_cache_preset_trains_its_row_with_the_cache_and_refuses_a_run_without_it(capsys, tmp_path,
+                                                                                           tiny_base_dir):
+    from test_cli import run_cli
+
+    args = ["compare", "--base", str(tiny_base_dir), "--task", "suite_sentiment", "--preset", "cache", "--seed", "0",
+            "--steps", "4", "--batch-size", "4", "--max-train-examples", "8", "--max-eval-examples", "4",
+            "--sampler-steps", "2", "--out", str(tmp_path / "cmp")]
+    code, _, err = run_cli(capsys, *args, "--rows", "lora_diffusion cached")
+    assert code == 0, err
+    row = json.loads((tmp_path / "cmp" / "results.json").read_text())["rows"][0]
+    assert row["train_settings"] == {"cache_base": True} and "profile" not in row  # a profile would time no cache
+    run = json.loads((tmp_path / "cmp" / "lora_diffusion_cached" / "seed-0" / "results.json").read_text())
+    assert run["config"]["cache_base"] is True and run["train"]["base_cache"]["misses"] > 0
+    # the folder of the cached row holds a cached run: the same label without the cache is refused
+    results = tmp_path / "cmp" / "lora_diffusion_cached" / "seed-0" / "results.json"
+    run["config"]["cache_base"] = False
+    results.write_text(json.dumps(run))
+    code, _, err = run_cli(capsys, *args, "--rows", "lora_diffusion cached")
+    assert code != 0 and "holds a run with cache_base=False, not True" in err
