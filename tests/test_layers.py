@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("errors", "paths", "bounds"),                      # leaves: the one exception type, where files are, limits
     ("files", "distributed"),                           # atomic JSON / text / safetensors; which process this is
-    ("backbone", "metrics"),                            # a base model; scores of plain data
+    ("backbone", "metrics", "base_cache"),              # a base model; scores of plain data; its kept states
     ("diffusion", "data"),                              # forward process, loss, sampler; tasks and batches
     ("methods", "suite", "plots"),                      # the PEFT methods; the suite generator; figures
     ("adapters", "evaluate", "training"),               # adapter folders; held-out metrics; the loop
