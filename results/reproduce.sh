@@ -175,12 +175,22 @@ for spec in "struct_lora lora" "struct_ld_blocks_all_12_6_1 LD_blocks_all_12_6_1
         $LD eval --adapter runs/gen/struct300/$2/seed-0 --threshold $p --out results/parallel_decoding/$1_threshold_$p.json
     done
 done
+# ... and on SST-2 with today's adapters (weight LoRA of runs/forget-lora, LoRA-Diffusion blocks of
+# runs/stepaware-sst2-blocks): the fixed sampler at T = 2 and 1, and the threshold decoder.
+for spec in "sst2_lora_600 runs/forget-lora/lora/seed-0" \
+            "sst2_ld_blocks_all_12_6_1 runs/stepaware-sst2-blocks/LD_blocks_all_12_6_1/seed-0"; do
+    set -- $spec
+    for T in 2 1; do $LD eval --adapter $2 --steps $T --out results/parallel_decoding/$1_fixed_T$T.json; done
+    $LD eval --adapter $2 --threshold 0.5 --out results/parallel_decoding/$1_threshold_0.5.json
+done
 # ... and on AG News topic (the seed-0 adapters of runs/stepaware-agnews; the fixed sampler's
 # scores are those runs' own results.json: the same 1,000 test examples at T = 64).
 for spec in "agnews_lora lora" "agnews_ld_blocks_all_12_6_1 LD_blocks_all_12_6_1"; do
     set -- $spec
     $LD eval --adapter runs/stepaware-agnews/$2/seed-0 --max-eval-examples 1000 --threshold 0.5 \
         --out results/parallel_decoding/$1_threshold_0.5.json
+    $LD eval --adapter runs/stepaware-agnews/$2/seed-0 --max-eval-examples 1000 --steps 1 \
+        --out results/parallel_decoding/$1_fixed_T1.json
 done
 # Issue 15: many LoRA-Diffusion adapters in one batch (alone on the machine: it times things).
 $LD analyze mixed-batch --adapter-counts 8,32 --threads 2 --out results/analysis/mixed_batch
