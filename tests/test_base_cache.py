@@ -45,7 +45,7 @@ def test_cached_states_give_the_logits_the_body_gives_however_the_batch_is_padde
     assert cache.hits == 8 and cache.misses == 4
 
 
-def _run(cache: bool, steps: int = 12):
+def _run(cache: bool, steps: int = 12, bf16: bool = False):
     backbone = tiny_backbone(seed=0)  # no dropout: with and without the cache are the same run
     task = load_task("suite_sentiment", max_train=6)  # one-word answers, 6 examples: inputs repeat
     enc = encode(backbone.tokenizer, task.train, 2, 96)
@@ -54,7 +54,7 @@ def _run(cache: bool, steps: int = 12):
     torch.manual_seed(0)
     method = make_method("lora_diffusion", FINAL)
     method.attach(model)
-    config = TrainConfig(steps=steps, batch_size=4, lr=3e-3, log_every=1, cache_base=cache)
+    config = TrainConfig(steps=steps, batch_size=4, lr=3e-3, log_every=1, cache_base=cache, bf16=bf16)
     summary = train(model, method, lambda step, micro: collate(enc, order(step), backbone.pad_id), config,
                     progress=False)
     return method.state_dict(), summary
@@ -71,6 +71,14 @@ def test_a_cached_run_trains_the_adapter_an_uncached_run_trains_and_reuses_repea
     assert stats["misses"] <= 18 and stats["hits"] == 12 * 4 - stats["misses"] and stats["hits"] > 0
     assert 0 < stats["inputs_kept"] <= stats["misses"]  # (an input twice in one batch misses twice)
     assert "base_cache" not in plain_summary
+
+
+def test_under_bf16_autocast_a_cached_run_trains_what_an_uncached_one_trains():
+    plain, _ = _run(cache=False, steps=6, bf16=True)
+    cached, summary = _run(cache=True, steps=6, bf16=True)
+    assert summary["base_cache"]["hits"] > 0  # batches mixing kept and new states were served
+    for name in plain:  # (bf16 itself moves these adapters by ~3e-3 from fp32's after 6 steps)
+        torch.testing.assert_close(cached[name], plain[name], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name, options", [("lora_diffusion", {"injection": "blocks", "ranks": [2, 1, 1]}),
