@@ -307,12 +307,8 @@ class PhaseModules(nn.Module):
         self.calibrated.fill_(True)
 
     def standardise(self, h, positions=None):
-        if not (self.context_stats and positions is not None):
-            return (h - self.h_mean.to(h.dtype)) / self.h_std.to(h.dtype)
-        read = positions.unsqueeze(-1)
-        mean = torch.where(read, self.h_mean, self.context_mean).to(h.dtype)
-        std = torch.where(read, self.h_std, self.context_std).to(h.dtype)
-        return (h - mean) / std
+        context = (self.context_mean, self.context_std) if self.context_stats else None
+        return standardised(h, self.h_mean, self.h_std, positions, context)
 
     def forward(self, h, e, c, phase, scales, positions=None):
         h = self.standardise(h, positions)
@@ -340,6 +336,7 @@ class StackedAdapters:
         if not self.can_stack(methods):
             raise UserError("stacking needs calibrated LoRA-Diffusion adapters of one shape (final or blocks)")
         self.config, self.backbone = methods[0].config, methods[0].model.backbone
+        self.module_set = methods[0].module_set  # which set acts at t: the same for every adapter of a shape
         trajectories = [m.trajectory for m in methods]
         d = self.backbone.hidden_size
         with torch.no_grad():
@@ -396,14 +393,10 @@ class StackedAdapters:
         c = None
         if self.config.condition and instruction is not None:
             c = encode_instruction(self.backbone, instruction).to(dtype)[:, None]  # [B, 1, d_c]
-        read = positions is not None and "context_mean" in statistics
-        mean, std = statistics["h_mean"][slot][:, None], statistics["h_std"][slot][:, None]
-        if read:  # the context positions standardised with their own statistics
-            mark = positions.unsqueeze(-1)
-            mean = torch.where(mark, mean, statistics["context_mean"][slot][:, None])
-            std = torch.where(mark, std, statistics["context_std"][slot][:, None])
-        x = ((h - mean.to(h.dtype)) / std.to(h.dtype)).to(dtype)
-        phase = phase_of(t) if self.config.phases == "separate" else torch.zeros_like(t, dtype=torch.long)
+        own = {name: value[slot][:, None] for name, value in statistics.items()}  # [B, 1, d] each
+        context = (own["context_mean"], own["context_std"]) if "context_mean" in own else None
+        x = standardised(h, own["h_mean"], own["h_std"], positions, context).to(dtype)
+        phase = self.module_set(t)
 
         def part(p, rows):
             m, own = phases[p], _take(slot, rows)
@@ -425,6 +418,16 @@ def _stacked(tensors, fill: float = 0.0) -> torch.Tensor:
     """[M + 1, ...]: the tensors one after another and a last slot of `fill` (rows of no adapter)."""
     tensors = [x.detach() for x in tensors]
     return torch.stack(tensors + [torch.full_like(tensors[0], fill)])
+
+
+def standardised(h, mean, std, positions=None, context=None):
+    """(h - mean) / std; with `context` (its mean and std) and `positions` [B, L], the positions not
+    read are standardised with the context's statistics. Statistics [d] (one adapter's) or
+    [B, 1, d] (each row its own adapter's, as `StackedAdapters` gathers them)."""
+    if context is not None and positions is not None:
+        read = positions.unsqueeze(-1)
+        mean, std = torch.where(read, mean, context[0]), torch.where(read, std, context[1])
+    return (h - mean.to(h.dtype)) / std.to(h.dtype)
 
 
 def _set_statistics(mean: torch.Tensor, std: torch.Tensor, h: torch.Tensor) -> None:
