@@ -70,7 +70,7 @@ class Composition:
         # (No hook where no adapter acts: a step hook's output is read as the model's delta_t.)
         final = {j: m.final_delta for j, m in enumerate(methods) if m.config.injection == "final"}
         blocks = [j for j, m in enumerate(methods) if m.config.injection == "blocks"]
-        self.stacks: list[tuple[list[int], StackedAdapters]] = []  # a mixed batch's, built on first use
+        self.stacks: list[tuple[list[int], torch.Tensor, StackedAdapters]] = []  # a mixed batch's, built on first use
         self.hooks = [model.add_step_hook(lambda h, context: self._mix(final, h, context, 0))] if final else []
         self.grad_through_body = model.grad_through_body
         if blocks:
@@ -169,16 +169,12 @@ class Composition:
         rows = self.rows.to(h.device)
         if rows.shape[0] != h.shape[0]:
             raise UserError(f"the batch has {h.shape[0]} rows but {rows.shape[0]} were assigned adapters")
-        if not self.stacks or self.stacks[0][1].device != h.device:  # none yet, or the model moved
+        if not self.stacks or self.stacks[0][2].device != h.device:  # none yet, or the model moved
             self.stacks = self._stack()
         if self.stacks:
             delta = torch.zeros_like(h)
-            for members, stack in self.stacks:
+            for members, place, stack in self.stacks:
                 if members[0] in acting:  # a stack's adapters all act at the same sites
-                    # each adapter's place in its stack; any other adapter's rows (and -1, the base's,
-                    # which indexes the last entry) go to the zero slot
-                    place = torch.full((len(self.methods) + 1,), len(members), device=rows.device)
-                    place[members] = torch.arange(len(members), device=rows.device)
                     delta = delta + stack.delta(site, h, context, place[rows]).to(h.dtype)
             return delta
         delta = torch.zeros_like(h)
@@ -190,14 +186,23 @@ class Composition:
         return delta
 
     def _stack(self) -> list:
-        """[(adapter indices, their StackedAdapters)], one per shape; [] while any is uncalibrated."""
+        """[(adapter indices, place, their StackedAdapters)], one per shape; [] while any is uncalibrated.
+
+        place[j] is adapter j's slot in its stack; every other adapter (and -1, the base's rows,
+        which indexes the last entry) maps to the stack's zero slot."""
         shapes: dict[tuple, list[int]] = {}
         for j, method in enumerate(self.methods):
             shapes.setdefault(StackedAdapters.shape(method), []).append(j)
         groups = list(shapes.values())
         if not all(StackedAdapters.can_stack([self.methods[j] for j in members]) for members in groups):
             return []
-        return [(members, StackedAdapters([self.methods[j] for j in members])) for members in groups]
+        stacks = []
+        for members in groups:
+            stack = StackedAdapters([self.methods[j] for j in members])
+            place = torch.full((len(self.methods) + 1,), len(members), device=stack.device)
+            place[members] = torch.arange(len(members), device=stack.device)
+            stacks.append((members, place, stack))
+        return stacks
 
     def use(self, weights=None) -> None:
         """Fixed weights (a list of M numbers, e.g. one-hot or uniform), or None for the router."""

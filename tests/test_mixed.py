@@ -65,7 +65,7 @@ def test_a_mixed_batch_of_lora_diffusion_adapters_runs_one_stack_per_shape(tmp_p
     for name in ("final_delta", "block_delta"):  # the stacks serve every row: no adapter's own modules run
         monkeypatch.setattr(LoRADiffusion, name, lambda *a, **k: pytest.fail("an adapter ran its own modules"))
     got = logits(mixed.model, batch, t)
-    assert [members for members, _ in mixed.composition.stacks] == [[0, 1], [2, 3], [4], [5, 6]]
+    assert [members for members, _, _ in mixed.composition.stacks] == [[0, 1], [2, 3], [4], [5, 6]]
     monkeypatch.undo()
     alone = [logits(load_adapter(p, base=str(tiny_base_dir), merge=False)[0], batch, t) for p in paths]
     base = logits(DiffusionLM(tiny_backbone(seed=0)).eval(), batch, t)
