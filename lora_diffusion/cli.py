@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .bounds import CACHE_MB, MAX_EPOCHS, MAX_LR, MAX_SEED, MAX_TEMPERATURE
 from .errors import UserError
-from .distributed import is_main, micro_batches_per_step, world_size
+from .distributed import close_process_group, is_main, micro_batches_per_step, world_size
 from .paths import TRUST_REMOTE_CODE
 
 # Each command imports what it needs when it runs (torch, transformers, peft, gradio take
@@ -897,6 +897,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted (a run with --out resumes from its last checkpoint)", file=sys.stderr)
         return 130
+    finally:
+        close_process_group()
     return 0
 
 

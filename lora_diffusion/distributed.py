@@ -10,14 +10,22 @@ floating-point sums. With dropout, each micro-batch draws its masks from a seed 
 but not the masks a 1-process run draws. The main process alone logs, evaluates,
 checkpoints and writes; every process reads a checkpoint to resume.
 
-The engine is DDP (accelerate's MULTI_GPU, or MULTI_CPU over gloo); FSDP and DeepSpeed,
-which shard what the loop clips and saves, are refused. Without a launcher nothing here
-starts a process group. Reading the rank and the world size needs no torch, so the CLI
-can ask cheaply.
+The engine is DDP (accelerate's MULTI_GPU, or MULTI_CPU over gloo) or FSDP (version 2,
+torch's `fully_shard`, one unit per transformer block plus the rest). Under FSDP each
+process holds a shard of every parameter, the frozen base's included, between forwards:
+what the loop reads whole (a checkpoint's tensors, the proximal step's matrices) is
+gathered on every process (`full`, a collective) and written back as each one's shard
+(`assign`); for an evaluation every process gathers the whole model, then the main one
+runs it alone (`whole_model`). What follows training (scoring, merging, saving) runs on
+a whole copy the main process builds from the base and the gathered adapter
+(`runs.fine_tune`). DeepSpeed is refused (see the README). Without a launcher nothing
+here starts a process group. Reading the rank and the world size needs no torch, so the
+CLI can ask cheaply.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -50,35 +58,90 @@ class Processes:
 
     def __init__(self, device: str = "auto"):
         self.accelerator = None
+        self.engine = "one process"  # or "ddp", "fsdp": as results.json states it
+        self.sharded = False  # FSDP: parameters are shards between forwards
+        self.replicated = []  # FSDP: the method's own parameters, kept whole on every process
         if world_size() > 1:
             from datetime import timedelta
 
             import torch
             from accelerate import Accelerator
-            from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
+            from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
             from .errors import UserError
 
+            # accelerate launch says what the config file asks in the environment.
+            if _flag("ACCELERATE_USE_DEEPSPEED"):
+                raise UserError("DeepSpeed is not offered: launch with configs/accelerate/ddp.yaml or fsdp.yaml")
+            self.sharded = _flag("ACCELERATE_USE_FSDP")
+            if self.sharded and os.environ.get("FSDP_VERSION", "1") != "2":
+                raise UserError("FSDP needs fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)")
+            if self.sharded and not all(hasattr(torch.distributed.fsdp.FSDPModule, name) for name in
+                                        ("reset_iter_state", "set_reduce_scatter_unused_params")):
+                raise UserError(f"FSDP needs a newer torch than {torch.__version__} (tested with 2.13)")
+            self.engine = "fsdp" if self.sharded else "ddp"
             # A step-aware adapter leaves the modules of phases no example of a batch is in
             # without a gradient: DDP must expect parameters that were not used. The other
             # processes wait in a collective while the main one evaluates: give them hours.
             self.accelerator = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available(),
                                            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
                                                             InitProcessGroupKwargs(timeout=timedelta(hours=3))])
-            engine = self.accelerator.distributed_type
-            if engine not in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
-                raise UserError(f"training on several processes supports DDP only, not {engine.value}: launch with "
-                                "configs/accelerate/ddp.yaml or torchrun")
 
     @property
     def device(self):
         return self.accelerator.device if self.accelerator else None
 
-    def prepare(self, model, optimizer):
-        """The model the loss calls (the engine's wrapper) and the optimiser the loop steps."""
+    def wrap(self, model, units: list, replicated: list):
+        """The model the loss calls: DDP's wrapper around `model`, or under FSDP `model` itself
+        with its parameters replaced by shards (torch's `fully_shard`: each of `units` gathered
+        for its own forward, the rest for the whole one) except the `replicated` ones, whole on
+        every process (see `average_replicated`). Make the optimiser after this."""
         if self.accelerator is None:
-            return model, optimizer
-        return self.accelerator.prepare(model, optimizer)
+            return model
+        if not self.sharded:
+            return self.accelerator.prepare(model)
+        # accelerate shards only on CUDA (its CPU processes are DDP): torch's API does it on both.
+        from torch.distributed.fsdp import fully_shard
+
+        self.replicated = replicated
+        for unit in units:
+            fully_shard(unit, ignored_params=set(replicated))
+        model = fully_shard(model, ignored_params=set(replicated))
+        # What is sharded is used at every step, but should a process leave some of it without
+        # a gradient, the collectives must still match: it reduces zeros for it.
+        model.set_reduce_scatter_unused_params(True)
+        return model
+
+    def average_replicated(self) -> None:
+        """Under FSDP, after a step's backward passes: average the replicated parameters' gradients
+        over the processes as DDP does. A parameter no process used keeps no gradient (AdamW
+        leaves it alone, as on one process); one some process used gets the mean, with zero
+        from the others."""
+        if not self.sharded or not self.replicated:
+            return
+        import torch
+        import torch.distributed as dist
+
+        used = torch.tensor([p.grad is not None for p in self.replicated], dtype=torch.uint8,
+                            device=self.accelerator.device)
+        dist.all_reduce(used, op=dist.ReduceOp.MAX)
+        live = [p for p, u in zip(self.replicated, used.tolist()) if u]
+        if not live:
+            return
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in live])
+        dist.all_reduce(flat)
+        flat /= world_size()
+        for p, grad in zip(live, flat.split([p.numel() for p in live])):
+            p.grad = grad.view_as(p).clone()
+
+    @staticmethod
+    def held_bytes(model) -> int:
+        """Bytes of `model`'s parameters this process holds between forwards (under FSDP its shards)."""
+        return sum(_local(p).numel() * p.element_size() for p in model.parameters())
+
+    def prepare_optimizer(self, optimizer):
+        """The optimiser the loop steps (under FSDP, over the shards: torch's own)."""
+        return self.accelerator.prepare(optimizer) if self.accelerator and not self.sharded else optimizer
 
     def mean(self, value: float) -> float:
         """The mean of a number over the processes (every process gets it)."""
@@ -89,11 +152,107 @@ class Processes:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(tensor, reduction="mean"))
 
+    @contextlib.contextmanager
     def no_sync(self, objective):
         """A context in which a backward does not average gradients yet (all but a step's last micro-batch)."""
-        import contextlib
+        if self.sharded:
+            objective.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                objective.set_requires_gradient_sync(True)
+        elif self.accelerator:
+            with self.accelerator.no_sync(objective):
+                yield
+        else:
+            yield
 
-        return self.accelerator.no_sync(objective) if self.accelerator else contextlib.nullcontext()
+    def full(self, tensors: dict) -> dict:
+        """`tensors` whole on every process (under FSDP a collective: every process must call it)."""
+        return {name: full_tensor(t) for name, t in tensors.items()}
+
+    @contextlib.contextmanager
+    def whole_model(self, model):
+        """Under FSDP: every process gathers every parameter of the prepared `model`, so that
+        inside, one process may run forwards of its parts alone (nothing is gathered or freed
+        per forward); every process must enter. Elsewhere: nothing to do."""
+        if not self.sharded:
+            yield
+            return
+        self._unshard(model)
+        try:
+            yield
+        finally:
+            for unit in _fsdp_units(model):
+                if unit is not model:  # the root keeps FSDP's own choice (not to free after a forward)
+                    unit.set_reshard_after_forward(True, recurse=False)
+            # Shards again, and forgets the order the forwards inside ran in: on the main process
+            # alone it would make the next backward prefetch blocks the others do not.
+            model.reset_iter_state()
+
+    @staticmethod
+    def _unshard(model) -> None:
+        # A forward inside calls the blocks, not the root (`model`): they must not free their
+        # parameters after it, or the next one would gather them on one process alone.
+        for unit in _fsdp_units(model):
+            if unit is not model:
+                unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
+
+
+def _fsdp_units(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def full_tensor(t):
+    """`t` whole: a DTensor (a shard of an FSDP parameter or of its optimiser state) gathered
+    from every process (a collective); any other tensor as it is."""
+    if _is_dtensor(t):
+        return t.full_tensor()
+    return t
+
+
+def _local(t):
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def shard_like(param, value):
+    """The whole tensor `value` cut as `param` is (under FSDP: this process's shard, cut locally,
+    as every process holds the same `value`); elsewhere `value` itself."""
+    if not _is_dtensor(param):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def assign(param, value) -> None:
+    """Write the whole tensor `value` into `param` (under FSDP: into its shard)."""
+    param.copy_(shard_like(param, value))
+
+
+def _is_dtensor(t) -> bool:
+    if world_size() == 1:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def close_process_group() -> None:
+    """Leave the run's process group, if this process joined one (a process that exits with it
+    open can abort in gloo's threads as it ends)."""
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def share(value, device="cpu"):

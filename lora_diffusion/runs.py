@@ -19,11 +19,11 @@ from .adapters import RUN_ADAPTER, save_adapter
 from .backbone import Backbone, load_backbone
 from .data import Task, batch_schedule, collate, encode, load_task, response_length_for
 from .diffusion import DiffusionLM
-from .distributed import is_main, micro_batches_per_step, share, world_size
+from .distributed import full_tensor, is_main, micro_batches_per_step, share, world_size
 from .errors import UserError
 from .evaluate import evaluate_task
 from .files import write_json
-from .methods import Method, make_method
+from .methods import Method, make_method, stored_method
 from .metrics import mean_std, metric_of, over_seeds, percent, primary_metric, reported_metrics
 from .training import TrainConfig, train
 
@@ -70,6 +70,8 @@ def fine_tune(backbone: Backbone, task: Task, method: Method, config: TrainConfi
     summary = train(model, method, batch_for_step, config, out_dir=out_dir, evaluate=monitor,
                     on_log=on_log, should_stop=should_stop, progress=progress, identity=identity,
                     evaluate_if_stopped=score_if_stopped)
+    if summary["engine"] == "fsdp":  # the trained model is sharded over the processes
+        model, method = _whole_copy(backbone, model, method)
     unscored = summary["stopped_early"] and not score_if_stopped
     result = None
     if is_main():  # on several processes the main one evaluates and writes; the others get its results
@@ -88,6 +90,22 @@ def fine_tune(backbone: Backbone, task: Task, method: Method, config: TrainConfi
     result = share(result, device=next(model.parameters()).device)
     result["model"] = model
     return result
+
+
+def _whole_copy(backbone: Backbone, model: DiffusionLM, method: Method) -> tuple[DiffusionLM, Method]:
+    """After FSDP training: the method's tensors gathered on every process (a collective), and
+    on the main process the model it scores and saves, built as `eval --adapter` loads one:
+    the base from its files, the method attached, the gathered tensors loaded. (Elsewhere
+    the sharded ones are returned: the other processes only wait for the main one's results.)"""
+    state = {name: full_tensor(t) for name, t in method.state_dict().items()}
+    if not is_main():
+        return model, method
+    sharded = next(backbone.mlm.parameters())
+    model = DiffusionLM(load_backbone(backbone.source, dtype=sharded.dtype)).to(sharded.device)
+    copy = stored_method(method.name, method.options())
+    copy.attach(model)
+    copy.load_state_dict(state)
+    return model, copy
 
 
 def _digest(examples: list[dict]) -> str:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .base_cache import BaseStateCache
 from .bounds import CACHE_MB, MAX_LR, MAX_SEED
 from .diffusion import DiffusionLM, diffusion_loss
-from .distributed import Processes, is_main, micro_batches_per_step, my_micro_batches, world_size
+from .distributed import Processes, is_main, micro_batches_per_step, my_micro_batches, shard_like, world_size
 from .errors import UserError, cut
 from .files import append_jsonl, load_tensors, read_json, read_jsonl, save_tensors, write_json, write_jsonl
 from .methods import Method
@@ -208,6 +208,7 @@ def train_step(objective: Objective, method: Method, optimizer, params: list, mi
             (total / len(micro_batches)).backward()
         step_loss += loss.item() / len(micro_batches)
         step_penalty += (0.0 if penalty is None else penalty.item()) / len(micro_batches)
+    processes.average_replicated()
     step_loss, step_penalty = processes.mean(step_loss), processes.mean(step_penalty)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip or float("inf")))
     if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
@@ -271,23 +272,33 @@ def set_rng_state(tensors: dict, lists: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(folder: Path, method: Method, optimizer, config: TrainConfig, state: TrainState) -> None:
+def checkpoint_tensors(method: Method, optimizer, processes: Processes | None = None) -> tuple[dict, dict, list]:
+    """The method's state, AdamW's moments (as "index.name") and its param groups, whole.
+
+    Under FSDP, gathering the shards is a collective: every process calls this."""
+    opt_state = optimizer.state_dict()
+    moments = {f"{idx}.{key}": value if torch.is_tensor(value) else torch.tensor(value)
+               for idx, param_state in opt_state["state"].items() for key, value in param_state.items()}
+    whole = processes.full if processes is not None else dict
+    return whole(method.state_dict()), whole(moments), opt_state["param_groups"]
+
+
+def save_checkpoint(folder: Path, method: Method, optimizer, config: TrainConfig, state: TrainState,
+                    processes: Processes | None = None) -> None:
     """Write `step-N/`, then point latest.json at it, then delete the older step folders.
 
     latest.json is the commit point: a write killed before it leaves the previous
     checkpoint in charge (`RunFolder.resume` deletes the half-written folder).
     """
+    trainable, moments, param_groups = checkpoint_tensors(method, optimizer, processes)
     ckpt = folder / f"step-{state.step}"
     ckpt.mkdir(parents=True, exist_ok=True)
-    save_tensors(ckpt / "trainable.safetensors", method.state_dict())
-    opt_state = optimizer.state_dict()
-    tensors = {f"{idx}.{key}": value if torch.is_tensor(value) else torch.tensor(value)
-               for idx, param_state in opt_state["state"].items() for key, value in param_state.items()}
-    save_tensors(ckpt / "optimizer.safetensors", tensors)
+    save_tensors(ckpt / "trainable.safetensors", trainable)
+    save_tensors(ckpt / "optimizer.safetensors", moments)
     rng_tensors, rng_lists = rng_state()
     save_tensors(ckpt / "rng.safetensors", rng_tensors)
     write_json(ckpt / "state.json", {**asdict(state), "config": asdict(config),
-                                     "param_groups": opt_state["param_groups"], **rng_lists})
+                                     "param_groups": param_groups, **rng_lists})
     write_json(folder / "latest.json", {"step": state.step, "path": ckpt.name})  # the commit point
     for old in folder.glob("step-*"):
         if old.name != ckpt.name:
@@ -310,10 +321,11 @@ def load_checkpoint(folder: Path, method: Method, optimizer, config: TrainConfig
                         f"delete {folder} to start the run over")
     _check_same_run(folder.parent, saved, config, identity)
     method.load_state_dict(load_tensors(ckpt / "trainable.safetensors"))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict = {}
     for key, value in load_tensors(ckpt / "optimizer.safetensors").items():
         idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        state.setdefault(int(idx), {})[name] = value if name == "step" else shard_like(params[int(idx)], value)
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
     set_rng_state(load_tensors(ckpt / "rng.safetensors"), saved)
     return TrainState(**{f.name: saved.get(f.name) for f in fields(TrainState)})
@@ -352,10 +364,12 @@ def _remove_unfinished(folder: Path) -> None:
 class RunFolder:
     """A run's metrics log and checkpoints (or nothing, without an output folder)."""
 
-    def __init__(self, out_dir=None, on_log: Callable[[dict], None] | None = None, writer: bool = True):
+    def __init__(self, out_dir=None, on_log: Callable[[dict], None] | None = None, writer: bool = True,
+                 processes: Processes | None = None):
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.on_log = on_log
         self.writer = writer  # False: another process of the run writes; this one only reads checkpoints
+        self.processes = processes  # None: one process, nothing to gather
         if self.out_dir is not None and writer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = self.out_dir / "metrics.jsonl" if self.out_dir else None
@@ -383,11 +397,16 @@ class RunFolder:
         return state
 
     def save(self, method: Method, optimizer, config: TrainConfig, state: TrainState) -> None:
-        """A checkpoint of `state` (if this run keeps checkpoints)."""
-        if self.checkpoints is not None and config.checkpoint_every and self.writer:
-            state.tick()
-            state.log_lines = self.lines
-            save_checkpoint(self.checkpoints, method, optimizer, config, state)
+        """A checkpoint of `state` (if this run keeps checkpoints). Every process calls it: under
+        FSDP they all gather what the writer writes."""
+        if self.checkpoints is None or not config.checkpoint_every:
+            return
+        if not self.writer:
+            checkpoint_tensors(method, optimizer, self.processes)  # this process's part of the gather
+            return
+        state.tick()
+        state.log_lines = self.lines
+        save_checkpoint(self.checkpoints, method, optimizer, config, state, self.processes)
 
     def last_checkpoint(self) -> int | None:
         """The step of the newest complete checkpoint, if there is one."""
@@ -440,27 +459,37 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
                         f"(lora_diffusion with injection=final); {method.name} with these options acts inside "
                         "the base, so its states change as it trains")
     processes = Processes(config.device)
+    if processes.sharded and (config.cache_base or config.compile):
+        raise UserError("under FSDP, --cache-base and --compile are not offered: launch with "
+                        "configs/accelerate/ddp.yaml, or train without them")
     device = processes.device or pick_device(config.device)
     use_tf32(device, config.tf32)
     model.to(device)
     lr = config.lr if config.lr is not None else method.default_lr
-    params = list(method.trainable_parameters().values())
-    optimizer = make_optimizer(method, lr, config.weight_decay)
-    run = RunFolder(out_dir, on_log, writer=is_main())
-    state = run.resume(method, optimizer, config, identity)  # every process loads the checkpoint
-    state.identity = identity
+    run = RunFolder(out_dir, on_log, writer=is_main(), processes=processes)
     objective = Objective(model, method, loss_fn)
-    start = state.step
-    if world_size() > 1 and start == 0:
+    if world_size() > 1 and run.last_checkpoint() is None:
         # A method that calibrates on the first batch it sees (LoRA-Diffusion) must see the
         # same one on every process: micro-batch 0, without dropout, before any step.
         model.eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             objective(_to(batch_for_step(0, 0), device), step_generator(config.seed, 0, 0))
-    objective, optimizer = processes.prepare(objective, optimizer)
+    in_base = {id(p) for p in model.backbone.mlm.parameters()}
+    # Under FSDP the base is sharded (trained or not); the method's own modules, small, and some
+    # unused at a step (a phase no example is in), stay whole on every process.
+    objective = processes.wrap(objective, units=list(model.backbone.blocks()),
+                               replicated=[p for p in method.trainable_parameters().values()
+                                           if id(p) not in in_base])
+    held = processes.held_bytes(model)
+    params = list(method.trainable_parameters().values())  # after FSDP replaced them with shards
+    optimizer = processes.prepare_optimizer(make_optimizer(method, lr, config.weight_decay))
+    state = run.resume(method, optimizer, config, identity)  # every process loads the checkpoint
+    state.identity = identity
+    start = state.step
     if config.compile:  # batches change length: compile for dynamic shapes from the start
         objective = torch.compile(objective, dynamic=True)
-    evaluate = evaluate if is_main() else None
+    if evaluate is not None:
+        evaluate = _on_main(evaluate, processes, objective)
     cache = BaseStateCache(config.cache_base_mb) if config.cache_base else None
     model.train()
     stopped = False
@@ -492,7 +521,8 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
         final_evaluate = None if stopped and not evaluate_if_stopped else evaluate
         _finish(config, state, optimizer, run, model, method, final_evaluate, stopped)
     summary = {"steps": state.step, "stopped_early": stopped, "resumed_from_step": start, "lr": lr,
-               "device": str(device), "processes": world_size(),
+               "device": str(device), "processes": world_size(), "engine": processes.engine,
+               "parameter_bytes_held": held,  # by this process, between forwards
                "global_batch": config.batch_size * micro_batches_per_step(config.grad_accum),
                "train_seconds": state.seconds,
                **summarize(run.records(), state.window)}
@@ -501,6 +531,15 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     if state.final_eval is not None:
         summary["eval"] = state.final_eval
     return summary
+
+
+def _on_main(evaluate: Callable[[DiffusionLM], dict], processes: Processes, objective):
+    """`evaluate` run by the main process alone (None elsewhere); every process calls this,
+    since under FSDP they all gather the model first."""
+    def on_main(model: DiffusionLM) -> dict | None:
+        with processes.whole_model(objective):
+            return evaluate(model) if is_main() else None
+    return on_main
 
 
 @contextlib.contextmanager
@@ -539,7 +578,9 @@ def _after_step(config: TrainConfig, state: TrainState, optimizer, run: RunFolde
         return  # the last step's evaluation and checkpoint come in `_finish`
     if evaluate is not None and config.eval_every and done % config.eval_every == 0:
         model.eval()
-        run.log({"step": done, **{f"eval_{k}": v for k, v in evaluate(model).items()}})
+        scores = evaluate(model)  # None on all but the main process
+        if scores is not None:
+            run.log({"step": done, **{f"eval_{k}": v for k, v in scores.items()}})
         model.train()
     if config.checkpoint_every and done % config.checkpoint_every == 0:
         run.save(method, optimizer, config, state)
@@ -553,8 +594,9 @@ def _finish(config: TrainConfig, state: TrainState, optimizer, run: RunFolder, m
     earlier one whose log has no final line yet; once it is committed, the run is done.
     """
     if evaluate is not None:
-        state.final_eval = evaluate(model)
-        run.log({"step": state.step, **{f"eval_{k}": v for k, v in state.final_eval.items()}})
+        state.final_eval = evaluate(model)  # None on all but the main process
+        if state.final_eval is not None:
+            run.log({"step": state.step, **{f"eval_{k}": v for k, v in state.final_eval.items()}})
     state.tick()
     if not stopped:  # a stopped run resumes from its last periodic checkpoint
         run.save(method, optimizer, config, state)

@@ -1,9 +1,10 @@
-"""One run on two CPU processes (gloo) under `accelerate launch` and `torchrun`.
+"""One run on two CPU processes (gloo) under `accelerate launch` and `torchrun`, with DDP and FSDP.
 
 A 2-process run deals each step's micro-batches over the processes, so it must give the
 adapter of a 1-process run with twice the gradient accumulation (same global batch, same
-noise) up to the order of floating-point sums; only the main process may write; a run
-killed mid-way resumes. Each launch starts two Python processes (about 15 s).
+noise) up to the order of floating-point sums, whether the processes hold whole copies
+(DDP) or shards (FSDP); only the main process may write; a run killed mid-way resumes.
+Each launch starts two Python processes (about 15 s).
 """
 
 import os
@@ -18,6 +19,9 @@ import pytest
 import torch
 
 from lora_diffusion.adapters import RUN_ADAPTER, TENSORS_FILE
+from lora_diffusion.distributed import Processes
+from lora_diffusion.errors import UserError
+from lora_diffusion.methods import METHODS
 from lora_diffusion.files import load_tensors, read_json, read_jsonl
 from test_cli import run_cli
 
@@ -48,8 +52,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def accelerate_launcher():
-    return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
+def accelerate_launcher(engine="ddp"):
+    """`accelerate launch` with the shipped config of `engine` (ddp or fsdp)."""
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / f"configs/accelerate/{engine}.yaml"),
             "--num_processes", "2", "--main_process_port", str(free_port())]
 
 
@@ -81,9 +86,13 @@ def assert_same_adapter(a: dict, b: dict, steps: int) -> None:
             assert torch.equal(a[key], b[key]), key
 
 
-def test_two_processes_train_the_adapter_of_one_with_twice_the_accumulation(tiny_base_dir, tmp_path, capsys):
-    method = "lora_diffusion"  # calibrates on its first batch: every process must see the same one
-    two = launch(accelerate_launcher(), common(tiny_base_dir, tmp_path / "two", method))
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_train_the_adapter_of_one_with_twice_the_accumulation(engine, tiny_base_dir, tmp_path,
+                                                                            capsys):
+    # calibrates on its first batch (every process must see the same one), and under FSDP its
+    # proximal rank step and the evaluations at steps 2 and 4 gather the shards
+    method = "lora_diffusion"
+    two = launch(accelerate_launcher(engine), common(tiny_base_dir, tmp_path / "two", method))
     stdout, stderr = two.communicate(timeout=300)
     assert two.returncode == 0, stderr[-3000:]
     code, _, err = run_cli(capsys, *common(tiny_base_dir, tmp_path / "one", method), "--grad-accum", "2")
@@ -94,6 +103,11 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_accumulation(tiny
     assert [r["step"] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl")] == [2, 4, 4]
     results = read_json(tmp_path / "two" / "results.json")
     assert results["train"]["processes"] == 2 and results["train"]["global_batch"] == 8
+    assert results["train"]["engine"] == engine
+    whole = read_json(tmp_path / "one" / "results.json")["train"]["parameter_bytes_held"]
+    held = results["train"]["parameter_bytes_held"]
+    assert held == whole if engine == "ddp" else whole / 2 <= held < 0.55 * whole  # a shard: about half
+    assert results["accuracy"] == read_json(tmp_path / "one" / "results.json")["accuracy"]
     assert read_json(tmp_path / "one" / "results.json")["train"]["global_batch"] == 8
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["adapter", "checkpoints", "metrics.jsonl",
                                                                      "results.json"]
@@ -113,12 +127,15 @@ def dropout_base_dir(tmp_path_factory, tiny):
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers to kill through /proc (Linux)")
-def test_a_killed_two_process_run_resumes_to_the_adapter_of_an_uninterrupted_one(dropout_base_dir, tmp_path):
-    whole = launch(torchrun_launcher(), common(dropout_base_dir, tmp_path / "whole", steps=40, every=10))
+@pytest.mark.parametrize("launcher", [torchrun_launcher, lambda: accelerate_launcher("fsdp")], ids=["ddp", "fsdp"])
+def test_a_killed_two_process_run_resumes_to_the_adapter_of_an_uninterrupted_one(launcher, dropout_base_dir,
+                                                                                  tmp_path):
+    """Under FSDP the checkpoint holds the gathered optimiser state; each process cuts its shard back out."""
+    whole = launch(launcher(), common(dropout_base_dir, tmp_path / "whole", steps=40, every=10))
     _, stderr = whole.communicate(timeout=300)
     assert whole.returncode == 0, stderr[-3000:]
     argv = common(dropout_base_dir, tmp_path / "two", steps=40, every=10)
-    first = launch(torchrun_launcher(), argv)
+    first = launch(launcher(), argv)
     latest = tmp_path / "two" / "checkpoints" / "latest.json"
     deadline = time.time() + 240
     while not latest.is_file() and first.poll() is None and time.time() < deadline:
@@ -126,7 +143,7 @@ def test_a_killed_two_process_run_resumes_to_the_adapter_of_an_uninterrupted_one
     kill_every_process_of(tmp_path / "two")  # the launcher and both workers, mid-run
     first.communicate()
     assert not (tmp_path / "two" / "results.json").exists(), "finished before the kill: nothing was resumed"
-    second = launch(torchrun_launcher(), argv)
+    second = launch(launcher(), argv)
     _, stderr = second.communicate(timeout=300)
     assert second.returncode == 0, stderr[-3000:]
     results = read_json(tmp_path / "two" / "results.json")
@@ -151,6 +168,47 @@ def test_compare_on_two_processes_writes_one_table_of_the_same_runs(tiny_base_di
     assert_same_adapter(adapter(tmp_path / "two" / "lora" / "seed-0"), adapter(tmp_path / "one" / "lora" / "seed-0"),
                         steps=4)
     assert read_json(tmp_path / "two" / "results.json")["rows"][0]["label"] == "lora"
+
+
+def test_every_method_trains_under_fsdp_the_adapter_it_trains_on_one_process(tiny_base_dir, tmp_path, capsys):
+    """Every parameter sharded, the frozen base's too: each method's adapter and held-out score
+    as on one process with the same global batch."""
+    methods = list(METHODS)
+    # 2 examples a process: a step often leaves a phase of the step-aware methods unused on one
+    # process, or on both (those modules must then keep no gradient, as on one process)
+    argv = ["compare", "--base", str(tiny_base_dir), "--task", "suite_topic", "--methods", ",".join(methods),
+            "--seed", "0", "--steps", "3", "--batch-size", "2", "--max-train-examples", "40",
+            "--max-eval-examples", "8", "--sampler-steps", "2", "--no-profile"]
+    two = launch(accelerate_launcher("fsdp"), argv + ["--out", str(tmp_path / "two")])
+    _, stderr = two.communicate(timeout=600)
+    assert two.returncode == 0, stderr[-3000:]
+    code, _, err = run_cli(capsys, *argv, "--grad-accum", "2", "--out", tmp_path / "one")
+    assert code == 0, err
+    for method in methods:
+        run_two, run_one = (tmp_path / side / method / "seed-0" for side in ("two", "one"))
+        assert_same_adapter(adapter(run_two), adapter(run_one), steps=4)
+        two_results, one_results = read_json(run_two / "results.json"), read_json(run_one / "results.json")
+        assert two_results["train"]["engine"] == "fsdp", method
+        assert two_results["verbalizer_accuracy"] == one_results["verbalizer_accuracy"], method
+
+
+def test_fsdp_refuses_the_base_cache(tiny_base_dir, tmp_path):
+    argv = common(tiny_base_dir, tmp_path / "two", "lora_diffusion") + ["--option", "injection=final",
+                                                                       "--cache-base"]
+    two = launch(accelerate_launcher("fsdp"), argv)
+    _, stderr = two.communicate(timeout=300)
+    assert two.returncode != 0 and "under FSDP, --cache-base and --compile are not offered" in stderr
+    assert not (tmp_path / "two" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("env, refusal", [({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not offered"),
+                                          ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "fsdp_version: 2")])
+def test_engines_not_offered_are_refused_before_any_process_group(env, refusal, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=refusal):
+        Processes()
 
 
 def test_commands_other_than_train_and_compare_refuse_to_run_on_several_processes(monkeypatch, capsys):

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..distributed import assign
 from ..errors import UserError
 from ..files import tensor_bytes
 
@@ -287,7 +288,7 @@ class Method:
                                 f"the model expects {tuple(p.shape)} (another base or other options?)")
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(state[name].to(p.dtype))
+                assign(p, state[name].to(p.dtype))  # under FSDP: into this process's shard
 
     def regularization(self):
         """Extra loss term added to the diffusion loss at every step (None: nothing)."""
