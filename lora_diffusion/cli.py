@@ -889,8 +889,10 @@ def main(argv=None) -> int:
         return 2
     if getattr(args, "trust_remote_code", False):
         os.environ[TRUST_REMOTE_CODE] = "1"  # an environment variable reaches compare's worker processes too
+    finished = False
     try:
         args.func(args)
+        finished = True
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -898,7 +900,7 @@ def main(argv=None) -> int:
         print("interrupted (a run with --out resumes from its last checkpoint)", file=sys.stderr)
         return 130
     finally:
-        close_process_group()
+        close_process_group(finished)
     return 0
 
 

@@ -1,8 +1,8 @@
-"""One run on several processes: data parallelism through accelerate (under `accelerate launch` or `torchrun`).
+"""One run on several processes (under `accelerate launch` or `torchrun`): DDP or FSDP.
 
 Each optimiser step has grad_accum x processes micro-batches, dealt round-robin: process
 r computes micro-batches r, r + P, r + 2P, ... with the noise a 1-process run would draw
-for them, and DDP averages the gradients, so every process takes the same step. For a
+for them, and the gradients are averaged, so every process takes the same step. For a
 base without dropout, a run on P processes is therefore the 1-process run with P times
 the accumulation (the same global batch, the same noise), up to the order of
 floating-point sums. With dropout, each micro-batch draws its masks from a seed of
@@ -12,13 +12,15 @@ checkpoints and writes; every process reads a checkpoint to resume.
 
 The engine is DDP (accelerate's MULTI_GPU, or MULTI_CPU over gloo) or FSDP (version 2,
 torch's `fully_shard`, one unit per transformer block plus the rest). Under FSDP each
-process holds a shard of every parameter, the frozen base's included, between forwards:
-what the loop reads whole (a checkpoint's tensors, the proximal step's matrices) is
-gathered on every process (`full`, a collective) and written back as each one's shard
-(`assign`); for an evaluation every process gathers the whole model, then the main one
-runs it alone (`whole_model`). What follows training (scoring, merging, saving) runs on
-a whole copy the main process builds from the base and the gathered adapter
-(`runs.fine_tune`). DeepSpeed is refused (see the README). Without a launcher nothing
+process holds, between forwards, a shard of every parameter of the base (trained or
+frozen, with what a method puts inside it: LoRA matrices, adapters); the method's own
+modules outside the base (LoRA-Diffusion's, prefixes) stay whole on every process and
+their gradients are averaged as DDP does (`average_replicated`). What the loop needs whole
+is gathered on every process: a checkpoint's tensors (`full`, a collective; a resume cuts
+each shard back out, `assign` / `shard_like`), and the model for an evaluation, which
+the main one then runs alone (`whole_model`). What follows training (scoring, merging,
+saving) runs on a whole copy the main process builds from the base's files and the
+gathered adapter (`runs.fine_tune`). DeepSpeed is refused (see the README). Without a launcher nothing
 here starts a process group. Reading the rank and the world size needs no torch, so the
 CLI can ask cheaply.
 """
@@ -73,10 +75,12 @@ class Processes:
             # accelerate launch says what the config file asks in the environment.
             if _flag("ACCELERATE_USE_DEEPSPEED"):
                 raise UserError("DeepSpeed is not offered: launch with configs/accelerate/ddp.yaml or fsdp.yaml")
-            self.sharded = _flag("ACCELERATE_USE_FSDP")
+            self.sharded = sharding()
             if self.sharded and os.environ.get("FSDP_VERSION", "1") != "2":
                 raise UserError("FSDP needs fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)")
-            if self.sharded and not all(hasattr(torch.distributed.fsdp.FSDPModule, name) for name in
+            from torch.distributed.fsdp import FSDPModule
+
+            if self.sharded and not all(hasattr(FSDPModule, name) for name in
                                         ("reset_iter_state", "set_reduce_scatter_unused_params")):
                 raise UserError(f"FSDP needs a newer torch than {torch.__version__} (tested with 2.13)")
             self.engine = "fsdp" if self.sharded else "ddp"
@@ -101,14 +105,17 @@ class Processes:
         if not self.sharded:
             return self.accelerator.prepare(model)
         # accelerate shards only on CUDA (its CPU processes are DDP): torch's API does it on both.
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         self.replicated = replicated
+        mesh = init_device_mesh(self.device.type, (world_size(),))  # the processes' device (--device cpu too)
         for unit in units:
-            fully_shard(unit, ignored_params=set(replicated))
-        model = fully_shard(model, ignored_params=set(replicated))
-        # What is sharded is used at every step, but should a process leave some of it without
-        # a gradient, the collectives must still match: it reduces zeros for it.
+            fully_shard(unit, mesh=mesh, ignored_params=set(replicated))
+        model = fully_shard(model, mesh=mesh, ignored_params=set(replicated))
+        # The base's parameters run at every step, so all processes reduce the same ones. Should
+        # one lack a gradient on some process, it reduces zeros instead of desynchronising the
+        # collectives (and one no process used would then take an AdamW step with a zero gradient).
         model.set_reduce_scatter_unused_params(True)
         return model
 
@@ -167,10 +174,6 @@ class Processes:
         else:
             yield
 
-    def full(self, tensors: dict) -> dict:
-        """`tensors` whole on every process (under FSDP a collective: every process must call it)."""
-        return {name: full_tensor(t) for name, t in tensors.items()}
-
     @contextlib.contextmanager
     def whole_model(self, model):
         """Under FSDP: every process gathers every parameter of the prepared `model`, so that
@@ -187,7 +190,9 @@ class Processes:
                 if unit is not model:  # the root keeps FSDP's own choice (not to free after a forward)
                     unit.set_reshard_after_forward(True, recurse=False)
             # Shards again, and forgets the order the forwards inside ran in: on the main process
-            # alone it would make the next backward prefetch blocks the others do not.
+            # alone it would make the next backward prefetch blocks the others do not. (torch
+            # documents this call for recovering after an exception; it is the one that resets
+            # both, and the loop calls it between steps, with no gradient in flight.)
             model.reset_iter_state()
 
     @staticmethod
@@ -200,6 +205,11 @@ class Processes:
             unit.unshard()
 
 
+def sharding() -> bool:
+    """Whether this run shards its model: FSDP, as `accelerate launch` with fsdp.yaml asks."""
+    return world_size() > 1 and _flag("ACCELERATE_USE_FSDP")
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() == "true"
 
@@ -208,6 +218,12 @@ def _fsdp_units(model) -> list:
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def full(tensors: dict) -> dict:
+    """`tensors` whole, on the CPU, one at a time (under FSDP each gather is a collective: every
+    process must call this)."""
+    return {name: full_tensor(t).cpu() for name, t in tensors.items()}
 
 
 def full_tensor(t):
@@ -245,13 +261,16 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def close_process_group() -> None:
-    """Leave the run's process group, if this process joined one (a process that exits with it
-    open can abort in gloo's threads as it ends)."""
+def close_process_group(finished: bool) -> None:
+    """Leave the run's process group, if this process joined one: once every process is done
+    (`finished`: all get there), so none closes its connections while another still reads
+    them (gloo then aborts that one as it ends)."""
     if world_size() > 1:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 

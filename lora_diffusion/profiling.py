@@ -27,6 +27,7 @@ given where the peak is known (`PEAK_FLOPS`).
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue as queue_module
 import resource
 import statistics
@@ -260,6 +261,8 @@ def _run_child(target, spec) -> dict:
 
 
 def _child_call(target, spec, queue):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # a measurement of one process, not a rank of the parent's run
+        os.environ.pop(name, None)
     try:  # report, never hang the parent
         queue.put(("ok", target(spec)))
     except BaseException as err:

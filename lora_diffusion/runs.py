@@ -19,7 +19,7 @@ from .adapters import RUN_ADAPTER, save_adapter
 from .backbone import Backbone, load_backbone
 from .data import Task, batch_schedule, collate, encode, load_task, response_length_for
 from .diffusion import DiffusionLM
-from .distributed import full_tensor, is_main, micro_batches_per_step, share, world_size
+from .distributed import full, is_main, micro_batches_per_step, share, sharding, world_size
 from .errors import UserError
 from .evaluate import evaluate_task
 from .files import write_json
@@ -41,6 +41,9 @@ def fine_tune(backbone: Backbone, task: Task, method: Method, config: TrainConfi
     Returns the results (as written to results.json) with the trained model under "model".
     """
     max_length = max_length or backbone.max_length
+    if sharding() and not (backbone.source.startswith("hf:") or Path(backbone.source).is_dir()):
+        raise UserError(f"under FSDP the base must be a model folder or hf:NAME, not {backbone.source}: the "
+                        "trained model is scored on a copy loaded from it again")
     if max_length > backbone.max_length:
         raise UserError(f"--max-length {max_length} is longer than the model's {backbone.max_length} positions")
     fingerprint = backbone.fingerprint()  # of the base, before any training
@@ -97,7 +100,7 @@ def _whole_copy(backbone: Backbone, model: DiffusionLM, method: Method) -> tuple
     on the main process the model it scores and saves, built as `eval --adapter` loads one:
     the base from its files, the method attached, the gathered tensors loaded. (Elsewhere
     the sharded ones are returned: the other processes only wait for the main one's results.)"""
-    state = {name: full_tensor(t) for name, t in method.state_dict().items()}
+    state = full(method.state_dict())
     if not is_main():
         return model, method
     sharded = next(backbone.mlm.parameters())

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .base_cache import BaseStateCache
 from .bounds import CACHE_MB, MAX_LR, MAX_SEED
 from .diffusion import DiffusionLM, diffusion_loss
-from .distributed import Processes, is_main, micro_batches_per_step, my_micro_batches, shard_like, world_size
+from .distributed import Processes, full, is_main, micro_batches_per_step, my_micro_batches, shard_like, world_size
 from .errors import UserError, cut
 from .files import append_jsonl, load_tensors, read_json, read_jsonl, save_tensors, write_json, write_jsonl
 from .methods import Method
@@ -165,8 +165,8 @@ class Diverged(UserError):
 class Objective(torch.nn.Module):
     """What a step minimises for one micro-batch: the diffusion loss and the method's penalty.
 
-    Both come from one forward, so an engine wrapping this module (DDP) sees every use of
-    the trainable tensors inside its forward.
+    Both come from one forward, so an engine wrapping this module (DDP, FSDP) sees every use
+    of the trainable tensors inside its forward.
     """
 
     def __init__(self, model: DiffusionLM, method: Method, loss_fn=diffusion_loss):
@@ -272,25 +272,23 @@ def set_rng_state(tensors: dict, lists: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def checkpoint_tensors(method: Method, optimizer, processes: Processes | None = None) -> tuple[dict, dict, list]:
+def checkpoint_tensors(method: Method, optimizer) -> tuple[dict, dict, list]:
     """The method's state, AdamW's moments (as "index.name") and its param groups, whole.
 
     Under FSDP, gathering the shards is a collective: every process calls this."""
     opt_state = optimizer.state_dict()
     moments = {f"{idx}.{key}": value if torch.is_tensor(value) else torch.tensor(value)
                for idx, param_state in opt_state["state"].items() for key, value in param_state.items()}
-    whole = processes.full if processes is not None else dict
-    return whole(method.state_dict()), whole(moments), opt_state["param_groups"]
+    return full(method.state_dict()), full(moments), opt_state["param_groups"]
 
 
-def save_checkpoint(folder: Path, method: Method, optimizer, config: TrainConfig, state: TrainState,
-                    processes: Processes | None = None) -> None:
+def save_checkpoint(folder: Path, method: Method, optimizer, config: TrainConfig, state: TrainState) -> None:
     """Write `step-N/`, then point latest.json at it, then delete the older step folders.
 
     latest.json is the commit point: a write killed before it leaves the previous
     checkpoint in charge (`RunFolder.resume` deletes the half-written folder).
     """
-    trainable, moments, param_groups = checkpoint_tensors(method, optimizer, processes)
+    trainable, moments, param_groups = checkpoint_tensors(method, optimizer)
     ckpt = folder / f"step-{state.step}"
     ckpt.mkdir(parents=True, exist_ok=True)
     save_tensors(ckpt / "trainable.safetensors", trainable)
@@ -365,11 +363,11 @@ class RunFolder:
     """A run's metrics log and checkpoints (or nothing, without an output folder)."""
 
     def __init__(self, out_dir=None, on_log: Callable[[dict], None] | None = None, writer: bool = True,
-                 processes: Processes | None = None):
+                 sharded: bool = False):
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.on_log = on_log
         self.writer = writer  # False: another process of the run writes; this one only reads checkpoints
-        self.processes = processes  # None: one process, nothing to gather
+        self.sharded = sharded  # FSDP: every process takes part in gathering what the writer writes
         if self.out_dir is not None and writer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = self.out_dir / "metrics.jsonl" if self.out_dir else None
@@ -402,11 +400,12 @@ class RunFolder:
         if self.checkpoints is None or not config.checkpoint_every:
             return
         if not self.writer:
-            checkpoint_tensors(method, optimizer, self.processes)  # this process's part of the gather
+            if self.sharded:
+                checkpoint_tensors(method, optimizer)  # this process's part of the gather
             return
         state.tick()
         state.log_lines = self.lines
-        save_checkpoint(self.checkpoints, method, optimizer, config, state, self.processes)
+        save_checkpoint(self.checkpoints, method, optimizer, config, state)
 
     def last_checkpoint(self) -> int | None:
         """The step of the newest complete checkpoint, if there is one."""
@@ -450,6 +449,8 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
 
     Under `accelerate launch` or `torchrun` every process runs this loop on its share of
     each step's micro-batches (see `distributed`); only the main one evaluates and writes.
+    Every process must be given the same `evaluate` (or none): under FSDP they all gather
+    the model for it.
     """
     if micro_batches_per_step(config.grad_accum) > 101:  # step_generator's seeds would repeat
         raise UserError(f"at most 101 micro-batches per step (--grad-accum x processes), not "
@@ -466,7 +467,7 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     use_tf32(device, config.tf32)
     model.to(device)
     lr = config.lr if config.lr is not None else method.default_lr
-    run = RunFolder(out_dir, on_log, writer=is_main(), processes=processes)
+    run = RunFolder(out_dir, on_log, writer=is_main(), sharded=processes.sharded)
     objective = Objective(model, method, loss_fn)
     if world_size() > 1 and run.last_checkpoint() is None:
         # A method that calibrates on the first batch it sees (LoRA-Diffusion) must see the

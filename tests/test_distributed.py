@@ -127,14 +127,16 @@ def dropout_base_dir(tmp_path_factory, tiny):
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers to kill through /proc (Linux)")
-@pytest.mark.parametrize("launcher", [torchrun_launcher, lambda: accelerate_launcher("fsdp")], ids=["ddp", "fsdp"])
-def test_a_killed_two_process_run_resumes_to_the_adapter_of_an_uninterrupted_one(launcher, dropout_base_dir,
+@pytest.mark.parametrize("launcher, method", [(torchrun_launcher, "lora_diffusion"),
+                                              (lambda: accelerate_launcher("fsdp"), "lora")], ids=["ddp", "fsdp"])
+def test_a_killed_two_process_run_resumes_to_the_adapter_of_an_uninterrupted_one(launcher, method, dropout_base_dir,
                                                                                   tmp_path):
-    """Under FSDP the checkpoint holds the gathered optimiser state; each process cuts its shard back out."""
-    whole = launch(launcher(), common(dropout_base_dir, tmp_path / "whole", steps=40, every=10))
+    """Under FSDP (weight LoRA: its matrices live in the base's blocks, so they are sharded) the
+    checkpoint holds the gathered optimiser state; each process cuts its shard back out."""
+    whole = launch(launcher(), common(dropout_base_dir, tmp_path / "whole", method, steps=40, every=10))
     _, stderr = whole.communicate(timeout=300)
     assert whole.returncode == 0, stderr[-3000:]
-    argv = common(dropout_base_dir, tmp_path / "two", steps=40, every=10)
+    argv = common(dropout_base_dir, tmp_path / "two", method, steps=40, every=10)
     first = launch(launcher(), argv)
     latest = tmp_path / "two" / "checkpoints" / "latest.json"
     deadline = time.time() + 240
@@ -155,10 +157,11 @@ def test_a_killed_two_process_run_resumes_to_the_adapter_of_an_uninterrupted_one
 
 
 def test_compare_on_two_processes_writes_one_table_of_the_same_runs(tiny_base_dir, tmp_path, capsys):
-    """Weight LoRA (through peft) under torchrun: each run's adapter as with one process, one table."""
+    """Weight LoRA (through peft) under torchrun: each run's adapter as with one process, one table
+    (with its memory column: the main process profiles in a child of one process)."""
     argv = ["compare", "--base", str(tiny_base_dir), "--task", "suite_topic", "--methods", "lora", "--seed", "0",
             "--steps", "2", "--batch-size", "4", "--max-train-examples", "40", "--max-eval-examples", "8",
-            "--sampler-steps", "2", "--no-profile"]
+            "--sampler-steps", "2"]
     two = launch(torchrun_launcher(), argv + ["--out", str(tmp_path / "two")])
     stdout, stderr = two.communicate(timeout=300)
     assert two.returncode == 0, stderr[-3000:]
@@ -167,7 +170,8 @@ def test_compare_on_two_processes_writes_one_table_of_the_same_runs(tiny_base_di
     assert code == 0, err
     assert_same_adapter(adapter(tmp_path / "two" / "lora" / "seed-0"), adapter(tmp_path / "one" / "lora" / "seed-0"),
                         steps=4)
-    assert read_json(tmp_path / "two" / "results.json")["rows"][0]["label"] == "lora"
+    row = read_json(tmp_path / "two" / "results.json")["rows"][0]
+    assert row["label"] == "lora" and row["profile"]["peak_memory_bytes"] > 0
 
 
 def test_every_method_trains_under_fsdp_the_adapter_it_trains_on_one_process(tiny_base_dir, tmp_path, capsys):

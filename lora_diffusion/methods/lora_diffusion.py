@@ -55,7 +55,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..diffusion import PHASES, StepContext, phase_of
-from ..distributed import assign, full_tensor
 from ..errors import UserError
 from .base import BaseSnapshot, Method, MethodConfig, freeze, option
 from .weight_lora import TARGETS
@@ -707,10 +706,9 @@ class LoRADiffusion(Method):
             for g in modules:
                 for w in (g.up.weight, g.down.weight):
                     by_shape.setdefault(w.shape, []).append(w)
-        for weights in by_shape.values():  # whole matrices (under FSDP each process holds a shard)
-            for w, new in zip(weights, _shrink_singular_values(torch.stack([full_tensor(w) for w in weights]),
-                                                               threshold)):
-                assign(w, new)
+        for weights in by_shape.values():
+            for w, new in zip(weights, _shrink_singular_values(torch.stack(weights), threshold)):
+                w.copy_(new)
 
     def nuclear_norms(self) -> float:
         """sum over modules of ||up||_* + ||down||_* (the rank penalty before lambda)."""
