@@ -202,6 +202,17 @@ $LD compare --task sst2 --preset cache --steps 600 --seed 0 1 2 --max-train-exam
 $LD train --task sst2 --max-train-examples 1000 --method lora_diffusion --option injection=final --cache-base \
     --cache-base-mb 0 --steps 600 --seed 0 1 2 --eval-every 0 --threads 1 --out runs/cache-sst2-nokeep \
     --results results/base_cache_sst2_nokeep.json
+# Issue 15: DDP against FSDP on 2 CPU processes (gloo, 1 thread each; alone on the machine), the
+# shipped base, the same global batch (8 per process) and seeds: parameter bytes each process holds,
+# step time, final train loss, held-out accuracy.
+for engine in ddp fsdp; do
+    for method in full lora; do
+        OMP_NUM_THREADS=1 .venv/bin/accelerate launch --config_file configs/accelerate/$engine.yaml \
+            -m lora_diffusion train --task sst2 --max-train-examples 1000 --method $method --steps 100 \
+            --batch-size 8 --seed 0 1 --eval-every 0 --checkpoint-every 0 --out runs/engines/$engine-$method \
+            --results results/engines/$engine-$method.json
+    done
+done
 # Issue 15: the bench on this CPU (alone on the machine).
 $LD bench --methods lora_diffusion,lora,full --batch-size 16 --threads 2 --out results/bench_cpu.json
 # Issue 14: every stepaware row's training step, memory and generation overhead in one run (alone on the machine).
