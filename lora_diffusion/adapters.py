@@ -177,14 +177,20 @@ def load_adapter(path, base=None, merge: bool = True) -> tuple[DiffusionLM, Meth
     """
     folder = adapter_folder(path)
     config, tensors = check_adapter(folder)
-    model = DiffusionLM(base_for(config, base, where=f"adapter {adapter_label(folder)}"))
-    method = stored_method(config["method"], config["options"])
-    method.attach(model)
-    method.load_state_dict(tensors)  # refuses missing, unexpected or misshapen tensors
-    model.eval()
+    model, method = with_adapter(base_for(config, base, where=f"adapter {adapter_label(folder)}"),
+                                 config["method"], config["options"], tensors)
     if merge and method.can_merge:
         method.merge()
     return model, method, config
+
+
+def with_adapter(backbone: Backbone, method_name: str, options: dict, tensors: dict) -> tuple[DiffusionLM, Method]:
+    """(model, method): `backbone` with the method attached and `tensors` (its state) loaded, in eval mode."""
+    model = DiffusionLM(backbone)
+    method = stored_method(method_name, options)
+    method.attach(model)
+    method.load_state_dict(tensors)  # refuses missing, unexpected or misshapen tensors
+    return model.eval(), method
 
 
 def load_model(adapter=None, base=None) -> tuple[DiffusionLM, Method | None, dict | None]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import RUN_ADAPTER, save_adapter
+from .adapters import RUN_ADAPTER, save_adapter, with_adapter
 from .backbone import Backbone, load_backbone
 from .data import Task, batch_schedule, collate, encode, load_task, response_length_for
 from .diffusion import DiffusionLM
@@ -23,7 +23,7 @@ from .distributed import full, is_main, micro_batches_per_step, share, sharding,
 from .errors import UserError
 from .evaluate import evaluate_task
 from .files import write_json
-from .methods import Method, make_method, stored_method
+from .methods import Method, make_method
 from .metrics import mean_std, metric_of, over_seeds, percent, primary_metric, reported_metrics
 from .training import TrainConfig, train
 
@@ -104,11 +104,9 @@ def _whole_copy(backbone: Backbone, model: DiffusionLM, method: Method) -> tuple
     if not is_main():
         return model, method
     sharded = next(backbone.mlm.parameters())
-    model = DiffusionLM(load_backbone(backbone.source, dtype=sharded.dtype)).to(sharded.device)
-    copy = stored_method(method.name, method.options())
-    copy.attach(model)
-    copy.load_state_dict(state)
-    return model, copy
+    model, copy = with_adapter(load_backbone(backbone.source, dtype=sharded.dtype), method.name, method.options(),
+                               state)
+    return model.to(sharded.device), copy
 
 
 def _digest(examples: list[dict]) -> str:
