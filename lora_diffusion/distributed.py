@@ -76,13 +76,14 @@ class Processes:
             if _flag("ACCELERATE_USE_DEEPSPEED"):
                 raise UserError("DeepSpeed is not offered: launch with configs/accelerate/ddp.yaml or fsdp.yaml")
             self.sharded = sharding()
-            if self.sharded and os.environ.get("FSDP_VERSION", "1") != "2":
-                raise UserError("FSDP needs fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)")
-            from torch.distributed.fsdp import FSDPModule
+            if self.sharded:
+                from torch.distributed.fsdp import FSDPModule
 
-            if self.sharded and not all(hasattr(FSDPModule, name) for name in
-                                        ("reset_iter_state", "set_reduce_scatter_unused_params")):
-                raise UserError(f"FSDP needs a newer torch than {torch.__version__} (tested with 2.13)")
+                if os.environ.get("FSDP_VERSION", "1") != "2":
+                    raise UserError("FSDP needs fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)")
+                if not all(hasattr(FSDPModule, name) for name in ("reset_iter_state",
+                                                                  "set_reduce_scatter_unused_params")):
+                    raise UserError(f"FSDP needs a newer torch than {torch.__version__} (tested with 2.13)")
             self.engine = "fsdp" if self.sharded else "ddp"
             # A step-aware adapter leaves the modules of phases no example of a batch is in
             # without a gradient: DDP must expect parameters that were not used. The other
@@ -182,11 +183,17 @@ class Processes:
         if not self.sharded:
             yield
             return
-        self._unshard(model)
+        units = _fsdp_units(model)
+        for unit in units:
+            # A forward inside calls the blocks, not the root (`model`): they must not free their
+            # parameters after it, or the next one would gather them on one process alone.
+            if unit is not model:
+                unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
         try:
             yield
         finally:
-            for unit in _fsdp_units(model):
+            for unit in units:
                 if unit is not model:  # the root keeps FSDP's own choice (not to free after a forward)
                     unit.set_reshard_after_forward(True, recurse=False)
             # Shards again, and forgets the order the forwards inside ran in: on the main process
@@ -194,15 +201,6 @@ class Processes:
             # documents this call for recovering after an exception; it is the one that resets
             # both, and the loop calls it between steps, with no gradient in flight.)
             model.reset_iter_state()
-
-    @staticmethod
-    def _unshard(model) -> None:
-        # A forward inside calls the blocks, not the root (`model`): they must not free their
-        # parameters after it, or the next one would gather them on one process alone.
-        for unit in _fsdp_units(model):
-            if unit is not model:
-                unit.set_reshard_after_forward(False, recurse=False)
-            unit.unshard()
 
 
 def sharding() -> bool:
