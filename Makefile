@@ -12,7 +12,7 @@ $(BIN)/lora-diffusion: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[prepare,notebooks,test]"
+	$(BIN)/pip install -q -e ".[prepare,notebooks,test,deepspeed]"
 	touch $@
 
 setup: $(BIN)/lora-diffusion

@@ -1,4 +1,4 @@
-"""One run on several processes (under `accelerate launch` or `torchrun`): DDP or FSDP.
+"""One run on several processes (under `accelerate launch` or `torchrun`): DDP, FSDP or DeepSpeed.
 
 Each optimiser step has grad_accum x processes micro-batches, dealt round-robin: process
 r computes micro-batches r, r + P, r + 2P, ... with the noise a 1-process run would draw
@@ -10,8 +10,10 @@ floating-point sums. With dropout, each micro-batch draws its masks from a seed 
 but not the masks a 1-process run draws. The main process alone logs, evaluates,
 checkpoints and writes; every process reads a checkpoint to resume.
 
-The engine is DDP (accelerate's MULTI_GPU, or MULTI_CPU over gloo) or FSDP (version 2,
-torch's `fully_shard`, one unit per transformer block plus the rest). Under FSDP each
+The engine is DDP (accelerate's MULTI_GPU, or MULTI_CPU over gloo), FSDP (version 2,
+torch's `fully_shard`, one unit per transformer block plus the rest) or DeepSpeed ZeRO-2
+(its engine and optimiser: `zero.py`; each process keeps whole parameters and its
+partition of AdamW's moments, of the fp32 master copy and of the gradients). Under FSDP each
 process holds, between forwards, a shard of every parameter of the base (trained or
 frozen, with what a method puts inside it: LoRA matrices, adapters); the method's own
 modules outside the base (LoRA-Diffusion's, prefixes) stay whole on every process and
@@ -20,9 +22,10 @@ is gathered on every process: a checkpoint's tensors (`full`, a collective; a re
 each shard back out, `assign` / `shard_like`), and the model for an evaluation, which
 the main one then runs alone (`whole_model`). What follows training (scoring, merging,
 saving) runs on a whole copy the main process builds from the base's files and the
-gathered adapter (`runs.fine_tune`). DeepSpeed is refused (see the README). Without a launcher nothing
-here starts a process group. Reading the rank and the world size needs no torch, so the
-CLI can ask cheaply.
+gathered adapter (`runs.fine_tune`). Under DeepSpeed the checkpoint gathers AdamW's moments
+likewise (every process takes part); the model is whole on every process. Without a
+launcher nothing here starts a process group. Reading the rank and the world size needs no
+torch, so the CLI can ask cheaply.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class Processes:
 
     def __init__(self, device: str = "auto"):
         self.accelerator = None
-        self.engine = "one process"  # or "ddp", "fsdp": as results.json states it
+        self.engine = "one process"  # or "ddp", "fsdp", "deepspeed": as results.json states it
         self.sharded = False  # FSDP: parameters are shards between forwards
         self.replicated = []  # FSDP: the method's own parameters, kept whole on every process
         if world_size() > 1:
@@ -73,10 +76,13 @@ class Processes:
             from .errors import UserError
 
             # accelerate launch says what the config file asks in the environment.
-            if _flag("ACCELERATE_USE_DEEPSPEED"):
-                raise UserError("DeepSpeed is not offered: launch with configs/accelerate/ddp.yaml or fsdp.yaml")
             self.sharded = sharding()
-            if self.sharded:
+            if _flag("ACCELERATE_USE_DEEPSPEED"):
+                from .zero import check_offered
+
+                self.engine = "deepspeed"
+                check_offered(device)
+            elif self.sharded:
                 from torch.distributed.fsdp import FSDPModule
 
                 if os.environ.get("FSDP_VERSION", "1") != "2":
@@ -84,13 +90,32 @@ class Processes:
                 if not all(hasattr(FSDPModule, name) for name in ("reset_iter_state",
                                                                   "set_reduce_scatter_unused_params")):
                     raise UserError(f"FSDP needs a newer torch than {torch.__version__} (tested with 2.13)")
-            self.engine = "fsdp" if self.sharded else "ddp"
+                self.engine = "fsdp"
+            else:
+                self.engine = "ddp"
+            # The other processes wait in a barrier while the main one evaluates: give them hours.
+            hours = timedelta(hours=3)
+            if self.engine == "deepspeed":
+                # accelerate has DeepSpeed start the process group only for a run not marked cpu;
+                # without CUDA, DeepSpeed's CPU backend talks over gloo.
+                group = (InitProcessGroupKwargs(timeout=hours) if torch.cuda.is_available()
+                         else InitProcessGroupKwargs(backend="gloo", timeout=hours))
+                from .zero import stdout_to_stderr
+
+                with stdout_to_stderr():
+                    self.accelerator = Accelerator(kwargs_handlers=[group])
+                return
             # A step-aware adapter leaves the modules of phases no example of a batch is in
-            # without a gradient: DDP must expect parameters that were not used. The other
-            # processes wait in a collective while the main one evaluates: give them hours.
+            # without a gradient: DDP must expect parameters that were not used.
             self.accelerator = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available(),
                                            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
-                                                            InitProcessGroupKwargs(timeout=timedelta(hours=3))])
+                                                            InitProcessGroupKwargs(timeout=hours)])
+
+    @property
+    def gathers(self) -> bool:
+        """Whether writing a checkpoint is a collective (every process gathers what the main
+        one writes: FSDP's shards, DeepSpeed's partitions of AdamW's moments)."""
+        return self.engine in ("fsdp", "deepspeed")
 
     @property
     def device(self):
@@ -100,8 +125,9 @@ class Processes:
         """The model the loss calls: DDP's wrapper around `model`, or under FSDP `model` itself
         with its parameters replaced by shards (torch's `fully_shard`: each of `units` gathered
         for its own forward, the rest for the whole one) except the `replicated` ones, whole on
-        every process (see `average_replicated`). Make the optimiser after this."""
-        if self.accelerator is None:
+        every process (see `average_replicated`). Make the optimiser after this. (Under DeepSpeed
+        `model` itself: its engine comes with the optimiser, `prepare_optimizer`.)"""
+        if self.accelerator is None or self.engine == "deepspeed":
             return model
         if not self.sharded:
             return self.accelerator.prepare(model)
@@ -147,9 +173,51 @@ class Processes:
         """Bytes of `model`'s parameters this process holds between forwards (under FSDP its shards)."""
         return sum(_local(p).numel() * p.element_size() for p in model.parameters())
 
-    def prepare_optimizer(self, optimizer):
-        """The optimiser the loop steps (under FSDP, over the shards: torch's own)."""
-        return self.accelerator.prepare(optimizer) if self.accelerator and not self.sharded else optimizer
+    @staticmethod
+    def optimizer_bytes(optimizer) -> int:
+        """Bytes of the optimiser's own tensors this process holds: AdamW's moments (under FSDP
+        their shards; under DeepSpeed its partition of them, and of its fp32 master copy)."""
+        if hasattr(optimizer, "bytes_held"):  # zero.ZeroOptimizer
+            return optimizer.bytes_held()
+        import torch
+
+        return sum(_local(t).numel() * t.element_size() for state in optimizer.state.values()
+                   for t in state.values() if torch.is_tensor(t) and t.dim())
+
+    def prepare_optimizer(self, objective, optimizer, micro_batch_size: int, grad_accum: int, clip: float):
+        """(objective, optimiser) as the loop steps them: under DDP accelerate's wrapper of the
+        optimiser; under FSDP torch's own, over the shards; under DeepSpeed its engine around the
+        objective and its ZeRO-2 optimiser (`zero.ZeroOptimizer`), which clips to `clip` itself."""
+        if self.engine == "deepspeed":
+            from .zero import initialize
+
+            return initialize(objective, optimizer, micro_batch_size, grad_accum, clip, world_size())
+        if self.accelerator is not None and not self.sharded:
+            optimizer = self.accelerator.prepare(optimizer)
+        return objective, optimizer
+
+    def step(self, optimizer, params: list, clip: float) -> float:
+        """Clip the gradients of `params` to norm `clip` (0: off) and take the optimiser's step,
+        unless their norm is not finite; the norm before clipping either way. (DeepSpeed's step
+        does all of it.)"""
+        import math
+
+        import torch
+
+        if self.engine == "deepspeed":
+            optimizer.step()
+            return optimizer.grad_norm
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip or float("inf")))
+        if math.isfinite(norm):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def wait_for_all(self) -> None:
+        """Every process waits here until all have come (a barrier of the run's process group,
+        whose timeout is hours: the collectives of DeepSpeed's own group would time out sooner)."""
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
 
     def mean(self, value: float) -> float:
         """The mean of a number over the processes (every process gets it)."""
@@ -161,19 +229,33 @@ class Processes:
         return float(self.accelerator.reduce(tensor, reduction="mean"))
 
     @contextlib.contextmanager
-    def no_sync(self, objective):
-        """A context in which a backward does not average gradients yet (all but a step's last micro-batch)."""
-        if self.sharded:
+    def accumulating(self, objective, last: bool):
+        """The context of one micro-batch's forward and backward: under DDP and FSDP gradients are
+        averaged over the processes with the step's `last` micro-batch's backward, not before.
+        (ZeRO-2 reduces each micro-batch's gradients into the partitions as they come; DeepSpeed
+        is told which one is the step's last.)"""
+        if self.engine == "deepspeed":
+            objective.set_gradient_accumulation_boundary(last)
+            yield
+        elif last or self.accelerator is None:
+            yield
+        elif self.sharded:
             objective.set_requires_gradient_sync(False)
             try:
                 yield
             finally:
                 objective.set_requires_gradient_sync(True)
-        elif self.accelerator:
+        else:
             with self.accelerator.no_sync(objective):
                 yield
+
+    def backward(self, objective, loss) -> None:
+        """`loss.backward()`, through DeepSpeed's engine under DeepSpeed (`loss` already divided
+        by the step's micro-batches: the engine must not divide it again)."""
+        if self.engine == "deepspeed":
+            objective.backward(loss, scale_wrt_gas=False)
         else:
-            yield
+            loss.backward()
 
     @contextlib.contextmanager
     def whole_model(self, model):
@@ -247,8 +329,13 @@ def shard_like(param, value):
 
 
 def assign(param, value) -> None:
-    """Write the whole tensor `value` into `param` (under FSDP: into its shard)."""
+    """Write the whole tensor `value` into `param` (under FSDP: into its shard; under DeepSpeed
+    ZeRO into its fp32 master copy too, which DeepSpeed's next step would write back)."""
     param.copy_(shard_like(param, value))
+    if hasattr(param, "_hp_mapping"):  # what DeepSpeed ties a ZeRO-1/2 parameter to its master copy with
+        from .zero import write_master
+
+        write_master(param, value)
 
 
 def _is_dtensor(t) -> bool:

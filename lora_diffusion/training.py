@@ -165,8 +165,8 @@ class Diverged(UserError):
 class Objective(torch.nn.Module):
     """What a step minimises for one micro-batch: the diffusion loss and the method's penalty.
 
-    Both come from one forward, so an engine wrapping this module (DDP, FSDP) sees every use
-    of the trainable tensors inside its forward.
+    Both come from one forward, so an engine wrapping this module (DDP, FSDP, DeepSpeed) sees
+    every use of the trainable tensors inside its forward.
     """
 
     def __init__(self, model: DiffusionLM, method: Method, loss_fn=diffusion_loss):
@@ -185,12 +185,13 @@ def train_step(objective: Objective, method: Method, optimizer, params: list, mi
     """One optimiser step over gradient-accumulated micro-batches (already on the model's device).
 
     `params` are the method's trainable parameters, in its order (the gradient norm is
-    clipped over them). Returns the step's diffusion loss (what is reported), the method's
-    penalty and the gradient norm before clipping. A NaN or infinite loss or gradient
-    norm raises `Diverged` without touching the weights. On several `processes` the
-    objective is the engine's wrapper (the backward of the step's last micro-batch averages
-    the gradients), each micro-batch draws its dropout from its generator's seed, and the
-    reported numbers are averaged over the processes, so every process decides alike.
+    clipped over them; DeepSpeed's step clips its own partitions). Returns the step's
+    diffusion loss (what is reported), the method's penalty and the gradient norm before
+    clipping. A NaN or infinite loss or gradient norm raises `Diverged` without touching
+    the weights. On several `processes` the objective is the engine's wrapper (see
+    `Processes.accumulating` for when gradients are averaged), each micro-batch draws its
+    dropout from its generator's seed, and the reported numbers are averaged over the
+    processes, so every process decides alike.
     """
     processes = processes or Processes()
     device_type = next(objective.parameters()).device.type
@@ -200,22 +201,23 @@ def train_step(objective: Objective, method: Method, optimizer, params: list, mi
     for i, (batch, generator) in enumerate(zip(micro_batches, generators)):
         if processes.accelerator is not None:
             torch.manual_seed(generator.initial_seed())  # dropout: a function of (seed, step, micro-batch)
-        last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else processes.no_sync(objective):
+        with processes.accumulating(objective, last=i == len(micro_batches) - 1):
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
                 loss, penalty = objective(batch, generator)  # penalty: the method's regularisers, or None
             total = loss if penalty is None else loss + penalty
-            (total / len(micro_batches)).backward()
+            processes.backward(objective, total / len(micro_batches))
         step_loss += loss.item() / len(micro_batches)
         step_penalty += (0.0 if penalty is None else penalty.item()) / len(micro_batches)
     processes.average_replicated()
     step_loss, step_penalty = processes.mean(step_loss), processes.mean(step_penalty)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip or float("inf")))
-    if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)  # one NaN update would spoil every weight for good
-        raise Diverged(f"loss {step_loss}" if not math.isfinite(step_loss) else f"gradient norm {grad_norm}")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    # One NaN update would spoil every weight for good: neither a non-finite loss nor a
+    # non-finite gradient norm gets one.
+    if not math.isfinite(step_loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise Diverged(f"loss {step_loss}")
+    grad_norm = processes.step(optimizer, params, clip)
+    if not math.isfinite(grad_norm):
+        raise Diverged(f"gradient norm {grad_norm}")
     method.after_step(lr)
     return {"loss": step_loss, "penalty": step_penalty, "grad_norm": grad_norm}
 
@@ -275,7 +277,7 @@ def set_rng_state(tensors: dict, lists: dict) -> None:
 def checkpoint_tensors(method: Method, optimizer) -> tuple[dict, dict, list]:
     """The method's state, AdamW's moments (as "index.name") and its param groups, whole.
 
-    Under FSDP, gathering the shards is a collective: every process calls this."""
+    Under FSDP and DeepSpeed, gathering the shards is a collective: every process calls this."""
     opt_state = optimizer.state_dict()
     moments = {f"{idx}.{key}": value if torch.is_tensor(value) else torch.tensor(value)
                for idx, param_state in opt_state["state"].items() for key, value in param_state.items()}
@@ -363,11 +365,11 @@ class RunFolder:
     """A run's metrics log and checkpoints (or nothing, without an output folder)."""
 
     def __init__(self, out_dir=None, on_log: Callable[[dict], None] | None = None, writer: bool = True,
-                 sharded: bool = False):
+                 gathers: bool = False):
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.on_log = on_log
         self.writer = writer  # False: another process of the run writes; this one only reads checkpoints
-        self.sharded = sharded  # FSDP: every process takes part in gathering what the writer writes
+        self.gathers = gathers  # FSDP, DeepSpeed: every process takes part in gathering what the writer writes
         if self.out_dir is not None and writer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = self.out_dir / "metrics.jsonl" if self.out_dir else None
@@ -396,11 +398,11 @@ class RunFolder:
 
     def save(self, method: Method, optimizer, config: TrainConfig, state: TrainState) -> None:
         """A checkpoint of `state` (if this run keeps checkpoints). Every process calls it: under
-        FSDP they all gather what the writer writes."""
+        FSDP and DeepSpeed they all gather what the writer writes."""
         if self.checkpoints is None or not config.checkpoint_every:
             return
         if not self.writer:
-            if self.sharded:
+            if self.gathers:
                 checkpoint_tensors(method, optimizer)  # this process's part of the gather
             return
         state.tick()
@@ -463,11 +465,14 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     if processes.sharded and (config.cache_base or config.compile):
         raise UserError("under FSDP, --cache-base and --compile are not offered: launch with "
                         "configs/accelerate/ddp.yaml, or train without them")
+    if processes.engine == "deepspeed" and config.compile:
+        raise UserError("under DeepSpeed, --compile is not offered: launch with configs/accelerate/ddp.yaml, "
+                        "or train without it")
     device = processes.device or pick_device(config.device)
     use_tf32(device, config.tf32)
     model.to(device)
     lr = config.lr if config.lr is not None else method.default_lr
-    run = RunFolder(out_dir, on_log, writer=is_main(), sharded=processes.sharded)
+    run = RunFolder(out_dir, on_log, writer=is_main(), gathers=processes.gathers)
     objective = Objective(model, method, loss_fn)
     if world_size() > 1 and run.last_checkpoint() is None:
         # A method that calibrates on the first batch it sees (LoRA-Diffusion) must see the
@@ -483,7 +488,8 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
                                            if id(p) not in in_base])
     held = processes.held_bytes(model)
     params = list(method.trainable_parameters().values())  # after FSDP replaced them with shards
-    optimizer = processes.prepare_optimizer(make_optimizer(method, lr, config.weight_decay))
+    objective, optimizer = processes.prepare_optimizer(objective, make_optimizer(method, lr, config.weight_decay),
+                                                       config.batch_size, config.grad_accum, config.clip)
     state = run.resume(method, optimizer, config, identity)  # every process loads the checkpoint
     state.identity = identity
     start = state.step
@@ -495,9 +501,10 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     model.train()
     stopped = False
     # In a log file (not a terminal) a bar line every 10 s is enough.
-    with _serving(model, cache), tqdm(total=config.steps, initial=start, disable=not progress or not is_main(),
-                                      desc="train", unit="step",  # the bar is closed before an error is shown
-                                      mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:
+    with _serving(model, cache), _every_parameter(method, processes.engine == "deepspeed"), \
+            tqdm(total=config.steps, initial=start, disable=not progress or not is_main(), desc="train",
+                 unit="step",  # the bar is closed before an error is shown
+                 mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:
         for step in range(start, config.steps):
             if should_stop is not None and should_stop():
                 stopped = True
@@ -524,6 +531,7 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
     summary = {"steps": state.step, "stopped_early": stopped, "resumed_from_step": start, "lr": lr,
                "device": str(device), "processes": world_size(), "engine": processes.engine,
                "parameter_bytes_held": held,  # by this process, between forwards
+               "optimizer_bytes_held": processes.optimizer_bytes(optimizer),  # by this process, at the end
                "global_batch": config.batch_size * micro_batches_per_step(config.grad_accum),
                "train_seconds": state.seconds,
                **summarize(run.records(), state.window)}
@@ -536,11 +544,23 @@ def train(model: DiffusionLM, method: Method, batch_for_step: Callable[[int, int
 
 def _on_main(evaluate: Callable[[DiffusionLM], dict], processes: Processes, objective):
     """`evaluate` run by the main process alone (None elsewhere); every process calls this,
-    since under FSDP they all gather the model first."""
+    since under FSDP they all gather the model first, and all wait for the main one after."""
     def on_main(model: DiffusionLM) -> dict | None:
         with processes.whole_model(objective):
-            return evaluate(model) if is_main() else None
+            scores = evaluate(model) if is_main() else None
+        processes.wait_for_all()  # the others wait in a barrier of hours, not in the next step's collectives
+        return scores
     return on_main
+
+
+@contextlib.contextmanager
+def _every_parameter(method: Method, on: bool):
+    """`Method.every_parameter_each_step` (under DeepSpeed) for this run's steps only."""
+    method.every_parameter_each_step = on
+    try:
+        yield
+    finally:
+        method.every_parameter_each_step = False
 
 
 @contextlib.contextmanager

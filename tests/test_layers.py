@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("errors", "paths", "bounds"),                      # leaves: the one exception type, where files are, limits
+    ("zero",),                                          # DeepSpeed ZeRO-2 as the loop sees it
     ("files", "distributed"),                           # atomic JSON / text / safetensors; which process this is
     ("backbone", "metrics", "base_cache"),              # a base model; scores of plain data; its kept states
     ("diffusion", "data"),                              # forward process, loss, sampler; tasks and batches

@@ -263,6 +263,10 @@ class Method:
         """Note every parameter's requires_grad before attach changes it (detach restores them)."""
         self._requires_grad = {p: p.requires_grad for p in module.parameters()}
 
+    # Set by the training loop under DeepSpeed ZeRO-2 (see `zero`): a method whose modules act
+    # on some rows only (LoRA-Diffusion's phases) then computes every module at each step.
+    every_parameter_each_step: bool = False
+
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Name -> parameter for everything the optimiser updates (tied weights once)."""
         raise NotImplementedError

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..diffusion import PHASES, StepContext, phase_of
+from ..distributed import assign
 from ..errors import UserError
 from .base import BaseSnapshot, Method, MethodConfig, freeze, option
 from .weight_lora import TARGETS
@@ -247,18 +248,20 @@ class WeightModule(GatedLowRank):
         return up @ self.down.weight
 
 
-def by_phase(phase: torch.Tensor, part):
+def by_phase(phase: torch.Tensor, part, every_set: int = 0):
     """A batch whose rows may be in different phases (training draws t per example).
 
     `part(p, rows)` computes the rows in phase p (rows None: the whole batch is in p, as
-    always when sampling); the parts are stitched back into batch order.
+    always when sampling); the parts are stitched back into batch order. With `every_set`,
+    each of the first `every_set` sets is computed, on no rows where none is in it
+    (`Method.every_parameter_each_step`).
     """
     out = None
-    for p in range(len(PHASES)):
+    for p in range(every_set or len(PHASES)):
         rows = (phase == p).nonzero().flatten()
-        if len(rows) == 0:
+        if len(rows) == 0 and not every_set:
             continue
-        if len(rows) == len(phase):
+        if len(rows) == len(phase) and not every_set:
             return part(p, None)
         values = part(p, rows)
         if out is None:
@@ -310,10 +313,11 @@ class PhaseModules(nn.Module):
         context = (self.context_mean, self.context_std) if self.context_stats else None
         return standardised(h, self.h_mean, self.h_std, positions, context)
 
-    def forward(self, h, e, c, phase, scales, positions=None):
+    def forward(self, h, e, c, phase, scales, positions=None, every_set: bool = False):
         h = self.standardise(h, positions)
         return by_phase(phase, lambda p, rows: scales[p] * sum(
-            g(_take(h, rows), _take(e, rows), _take(c, rows)) for g in self.phases[p]))
+            g(_take(h, rows), _take(e, rows), _take(c, rows)) for g in self.phases[p]),
+            every_set=len(self.phases) if every_set else 0)
 
 
 class StackedAdapters:
@@ -444,10 +448,11 @@ class ProjectionModules(nn.Module):
         self.phases = nn.ModuleList(
             nn.ModuleList(WeightModule(d_in, d_out, d_c, r) for _ in range(k)) for r in ranks)
 
-    def forward(self, x, c, phase, scales):
+    def forward(self, x, c, phase, scales, every_set: bool = False):
         """dW_p(c) x for the projection's inputs x [B, L, d_in], each row with its own phase p."""
         return by_phase(phase, lambda p, rows: scales[p] * sum(
-            g(_take(x, rows), _take(c, rows)) for g in self.phases[p]))
+            g(_take(x, rows), _take(c, rows)) for g in self.phases[p]),
+            every_set=len(self.phases) if every_set else 0)
 
     def delta_weight(self, p: int, c, scale) -> torch.Tensor:
         """dW_p(c) [d_out, d_in] for one Enc(c) [d_c] (None: no gating)."""
@@ -521,6 +526,10 @@ class LoRADiffusion(Method):
         self.model.grad_through_body = False
         super().detach()
 
+    def _every_set(self) -> bool:
+        """Run every set of modules, even on no rows (under DeepSpeed, for a backward only)."""
+        return self.every_parameter_each_step and torch.is_grad_enabled()
+
     def module_set(self, t: torch.Tensor) -> torch.Tensor:
         """Which set of modules acts at times t [B]: the phase of each, or the one shared set."""
         phase = phase_of(t)
@@ -552,7 +561,7 @@ class LoRADiffusion(Method):
         t = t.to(h.device).float()
         e = self.trajectory.time(t)
         c = self.instruction_encoding(instruction)
-        return modules(h, e, c, self.module_set(t), self.trajectory.scales, positions)
+        return modules(h, e, c, self.module_set(t), self.trajectory.scales, positions, every_set=self._every_set())
 
     def final_delta(self, h, context: StepContext):
         """delta_t on the last hidden states (injection `final`)."""
@@ -598,7 +607,7 @@ class LoRADiffusion(Method):
             if self.merged:  # dW_p(c) is in the weight already
                 return None
             phase, c = self._step
-            delta = self.trajectory.sites[site](args[0], c, phase, self.trajectory.scales)
+            delta = self.trajectory.sites[site](args[0], c, phase, self.trajectory.scales, every_set=self._every_set())
             return output + delta.to(output.dtype)
         return hook
 
@@ -708,7 +717,7 @@ class LoRADiffusion(Method):
                     by_shape.setdefault(w.shape, []).append(w)
         for weights in by_shape.values():
             for w, new in zip(weights, _shrink_singular_values(torch.stack(weights), threshold)):
-                w.copy_(new)
+                assign(w, new)  # under DeepSpeed, into its master copy too
 
     def nuclear_norms(self) -> float:
         """sum over modules of ||up||_* + ||down||_* (the rank penalty before lambda)."""
