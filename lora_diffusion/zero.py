@@ -196,8 +196,8 @@ class ZeroOptimizer:
         if kept != sizes:
             raise UserError(f"the checkpoint's optimiser has groups of {kept} parameters, this run's {sizes}")
         saved_of, index = {}, 0
-        for group, kept in zip(self.param_groups, saved["param_groups"]):
-            group.update({k: v for k, v in kept.items() if k != "params"})
+        for group, stored in zip(self.param_groups, saved["param_groups"]):
+            group.update({k: v for k, v in stored.items() if k != "params"})
             saved_of[id(group)] = [saved["state"].get(index + i) for i in range(len(group["params"]))]
             index += len(group["params"])
         # AdamW makes its state at its first step: make it now, as that step would (a group

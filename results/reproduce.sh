@@ -202,10 +202,10 @@ $LD compare --task sst2 --preset cache --steps 600 --seed 0 1 2 --max-train-exam
 $LD train --task sst2 --max-train-examples 1000 --method lora_diffusion --option injection=final --cache-base \
     --cache-base-mb 0 --steps 600 --seed 0 1 2 --eval-every 0 --threads 1 --out runs/cache-sst2-nokeep \
     --results results/base_cache_sst2_nokeep.json
-# Issue 15: DDP against FSDP on 2 CPU processes (gloo, 1 thread each; alone on the machine), the
+# Issue 15: DDP, FSDP and DeepSpeed ZeRO-2 on 2 CPU processes (gloo, 1 thread each; alone on the machine), the
 # shipped base, the same global batch (8 per process) and seeds: parameter bytes each process holds,
-# step time, final train loss, held-out accuracy.
-for engine in ddp fsdp; do
+# optimiser bytes each process holds, step time, final train loss, held-out accuracy.
+for engine in ddp fsdp deepspeed; do
     for method in full lora; do
         OMP_NUM_THREADS=1 .venv/bin/accelerate launch --config_file configs/accelerate/$engine.yaml \
             -m lora_diffusion train --task sst2 --max-train-examples 1000 --method $method --steps 100 \
